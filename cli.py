@@ -1,0 +1,328 @@
+"""The vlmguard-edit command line: one thin function per command."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from vlmguard_edit import __version__
+from vlmguard_edit.errors import VlmguardError
+
+EXAMPLES_CONVERT = """
+\b
+Examples:
+  vlmguard-edit convert llava-hf/llava-1.5-7b-hf --recipe recipes/llava-1.5-7b.yaml \\
+      -o ./llava-guarded
+  vlmguard-edit convert ./my-llava --base-llm lmsys/vicuna-7b-v1.5 --layers 16-31 -o ./out
+  vlmguard-edit convert ./my-llava --direction ssd.safetensors --layers 20,21 --beta -1 -o ./out
+  vlmguard-edit convert ./my-llava --recipe r.yaml -o ./out --dry-run
+"""
+
+EXAMPLES_DIRECTION = """
+\b
+Examples:
+  vlmguard-edit direction lmsys/vicuna-7b-v1.5 --layers 16-31 -o vicuna-ssd.safetensors \\
+      --template "A chat between ... USER: {request} ASSISTANT:"
+  vlmguard-edit direction self --vlm ./my-llava --layers 8-15 --rank 2 -o ssd.safetensors
+"""
+
+
+class Main(click.Group):
+    """Turns library errors into one line on stderr and a non-zero exit (traceback with -v)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VlmguardError as exc:
+            _fail(ctx, f"error: {exc}", exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted: nothing was written (temporary files removed)", 130)
+        except (OSError, ValueError, RuntimeError) as exc:
+            _fail(ctx, f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    if (ctx.obj or {}).get("verbose"):
+        traceback.print_exc()
+    click.echo(message, err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log details and show tracebacks on errors.")
+@click.version_option(__version__, prog_name="vlmguard-edit")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Fold a VLM-Guard safety edit into a vision-language model's weights.
+
+    The result is a standalone checkpoint that loads with plain transformers.
+    """
+    ctx.ensure_object(dict)["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def direction_options(func):
+    """Options shared by `convert` and `direction` (they override the recipe)."""
+    options = [
+        click.option(
+            "--recipe", type=click.Path(dir_okay=False), help="Recipe YAML (see recipes/)."
+        ),
+        click.option(
+            "--layers", help="Layers to edit, e.g. '16-31' or '10,11,20'. Default: upper half."
+        ),
+        click.option(
+            "--rank", type=click.IntRange(min=1), help="Rank m of the direction. Default 1."
+        ),
+        click.option(
+            "--anchors", help="'default' or a JSONL/CSV file with harmful,harmless columns."
+        ),
+        click.option(
+            "--template", help="Prompt template with {request}, for LLMs without a chat template."
+        ),
+        click.option("--base-revision", help="Hub revision of the base LLM."),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), help="Anchor prompts per forward pass."
+        ),
+        click.option(
+            "--device", help="Device for the base LLM forward passes (default: cuda if available)."
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="Dtype for the base LLM (auto: float32 on CPU, the checkpoint's dtype on GPU).",
+        ),
+        click.option(
+            "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) base LLM weights."
+        ),
+        click.option(
+            "--trust-remote-code", is_flag=True, help="Allow custom model code from the repo."
+        ),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command(epilog=EXAMPLES_CONVERT)
+@click.argument("source", required=False)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder."
+)
+@click.option("--base-llm", help="Base LLM (Hub id or folder) for the direction, or 'self'.")
+@click.option(
+    "--direction",
+    "direction_file",
+    type=click.Path(dir_okay=False),
+    help="Precomputed direction file.",
+)
+@click.option(
+    "--beta", type=float, help="Strength: -1 projects the direction out (default), >0 amplifies."
+)
+@click.option("--revision", help="Hub revision of the source VLM.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output folder made by vlmguard-edit."
+)
+@direction_options
+def convert(source, output, base_llm, direction_file, beta, revision, dry_run, overwrite, **kw):
+    """Write a guarded copy of the VLM SOURCE (a folder or Hub id) to OUTPUT.
+
+    SOURCE may be left out when the recipe names the model.
+    """
+    from vlmguard_edit.convert import ConvertOptions
+    from vlmguard_edit.convert import convert as run_convert
+
+    if base_llm and direction_file:
+        raise click.UsageError("give either --base-llm or --direction, not both")
+    recipe = _build_recipe(kw, base_llm, beta=beta)
+    source = source or recipe.model
+    if not source:
+        raise click.UsageError("give the SOURCE model (or a recipe with 'model')")
+    opts = ConvertOptions(
+        source=source,
+        output=Path(output),
+        recipe=recipe,
+        direction_file=Path(direction_file) if direction_file else None,
+        revision=revision,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        allow_pickle=kw["allow_pickle"],
+        trust_remote_code=kw["trust_remote_code"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        progress=not kw["quiet"] and sys.stderr.isatty(),
+    )
+    result = run_convert(opts)
+    if dry_run:
+        click.echo("dry run: nothing written. Plan:")
+        for line in result.plan.describe():
+            click.echo(line)
+        return
+    click.echo(
+        f"wrote {output}: {len(result.record['edits'])} tensors edited in layers "
+        f"{_span(result.plan.layers)} ({result.plan.map_text})"
+    )
+
+
+@main.command(epilog=EXAMPLES_DIRECTION)
+@click.argument("base_llm")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Direction file to write.",
+)
+@click.option("--vlm", help="The VLM whose language model to use when BASE_LLM is 'self'.")
+@direction_options
+def direction(base_llm, output, vlm, **kw):
+    """Compute the safety steering direction of BASE_LLM (a folder, Hub id, or 'self')."""
+    from vlmguard_edit.anchors import load_anchors
+    from vlmguard_edit.checkpoint import resolve_model
+    from vlmguard_edit.convert import default_layers
+    from vlmguard_edit.direction import compute_direction
+    from vlmguard_edit.layout import text_config
+    from vlmguard_edit.recipes import SELF
+
+    recipe = _build_recipe(kw, base_llm)
+    is_self = recipe.base_llm.id == SELF
+    if is_self and not vlm:
+        raise click.UsageError("BASE_LLM 'self' needs --vlm (the VLM whose language model to use)")
+    source = resolve_model(
+        vlm if is_self else recipe.base_llm.id,
+        None if is_self else recipe.base_llm.revision,
+        kw["allow_pickle"],
+    )
+    layers = recipe.layers
+    if layers is None:
+        import json
+
+        config = json.loads((source.path / "config.json").read_text("utf-8"))
+        layers = default_layers(
+            int((text_config(config) if is_self else config)["num_hidden_layers"])
+        )
+    result = compute_direction(
+        source,
+        load_anchors(recipe.anchors),
+        layers,
+        recipe.rank,
+        is_vlm=is_self,
+        template=recipe.base_llm.template,
+        batch_size=recipe.batch_size,
+        device=kw["device"],
+        dtype=kw["dtype"],
+        allow_pickle=kw["allow_pickle"],
+        trust_remote_code=kw["trust_remote_code"],
+        progress=not kw["quiet"] and sys.stderr.isatty(),
+    )
+    result.save(Path(output))
+    click.echo(f"wrote {output}: rank {result.rank}, layers {_span(layers)}")
+    for layer in layers:
+        s = result.stats[layer]
+        click.echo(
+            f"  layer {layer:>3}: explained {s['explained_variance'][0]:.3f}  "
+            f"separation acc {s['separation_accuracy']:.2f}  d {s['separation_d']:.2f}"
+        )
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(exists=True))
+def validate(recipes):
+    """Check recipe files (folders are searched recursively for *.yaml / *.yml)."""
+    from vlmguard_edit.errors import RecipeError
+    from vlmguard_edit.recipes import load_recipe
+
+    files: list[Path] = []
+    for item in map(Path, recipes):
+        files += (
+            sorted(p for p in item.rglob("*") if p.suffix in (".yaml", ".yml"))
+            if item.is_dir()
+            else [item]
+        )
+    if not files:
+        raise click.UsageError("no recipe files found")
+    failed = 0
+    for file in files:
+        try:
+            load_recipe(file)
+            click.echo(f"ok      {file}")
+        except RecipeError as exc:
+            failed += 1
+            click.echo(f"invalid {file}")
+            for problem in exc.problems:
+                click.echo(f"  - {problem}")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier demo folder.")
+def demo(output, overwrite):
+    """Offline demo: build a tiny base LLM + LLaVA pair, convert it, check the fold.
+
+    Needs no network: the models are built from configs in seconds.
+    """
+    from vlmguard_edit.demo import run_demo
+
+    for line in run_demo(Path(output), overwrite=overwrite):
+        click.echo(line)
+
+
+def _build_recipe(kw: dict, base_llm: str | None, **extra):
+    """Recipe values, overridden by the command-line options that were given."""
+    from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe, parse_layers
+
+    recipe_path = kw.pop("recipe")
+    recipe = load_recipe(recipe_path) if recipe_path else Recipe()
+    layers = kw.pop("layers")
+    if layers is not None:
+        try:
+            layers = parse_layers(layers)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--layers") from exc
+    base = recipe.base_llm
+    if base_llm is not None and base_llm != base.id:
+        base = BaseLLM(id=base_llm)  # another base LLM does not inherit the recipe's template
+    template, revision = kw.pop("template"), kw.pop("base_revision")
+    if template is not None:
+        if "{request}" not in template:
+            raise click.BadParameter(
+                "must contain the placeholder {request}", param_hint="--template"
+            )
+        base = dataclasses.replace(base, template=template)
+    if revision is not None:
+        base = dataclasses.replace(base, revision=revision)
+    changes = {
+        "layers": layers,
+        "rank": kw.pop("rank"),
+        "anchors": kw.pop("anchors"),
+        "batch_size": kw.pop("batch_size"),
+        **extra,
+    }
+    return dataclasses.replace(
+        recipe, base_llm=base, **{k: v for k, v in changes.items() if v is not None}
+    )
+
+
+def _span(layers: list[int]) -> str:
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

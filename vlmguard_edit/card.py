@@ -1,0 +1,89 @@
+"""The guarded checkpoint's model card (README.md with Hub metadata) and provenance file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
+_LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def source_license(source: Path) -> dict[str, Any]:
+    """License fields from the source's own model card metadata, if it has one."""
+    readme = source / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception:  # a malformed source card must not stop the conversion
+        return {}
+    return {k: data[k] for k in _LICENSE_KEYS if data.get(k)}
+
+
+def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]) -> None:
+    source_id = record["source"]["id"]
+    direction = record["direction"]
+    recipe = record["recipe"]
+    data = ModelCardData(
+        base_model=record["source"]["hub_id"],
+        base_model_relation="finetune",
+        pipeline_tag="image-text-to-text",
+        library_name="transformers",
+        tags=TAGS,
+        **license_fields,
+    )
+    layers = recipe["layers"]
+    body = f"""
+# {Path(str(source_id)).name}, guarded with vlmguard-edit
+
+This is **{source_id}** with a VLM-Guard safety edit (arXiv 2502.10486) folded into its
+weights by vlmguard-edit. It loads and runs like
+the original: no hooks, no custom code. Only the language model's residual writers
+(attention `o_proj` and MLP `down_proj`) of layers {_span(layers)} changed; the vision tower,
+projector, embeddings, tokenizer and configs are byte-identical to the source.
+
+## What was done
+For every edited layer l, a safety steering direction V_l (rank {recipe["rank"]}) was taken
+from the base LLM **{direction["base_model"]}** (SVD of last-token hidden-state differences
+between {direction["num_anchor_pairs"]} harmful and harmless anchor prompts), and each writer W
+of layer l became
+
+    W <- (I + beta * V_l^T V_l) W        beta = {recipe["beta"]:g}
+
+(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it).
+{len(record["edits"])} tensors changed. `vlmguard.json` lists each with its sha256 before and
+after, and `vlmguard_direction.safetensors` holds the directions with their provenance.
+
+## Reproduce
+```
+{record["command"]}
+```
+
+## Usage
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("<this repo or folder>")
+processor = AutoProcessor.from_pretrained("<this repo or folder>")
+```
+
+## Caveats
+The edit's effect on refusals must be measured for each model; see the vlmguard-edit README
+for how the defaults were chosen. The license of the source model applies.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    card.save(out / "README.md")
+
+
+def write_record(out: Path, record: dict[str, Any]) -> None:
+    (out / "vlmguard.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
+
+
+def _span(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ", ".join(map(str, layers))

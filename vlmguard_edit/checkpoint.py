@@ -1,0 +1,403 @@
+"""Reading checkpoints without loading them, and writing the guarded copy atomically.
+
+A safetensors file is an 8-byte little-endian header length N, a JSON header
+``{name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {...}}``, then the data.
+Editing keeps every tensor's dtype and shape, so the guarded shard is a byte copy of the
+source shard (made by the OS, no Python per byte) with the edited byte ranges overwritten
+in place. The header, metadata and every untouched tensor stay byte-identical, and peak
+memory grows with the largest edited tensor, not with the shard or the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Weight files in formats we do not edit. Copying them would ship an unguarded copy of the
+# weights beside the guarded one, so they are left out of the output (and listed as dropped).
+_OTHER_WEIGHT_PATTERNS = (
+    r".*\.bin",
+    r".*\.pt",
+    r".*\.pth",
+    r".*\.ckpt",
+    r".*\.pkl",
+    r".*\.msgpack",
+    r".*\.h5",
+    r".*\.ot",
+    r".*\.gguf",
+    r"pytorch_model\.bin\.index\.json",
+    r"consolidated.*",  # Mistral's native-format copy of the same weights
+)
+# Files never copied: VCS / download bookkeeping, and the source's model card (we write ours).
+_SKIPPED_PATTERNS = (r"\.git(/.*)?", r"\.cache(/.*)?", r"\.gitattributes", r"README\.md")
+_HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5", "*.ot"]
+_HUB_IGNORE += ["*.gguf", "consolidated*", "pytorch_model.bin.index.json"]
+
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are, and what to record about where they came from."""
+
+    path: Path
+    id: str  # the Hub id or the folder as the user gave it
+    revision: str | None  # Hub commit sha, None for a local folder
+    from_hub: bool
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class ShardHeader:
+    path: Path
+    header_bytes: int  # 8 + N
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder, known from its config and safetensors headers alone."""
+
+    path: Path
+    config: dict[str, Any]
+    shards: dict[str, ShardHeader]  # file name -> header
+    key_to_file: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def info(self, key: str) -> TensorInfo:
+        return self.shards[self.key_to_file[key]].tensors[key]
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor from disk (only its bytes)."""
+        return tensor_from_bytes(
+            read_bytes(self.path / self.key_to_file[key], self.info(key)), self.info(key)
+        )
+
+
+def is_hub_id(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", text) is not None
+
+
+def resolve_model(
+    id_or_path: str | Path, revision: str | None = None, allow_pickle: bool = False
+) -> ModelSource:
+    """A local folder as it is, or a Hub id downloaded (safetensors only unless allow_pickle)."""
+    text = str(id_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(
+                f"{text} is a file; pass the model's folder (the one with config.json)"
+            )
+        return ModelSource(path.resolve(), text, None, False)
+    if not is_hub_id(text):
+        raise InputError(
+            f"{text} does not exist (not a local folder, and not a Hub id like org/name)"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(
+            text, revision=revision, ignore_patterns=None if allow_pickle else _HUB_IGNORE
+        )
+    except GatedRepoError as exc:
+        raise InputError(f"{text} is gated on the Hub: accept its licence and log in") from exc
+    except RepositoryNotFoundError as exc:
+        raise InputError(f"{text} is neither a local folder nor a Hub repo you can read") from exc
+    except RevisionNotFoundError as exc:
+        raise InputError(f"{text} has no revision {revision!r} on the Hub") from exc
+    except LocalEntryNotFoundError as exc:
+        raise InputError(
+            f"{text} is not a local folder and could not be downloaded (offline, or not in the "
+            "Hub cache); pass a local folder or check HF_HUB_OFFLINE and the network"
+        ) from exc
+    except OSError as exc:  # network errors from requests/httpx are OSErrors
+        raise InputError(f"could not download {text} from the Hub: {exc}") from exc
+    folder_path = Path(folder)
+    return ModelSource(folder_path, text, folder_path.name, True)
+
+
+def parse_header(path: Path) -> ShardHeader:
+    """Parse and validate a safetensors header; refuse truncated or corrupt files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+            length = int.from_bytes(head, "little")
+            if length > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(
+                    f"{path} is truncated or not a safetensors file (header says {length} bytes, "
+                    f"file has {size}); download it again"
+                )
+            raw = handle.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} has a corrupt safetensors header; download it again"
+        ) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header; download it again")
+    metadata = header.pop("__metadata__", None)
+    base = 8 + length
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = (
+                entry["dtype"],
+                tuple(entry["shape"]),
+                entry["data_offsets"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt header entry for {name}") from exc
+        itemsize = _DTYPES.get(dtype, (None, 0))[1]
+        if itemsize and math.prod(shape) * itemsize != end - start:
+            raise CheckpointError(
+                f"{path}: {name} has {end - start} bytes for shape {shape} {dtype}"
+            )
+        tensors[name] = TensorInfo(dtype, shape, base + start, base + end)
+        data_end = max(data_end, end)
+    if base + data_end != size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: the header describes {base + data_end} bytes, the "
+            f"file has {size}; download it again"
+        )
+    return ShardHeader(path, base, tensors, metadata)
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Read config and safetensors headers of a checkpoint folder; no tensor data is read."""
+    if not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} is not a model checkpoint: it has no {CONFIG_NAME}")
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON: {exc}") from exc
+    refuse_quantized(config, path)
+    if (path / INDEX_NAME).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_NAME).read_text("utf-8"))["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / INDEX_NAME} is corrupt (no weight_map): {exc}") from exc
+    elif (path / SINGLE_NAME).is_file():
+        weight_map = None
+    else:
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        if pickles:
+            raise CheckpointError(
+                f"{path} has only pickle weights ({', '.join(pickles[:3])}); vlmguard-edit edits "
+                "safetensors checkpoints. Convert it first (load it with transformers and "
+                "save_pretrained(..., safe_serialization=True)) if you trust its source"
+            )
+        raise CheckpointError(f"{path} has no {SINGLE_NAME} or {INDEX_NAME}: not a checkpoint")
+    files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
+    shards: dict[str, ShardHeader] = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"shard {name} is named in {INDEX_NAME} but missing from {path}; download it again"
+            )
+        shards[name] = parse_header(path / name)
+    key_to_file: dict[str, str] = {}
+    if weight_map:
+        for key, name in weight_map.items():
+            if key not in shards[name].tensors:
+                raise CheckpointError(f"{INDEX_NAME} puts {key} in {name}, but that shard lacks it")
+            key_to_file[key] = name
+    else:
+        key_to_file = dict.fromkeys(shards[SINGLE_NAME].tensors, SINGLE_NAME)
+    return Checkpoint(path, config, shards, key_to_file)
+
+
+def refuse_quantized(config: dict[str, Any], where: Path) -> None:
+    for scope in (config, config.get("text_config") or {}):
+        quant = scope.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+            raise CheckpointError(
+                f"{where} is quantized ({method}); folding a float edit into quantized weights "
+                "is not exact. Convert the unquantized model, then quantize the guarded output"
+            )
+
+
+def read_bytes(path: Path, info: TensorInfo) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(info.start)
+        data = handle.read(info.nbytes)
+    if len(data) != info.nbytes:
+        raise CheckpointError(f"{path} is truncated: short read at byte {info.start}")
+    return data
+
+
+def tensor_from_bytes(data: bytes, info: TensorInfo) -> torch.Tensor:
+    if info.dtype not in _DTYPES:
+        raise CheckpointError(f"unsupported safetensors dtype {info.dtype}")
+    dtype = _DTYPES[info.dtype][0]
+    if not data:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def classify_files(source: Path, weight_files: set[str]) -> tuple[list[str], list[str]]:
+    """Split the source folder's other files into (copied, dropped) relative paths."""
+    copied, dropped = [], []
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        rel = file.relative_to(source).as_posix()
+        if rel in weight_files or any(re.fullmatch(p, rel) for p in _SKIPPED_PATTERNS):
+            continue
+        if any(re.fullmatch(p, file.name) for p in _OTHER_WEIGHT_PATTERNS):
+            dropped.append(rel)
+        else:
+            copied.append(rel)
+    return copied, dropped
+
+
+def copy_file(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _io_errors(target):
+        shutil.copyfile(source, target)  # follows Hub-cache symlinks; sendfile on Linux
+
+
+def patch_file(target: Path, patches: list[tuple[TensorInfo, bytes]]) -> None:
+    """Overwrite byte ranges of a copied shard in place; sizes must match exactly."""
+    with _io_errors(target), open(target, "r+b") as handle:
+        for info, data in patches:
+            if len(data) != info.nbytes:
+                raise CheckpointError(f"internal error: patch of {len(data)} bytes for {info}")
+            handle.seek(info.start)
+            handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _io_errors(target: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CheckpointError(
+                f"the disk filled up while writing {target.name}; free space where the output "
+                "goes (it needs about the size of the source checkpoint) and run again"
+            ) from exc
+        raise CheckpointError(f"could not write {target}: {exc.strerror or exc}") from exc
+
+
+def check_output_path(output: Path, source: Path, overwrite: bool) -> None:
+    """Refuse outputs that would clobber or nest with the source, before any work is done."""
+    out = output.expanduser().resolve()
+    src = source.resolve()
+    if out == src or src in out.parents:
+        raise InputError(f"output {output} is inside the source {source}; choose a folder outside")
+    if out in src.parents:
+        raise InputError(f"output {output} contains the source {source}; choose another folder")
+    if out.exists():
+        if not overwrite:
+            raise InputError(f"output {output} already exists; pass --overwrite to replace it")
+        if not out.is_dir():
+            raise InputError(f"output {output} exists and is a file; refusing to replace it")
+        if any(out.iterdir()) and not (out / "vlmguard.json").is_file():
+            raise InputError(
+                f"output {output} exists and is not a vlmguard-edit output (no vlmguard.json); "
+                "refusing to replace it even with --overwrite. Remove it yourself or pick another"
+            )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``output``; rename it into place only on success.
+
+    Any failure, Ctrl-C included, removes the temporary folder, so an interrupted run never
+    leaves something that looks like a checkpoint. An existing output (already checked by
+    check_output_path) is replaced only after the new one is complete.
+    """
+    out = output.expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.vlmguard-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.vlmguard-old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

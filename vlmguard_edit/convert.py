@@ -1,0 +1,274 @@
+"""The one function that wires direction -> plan -> checkpoint -> card."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from . import __version__
+from .anchors import load_anchors
+from .card import source_license, write_card, write_record
+from .checkpoint import (
+    Checkpoint,
+    ModelSource,
+    atomic_output_dir,
+    check_output_path,
+    copy_file,
+    is_hub_id,
+    open_checkpoint,
+    patch_file,
+    read_bytes,
+    resolve_model,
+    sha256_bytes,
+    sha256_file,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+from .direction import Direction, check_base_matches, check_direction_request, compute_direction
+from .errors import DirectionError, InputError
+from .fold import apply_map, check_orthonormal
+from .layout import Layout, find_layout
+from .plan import Plan, build_plan
+from .recipes import SELF, Recipe
+
+log = logging.getLogger(__name__)
+
+DIRECTION_NAME = "vlmguard_direction.safetensors"
+
+
+@dataclass
+class ConvertOptions:
+    source: str
+    output: Path
+    recipe: Recipe
+    direction_file: Path | None = None
+    revision: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    device: str | None = None
+    dtype: str = "auto"
+    progress: bool = True
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class ConvertResult:
+    plan: Plan
+    output: Path | None  # None for a dry run
+    record: dict[str, Any] | None
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """Provisional default: the upper half of the text layers (see README, 'Defaults')."""
+    return list(range(num_layers // 2, num_layers))
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    recipe = opts.recipe
+    source = resolve_model(opts.source, opts.revision)
+    if not opts.dry_run:
+        check_output_path(opts.output, source.path, opts.overwrite)
+    checkpoint = open_checkpoint(source.path)
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    layers = recipe.layers if recipe.layers is not None else default_layers(layout.num_layers)
+    # From here on the recipe is fully resolved, so the record and card show what was used.
+    recipe = replace(recipe, layers=layers)
+    opts = replace(opts, recipe=recipe)
+    plan = build_plan(checkpoint, layout, layers, recipe.rank, recipe.beta)
+    direction = _direction(opts, source, checkpoint, layout, layers)
+    vectors = direction.select(layers, recipe.rank)
+    for layer, v in vectors.items():
+        check_orthonormal(v, f"direction layer {layer}")
+    if opts.dry_run:
+        return ConvertResult(plan, None, None)
+    with atomic_output_dir(opts.output) as tmp:
+        edits = write_guarded(checkpoint, plan, vectors, tmp, opts.progress)
+        direction.save(tmp / DIRECTION_NAME)
+        record = _record(opts, source, plan, direction, edits, tmp / DIRECTION_NAME)
+        write_record(tmp, record)
+        write_card(tmp, record, source_license(source.path))
+    log.info("wrote %s (%d tensors edited)", opts.output, len(edits))
+    return ConvertResult(plan, opts.output, record)
+
+
+def _direction(
+    opts: ConvertOptions,
+    source: ModelSource,
+    checkpoint: Checkpoint,
+    layout: Layout,
+    layers: list[int],
+) -> Direction:
+    recipe = opts.recipe
+    if opts.direction_file is not None:
+        direction = Direction.load(opts.direction_file)
+        if direction.hidden_size != layout.hidden_size:
+            raise DirectionError(
+                f"direction {opts.direction_file} has hidden size {direction.hidden_size}, the "
+                f"VLM's text model has {layout.hidden_size}; it was computed for another model"
+            )
+        return direction
+    if recipe.base_llm.id is None:
+        raise InputError(
+            "say where the steering direction comes from: --base-llm ID (or 'self' for the "
+            "VLM's own language model), --direction FILE, or a recipe with base_llm"
+        )
+    anchors = load_anchors(recipe.anchors)
+    is_self = recipe.base_llm.id == SELF
+    base = (
+        source
+        if is_self
+        else resolve_model(recipe.base_llm.id, recipe.base_llm.revision, opts.allow_pickle)
+    )
+    if not is_self:
+        check_base_matches(base, checkpoint.config)
+    check_direction_request(base, anchors, layers, recipe.rank, is_self)
+    if opts.dry_run:
+        # A dry run reads no weights: describe the plan with a placeholder direction.
+        placeholder = torch.eye(layout.hidden_size)[: recipe.rank]
+        return Direction(dict.fromkeys(layers, placeholder))
+    return compute_direction(
+        base,
+        anchors,
+        layers,
+        recipe.rank,
+        is_vlm=is_self,
+        template=recipe.base_llm.template,
+        batch_size=recipe.batch_size,
+        device=opts.device,
+        dtype=opts.dtype,
+        allow_pickle=opts.allow_pickle,
+        trust_remote_code=opts.trust_remote_code,
+        progress=opts.progress,
+    )
+
+
+def write_guarded(
+    checkpoint: Checkpoint, plan: Plan, vectors: dict[int, torch.Tensor], out: Path, progress: bool
+) -> list[dict[str, Any]]:
+    """Copy every shard, patch the edited tensors in place, copy the other files."""
+    by_file: dict[str, list] = {}
+    for edit in plan.edits:
+        by_file.setdefault(edit.file, []).append(edit)
+    records = []
+    shards = sorted(checkpoint.shards)
+    for name in tqdm(shards, desc="shards", unit="shard", disable=not progress):
+        copy_file(checkpoint.path / name, out / name)
+        patches = []
+        for edit in by_file.get(name, []):
+            info = checkpoint.info(edit.key)
+            before = read_bytes(checkpoint.path / name, info)
+            tensor = tensor_from_bytes(before, info)
+            after = tensor_to_bytes(apply_map(tensor, vectors[edit.layer], plan.beta))
+            patches.append((info, after))
+            records.append(
+                {
+                    "key": edit.key,
+                    "file": name,
+                    "layer": edit.layer,
+                    "module": edit.module,
+                    "dtype": edit.dtype,
+                    "shape": list(edit.shape),
+                    "sha256_before": sha256_bytes(before),
+                    "sha256_after": sha256_bytes(after),
+                }
+            )
+        if patches:
+            patch_file(out / name, patches)
+    for rel in plan.copied:
+        copy_file(checkpoint.path / rel, out / rel)
+    if len(records) != len(plan.edits):
+        raise RuntimeError(
+            f"internal error: edited {len(records)} tensors, planned {len(plan.edits)}"
+        )
+    return records
+
+
+def _record(
+    opts: ConvertOptions,
+    source: ModelSource,
+    plan: Plan,
+    direction: Direction,
+    edits: list[dict[str, Any]],
+    direction_path: Path,
+) -> dict[str, Any]:
+    recipe = opts.recipe
+    hub_id = (
+        source.id
+        if source.from_hub
+        else recipe.model
+        if recipe.model and is_hub_id(recipe.model)
+        else None
+    )
+    return {
+        "format": "vlmguard-edit/1",
+        "tool_version": __version__,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+            "python": sys.version.split()[0],
+        },
+        "source": {
+            "id": source.id,
+            "revision": source.revision,
+            "from_hub": source.from_hub,
+            "hub_id": hub_id,
+        },
+        "recipe": {**recipe.to_dict(), "layers": plan.layers},
+        "map": plan.map_text,
+        "family": plan.layout.family.model_type,
+        "layer_prefix": plan.layout.layer_prefix,
+        "direction": {
+            "file": DIRECTION_NAME,
+            "sha256": sha256_file(direction_path),
+            "from_file": str(opts.direction_file) if opts.direction_file else None,
+            **{
+                k: direction.meta.get(k)
+                for k in (
+                    "base_model",
+                    "base_revision",
+                    "weights_sha256",
+                    "anchors",
+                    "anchors_sha256",
+                    "num_anchor_pairs",
+                    "template",
+                )
+            },
+            "stats": {str(layer): direction.stats.get(layer) for layer in plan.layers},
+        },
+        "edits": edits,
+        "copied_files": plan.copied,
+        "dropped_files": plan.dropped,
+        "command": reproduce_command(opts),
+    }
+
+
+def reproduce_command(opts: ConvertOptions) -> str:
+    recipe = opts.recipe
+    parts = ["vlmguard-edit", "convert", opts.source, "-o", str(opts.output)]
+    if opts.direction_file:
+        parts += ["--direction", str(opts.direction_file)]
+    else:
+        parts += ["--base-llm", str(recipe.base_llm.id), "--anchors", recipe.anchors]
+        if recipe.base_llm.template:
+            parts += ["--template", recipe.base_llm.template]
+    parts += [
+        "--layers",
+        ",".join(map(str, recipe.layers or [])),
+        "--rank",
+        str(recipe.rank),
+        "--beta",
+        f"{recipe.beta:g}",
+    ]
+    return shlex.join(parts)

@@ -1,0 +1,369 @@
+"""Hidden states of the base LLM -> per-layer safety steering direction (SSD), with provenance.
+
+For each selected decoder layer l, the residual stream at the OUTPUT of layer l (taken with a
+forward hook, not ``hidden_states``, whose last entry is after the final norm) at the last
+prompt token, for N harmful (q-) and N harmless (q+) anchor prompts:
+
+    A_l = H_l(q-) - H_l(q+)              (N, d)  paired differences, not centred
+    A_l = U S V^T                         SVD
+    V_l = top-m rows of V^T               (m, d)  orthonormal; V_l[0] . mean(A_l) > 0
+
+Layers above the deepest selected one are neither loaded nor run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .anchors import AnchorSet
+from .checkpoint import ModelSource
+from .errors import DirectionError, InputError
+from .layout import text_config
+
+log = logging.getLogger(__name__)
+
+DIRECTION_FORMAT = "vlmguard-direction/1"
+
+
+@dataclass
+class Direction:
+    """Per-layer orthonormal directions V_l (m, d), float32, with statistics and provenance."""
+
+    vectors: dict[int, torch.Tensor]
+    stats: dict[int, dict[str, Any]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.vectors.values())).shape[1]
+
+    def save(self, path: Path) -> None:
+        tensors = {
+            f"layer.{layer}": self.vectors[layer].float().contiguous() for layer in self.layers
+        }
+        metadata = {"format": "pt", "vlmguard.format": DIRECTION_FORMAT}
+        for key, value in sorted(self.meta.items()):
+            metadata[f"vlmguard.{key}"] = json.dumps(value, sort_keys=True)
+        metadata["vlmguard.stats"] = json.dumps(
+            {str(k): v for k, v in sorted(self.stats.items())}, sort_keys=True
+        )
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> Direction:
+        if not Path(path).is_file():
+            raise InputError(f"direction file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                vectors = {}
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if not key.startswith("layer.") or not key[6:].isdigit():
+                        raise DirectionError(
+                            f"{path}: unexpected tensor {key!r} (expected layer.N)"
+                        )
+                    vectors[int(key[6:])] = handle.get_tensor(key).float()
+        except DirectionError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise DirectionError(f"{path} is not a readable direction file: {exc}") from exc
+        if metadata.get("vlmguard.format") != DIRECTION_FORMAT or not vectors:
+            raise DirectionError(f"{path} is not a vlmguard-edit direction file")
+        shapes = {tuple(v.shape) for v in vectors.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise DirectionError(f"{path}: layers have inconsistent shapes {sorted(shapes)}")
+        meta = {
+            k[len("vlmguard.") :]: json.loads(v)
+            for k, v in metadata.items()
+            if k.startswith("vlmguard.") and k not in ("vlmguard.format", "vlmguard.stats")
+        }
+        stats = {int(k): v for k, v in json.loads(metadata.get("vlmguard.stats", "{}")).items()}
+        return cls(vectors, stats, meta)
+
+    def select(self, layers: list[int], rank: int) -> dict[int, torch.Tensor]:
+        """The top-``rank`` rows for each requested layer; errors name what is missing."""
+        missing = [layer for layer in layers if layer not in self.vectors]
+        if missing:
+            raise DirectionError(
+                f"the direction has no layer(s) {missing} (it has {self.layers}); recompute it "
+                "with those layers or choose layers it covers"
+            )
+        if rank > self.rank:
+            raise DirectionError(f"rank {rank} asked, but the direction holds rank {self.rank}")
+        return {layer: self.vectors[layer][:rank] for layer in layers}
+
+
+def svd_direction(
+    harmful: torch.Tensor, harmless: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """harmful, harmless: (N, d) last-token states. Returns V (rank, d) float32 and statistics."""
+    h_minus = harmful.double()
+    h_plus = harmless.double()
+    diffs = h_minus - h_plus  # (N, d)
+    _, singular, vh = torch.linalg.svd(diffs, full_matrices=False)  # vh: (min(N, d), d)
+    v = vh[:rank].clone()  # (m, d)
+    mean = diffs.mean(dim=0)  # (d,)
+    for i in range(rank):
+        # SVD signs are arbitrary. Orient each row toward "harmful" (mean difference), and
+        # fall back to the largest component when the mean is orthogonal, for determinism.
+        score = mean @ v[i]
+        if score.abs() < 1e-12:
+            score = v[i][v[i].abs().argmax()]
+        if score < 0:
+            v[i] = -v[i]
+    proj_minus = h_minus @ v[0]  # (N,)
+    proj_plus = h_plus @ v[0]  # (N,)
+    midpoint = (proj_minus.mean() + proj_plus.mean()) / 2
+    correct = (proj_minus > midpoint).sum() + (proj_plus <= midpoint).sum()
+    pooled = torch.sqrt((proj_minus.var() + proj_plus.var()) / 2).clamp_min(1e-12)
+    energy = singular**2
+    stats = {
+        "singular_values": [round(float(s), 6) for s in singular[: max(rank, 8)]],
+        "explained_variance": [round(float(e), 6) for e in (energy / energy.sum())[:rank]],
+        "separation_accuracy": round(float(correct) / (2 * len(diffs)), 6),
+        "separation_d": round(float((proj_minus.mean() - proj_plus.mean()) / pooled), 6),
+        "harmful_mean_proj": round(float(proj_minus.mean()), 6),
+        "harmless_mean_proj": round(float(proj_plus.mean()), 6),
+    }
+    return v.float(), stats
+
+
+def format_prompt(tokenizer: Any, request: str, template: str | None) -> tuple[str, bool]:
+    """The prompt text and whether the tokenizer should add special tokens (BOS) itself."""
+    if template is not None:
+        return template.replace("{request}", request), True
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": request}]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        ), False
+    raise DirectionError(
+        "the base LLM's tokenizer has no chat template; give one in the recipe "
+        "(base_llm.template with a {request} placeholder) or with --template"
+    )
+
+
+@torch.no_grad()
+def last_token_states(
+    decoder: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    add_special: bool,
+    layers: list[int],
+    batch_size: int,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Residual stream at the output of each layer in ``layers``, at each prompt's last token.
+
+    Prompts are right-padded, so positions and causal attention of the real tokens are exactly
+    those of an unbatched run, and the last real token is picked by its index.
+    """
+    device = next(decoder.parameters()).device
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[layer] = hidden.detach()
+
+        return hook
+
+    handles = [decoder.layers[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    encoded = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    try:
+        batches = range(0, len(encoded), batch_size)
+        for start in tqdm(batches, desc="anchor batches", unit="batch", disable=not progress):
+            batch = encoded[start : start + batch_size]
+            longest = max(len(ids) for ids in batch)
+            input_ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            mask = torch.zeros(len(batch), longest, dtype=torch.long)
+            for row, ids in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+            decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            last = torch.tensor([len(ids) - 1 for ids in batch], device=device)
+            rows = torch.arange(len(batch), device=device)
+            for layer in layers:
+                out[layer].append(captured[layer][rows, last].float().cpu())  # (B, d)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.cat(chunks) for layer, chunks in out.items()}
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hash of exactly the weights that determine the direction (what was loaded)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resolve_dtype(name: str, device: str) -> Any:
+    if name == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_text_decoder(
+    source: ModelSource,
+    max_layer: int,
+    is_vlm: bool,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+) -> tuple[torch.nn.Module, Any]:
+    """Load layers 0..max_layer of a (V)LM's text decoder and its tokenizer; nothing above."""
+    import transformers
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
+
+    has_safetensors = any(source.path.glob("*.safetensors"))
+    if not has_safetensors and not allow_pickle:
+        raise InputError(
+            f"{source.id} has no safetensors weights; loading pickle weights can run code. Pass "
+            "--allow-pickle only if you trust its source"
+        )
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if is_vlm else config
+    text.num_hidden_layers = max_layer + 1
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[: max_layer + 1]
+    model_class = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    verbosity = transformers.logging.get_verbosity()
+    # The skipped upper layers would be reported as unexpected keys: expected, so quiet.
+    transformers.logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(
+            source.path,
+            config=config,
+            dtype=_resolve_dtype(dtype, device),
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    return model.get_decoder(), tokenizer
+
+
+def compute_direction(
+    source: ModelSource,
+    anchors: AnchorSet,
+    layers: list[int],
+    rank: int,
+    *,
+    is_vlm: bool = False,
+    template: str | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Direction:
+    """Compute the SSD from a base LLM, or from a VLM's own language model (``is_vlm``)."""
+    check_direction_request(source, anchors, layers, rank, is_vlm)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    decoder, tokenizer = load_text_decoder(
+        source, max(layers), is_vlm, device, dtype, allow_pickle, trust_remote_code
+    )
+    prompts: dict[str, list[str]] = {}
+    add_special = True
+    for kind, requests in (("harmful", anchors.harmful), ("harmless", anchors.harmless)):
+        texts = []
+        for request in requests:
+            text, add_special = format_prompt(tokenizer, request, template)
+            texts.append(text)
+        prompts[kind] = texts
+    log.info("computing hidden states for %d anchor pairs on %s", len(anchors), device)
+    states = {
+        kind: last_token_states(
+            decoder, tokenizer, texts, add_special, layers, batch_size, progress
+        )
+        for kind, texts in prompts.items()
+    }
+    vectors, stats = {}, {}
+    for layer in layers:
+        vectors[layer], stats[layer] = svd_direction(
+            states["harmful"][layer], states["harmless"][layer], rank
+        )
+    meta = {
+        "base_model": "self" if is_vlm else source.id,
+        "source_model": source.id,
+        "base_revision": source.revision,
+        "weights_sha256": weights_sha256(decoder),
+        "anchors": anchors.name,
+        "anchors_sha256": anchors.sha256,
+        "num_anchor_pairs": len(anchors),
+        "template": template if template is not None else "tokenizer chat template",
+        "example_prompt": prompts["harmful"][0],
+        "rank": rank,
+        "layers": list(layers),
+        "hidden_size": int(next(iter(vectors.values())).shape[1]),
+        "tool_version": __version__,
+    }
+    return Direction(vectors, stats, meta)
+
+
+def check_direction_request(
+    source: ModelSource, anchors: AnchorSet, layers: list[int], rank: int, is_vlm: bool
+) -> None:
+    """Everything about a direction request that can be refused from configs alone."""
+    config = _read_config(source)
+    text = text_config(config) if is_vlm else config
+    num, hidden = int(text["num_hidden_layers"]), int(text["hidden_size"])
+    bad = [layer for layer in layers if not 0 <= layer < num]
+    if bad:
+        raise DirectionError(f"layer(s) {bad} out of range: {source.id} has layers 0..{num - 1}")
+    if rank > len(anchors):
+        raise DirectionError(
+            f"rank {rank} needs at least {rank} anchor pairs; the anchor set has {len(anchors)}"
+        )
+    if rank > hidden:
+        raise DirectionError(f"rank {rank} is larger than the hidden size {hidden}")
+
+
+def _read_config(source: ModelSource) -> dict[str, Any]:
+    path = source.path / "config.json"
+    if not path.is_file():
+        raise InputError(f"{source.id} is not a model: no config.json in {source.path}")
+    return json.loads(path.read_text("utf-8"))
+
+
+def check_base_matches(base: ModelSource, vlm_config: dict[str, Any]) -> None:
+    """The base LLM's hidden size must equal the VLM text model's; read from configs only."""
+    base_hidden = int(_read_config(base)["hidden_size"])
+    vlm_hidden = int(text_config(vlm_config)["hidden_size"])
+    if base_hidden != vlm_hidden:
+        raise DirectionError(
+            f"hidden size of the base LLM {base.id} ({base_hidden}) differs from the VLM's text "
+            f"model ({vlm_hidden}); use the base LLM this VLM was built on, or --base-llm self"
+        )

@@ -1,0 +1,132 @@
+"""Which checkpoint keys are the language model's residual writers, per family and key layout.
+
+Families are data: adding one means adding a ``Family`` entry (and a test). Writers are found
+under the language model's exact layer prefix, never by a bare regex on ``o_proj`` /
+``down_proj``: several vision towers use those names too (Mistral3's Pixtral tower, Llama 4,
+Qwen2.5-VL...). The layout must account for every layer the config declares, or we refuse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UnsupportedModelError
+
+# Module paths (relative to a decoder layer) of the Linear layers that add to the residual stream.
+LLAMA_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    text_model_types: tuple[str, ...]
+    # Candidate key prefixes of the text decoder's layer list, one per known key layout:
+    # the Hub / save_pretrained ("legacy") layout first, then transformers 5's in-memory one.
+    layer_prefixes: tuple[str, ...]
+    writers: tuple[str, ...] = LLAMA_WRITERS
+
+
+_LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("llava", ("llama", "mistral"), _LLAVA_PREFIXES),
+    "llava_next": Family("llava_next", ("llama", "mistral"), _LLAVA_PREFIXES),
+}
+
+# Families we know and refuse, with the reason (so users are told, not silently mis-edited).
+REFUSED: dict[str, str] = {
+    "gemma3": "a norm sits between o_proj/down_proj and the residual add, so a writer fold "
+    "does not remove the direction from the residual stream",
+    "gemma3n": "post-projection norms plus AltUp/LAuReL residual paths",
+    "gemma4": "post-projection norms and a per-layer-input residual path",
+    "glm4v": "post-projection norms (post_self_attn_layernorm / post_mlp_layernorm)",
+}
+
+
+@dataclass(frozen=True)
+class Writer:
+    layer: int
+    module: str  # e.g. "self_attn.o_proj"
+    weight: str  # checkpoint key
+    bias: str | None  # checkpoint key, when the writer has a bias
+
+
+@dataclass(frozen=True)
+class Layout:
+    family: Family
+    layer_prefix: str
+    num_layers: int
+    hidden_size: int
+    writers: dict[int, tuple[Writer, ...]]
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("text_config") or config
+
+
+def detect_family(config: dict[str, Any]) -> Family:
+    model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported: {REFUSED[model_type]}"
+        )
+    if model_type not in FAMILIES:
+        supported = ", ".join(sorted(FAMILIES))
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported yet (supported: {supported})"
+        )
+    family = FAMILIES[model_type]
+    text_type = text_config(config).get("model_type")
+    if text_type not in family.text_model_types:
+        raise UnsupportedModelError(
+            f"{model_type} with a {text_type!r} text model is not supported "
+            f"(supported text models: {', '.join(family.text_model_types)})"
+        )
+    return family
+
+
+def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
+    """Match the checkpoint's keys against the family's known layouts; refuse anything unclear."""
+    family = detect_family(config)
+    text = text_config(config)
+    num_layers = int(text["num_hidden_layers"])
+    present = [p for p in family.layer_prefixes if any(k.startswith(p + ".") for k in keys)]
+    if not present:
+        raise UnsupportedModelError(
+            f"no language-model layer keys found for {family.model_type}; expected keys under "
+            f"{' or '.join(family.layer_prefixes)}"
+        )
+    if len(present) > 1:
+        raise UnsupportedModelError(f"ambiguous key layout: keys under both {present}")
+    prefix = present[0]
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
+    by_layer: dict[int, set[str]] = {}
+    for key in keys:
+        match = pattern.fullmatch(key)
+        if match:
+            by_layer.setdefault(int(match.group(1)), set()).add(match.group(2))
+    if sorted(by_layer) != list(range(num_layers)):
+        raise UnsupportedModelError(
+            f"config declares {num_layers} text layers but the checkpoint has layers "
+            f"{_span(sorted(by_layer))} under {prefix}"
+        )
+    writers: dict[int, tuple[Writer, ...]] = {}
+    for layer, names in by_layer.items():
+        found = []
+        for module in family.writers:
+            if f"{module}.weight" not in names:
+                raise UnsupportedModelError(
+                    f"layer {layer} has no {prefix}.{layer}.{module}.weight"
+                )
+            bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
+            found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias))
+        writers[layer] = tuple(found)
+    return Layout(family, prefix, num_layers, int(text["hidden_size"]), writers)
+
+
+def _span(values: list[int]) -> str:
+    if not values:
+        return "none"
+    return f"{values[0]}..{values[-1]} ({len(values)} layers)"

@@ -1,0 +1,97 @@
+"""Recipe + checkpoint headers -> the edit plan. No tensor data is read here.
+
+The plan lists every tensor that changes (key, shard, layer, map) and every file that is
+copied or dropped. It fails on anything it cannot decide before any byte is written, and
+``--dry-run`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checkpoint import FLOAT_DTYPES, Checkpoint, classify_files
+from .errors import PlanError
+from .layout import Layout
+
+
+@dataclass(frozen=True)
+class PlannedEdit:
+    key: str
+    file: str
+    layer: int
+    module: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    layers: list[int]
+    rank: int
+    beta: float
+    edits: list[PlannedEdit]
+    copied: list[str]  # other files, copied byte for byte
+    dropped: list[str]  # other-format weight files left out (they would be unguarded)
+
+    @property
+    def map_text(self) -> str:
+        return f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"family {self.layout.family.model_type}, layers under {self.layout.layer_prefix} "
+            f"({self.layout.num_layers} text layers, hidden {self.layout.hidden_size})",
+            f"map: {self.map_text}",
+            f"{len(self.edits)} tensors change in {len(self.layers)} layers:",
+        ]
+        lines += [
+            f"  layer {e.layer:>3}  {e.key}  {e.dtype} {list(e.shape)}  [{e.file}]"
+            for e in self.edits
+        ]
+        lines.append(f"{len(self.copied)} other files copied unchanged")
+        if self.dropped:
+            lines.append(
+                f"{len(self.dropped)} other-format weight files left out: {', '.join(self.dropped)}"
+            )
+        return lines
+
+
+def build_plan(
+    checkpoint: Checkpoint, layout: Layout, layers: list[int], rank: int, beta: float
+) -> Plan:
+    bad = [layer for layer in layers if not 0 <= layer < layout.num_layers]
+    if bad:
+        raise PlanError(
+            f"layer(s) {bad} out of range: the model has text layers 0..{layout.num_layers - 1}"
+        )
+    edits = []
+    for layer in layers:
+        for writer in layout.writers[layer]:
+            for key in (writer.weight, writer.bias):
+                if key is None:
+                    continue
+                info = checkpoint.info(key)
+                if info.dtype not in FLOAT_DTYPES:
+                    raise PlanError(f"{key} is {info.dtype}; only float weights can be edited")
+                if info.shape[0] != layout.hidden_size:
+                    raise PlanError(
+                        f"{key} has shape {list(info.shape)}; expected the output dimension "
+                        f"{layout.hidden_size} first (out_features, in_features)"
+                    )
+                edits.append(
+                    PlannedEdit(
+                        key,
+                        checkpoint.key_to_file[key],
+                        layer,
+                        writer.module,
+                        info.dtype,
+                        info.shape,
+                    )
+                )
+    expected = sum(len(layout.writers[layer]) for layer in layers)
+    weights = sum(1 for e in edits if e.key.endswith(".weight"))
+    if weights != expected or not edits:
+        raise PlanError(f"the plan edits {weights} writer weights, expected {expected}; refusing")
+    copied, dropped = classify_files(checkpoint.path, set(checkpoint.shards))
+    return Plan(layout, list(layers), rank, beta, edits, copied, dropped)

@@ -1,0 +1,179 @@
+"""Strict recipe loading: unknown keys and bad values are errors, all reported at once.
+
+A recipe is a small YAML file, one per model family (see ``recipes/``)::
+
+    model: llava-hf/llava-1.5-7b-hf
+    base_llm:
+      id: lmsys/vicuna-7b-v1.5
+      template: "A chat between ... USER: {request} ASSISTANT:"
+    anchors: default
+    layers: 16-31
+    rank: 1
+    beta: -1.0
+
+Command-line options override recipe values; recipe values override the defaults below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError, RecipeError
+
+SELF = "self"  # base_llm id meaning "the VLM's own language model, text only"
+
+
+@dataclass
+class BaseLLM:
+    # A Hub id or folder, or "self" (the VLM's own LM). None: not given (an error at convert).
+    id: str | None = None
+    revision: str | None = None
+    # A format string with one "{request}" placeholder, for base LLMs that ship no chat template.
+    template: str | None = None
+
+
+@dataclass
+class Recipe:
+    model: str | None = None
+    base_llm: BaseLLM = field(default_factory=BaseLLM)
+    anchors: str = "default"
+    layers: list[int] | None = None  # None: the upper half of the text layers (provisional)
+    rank: int = 1
+    beta: float = -1.0
+    batch_size: int = 8
+    notes: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
+_BASE_KEYS = {"id", "revision", "template"}
+
+
+def parse_layers(spec: Any) -> list[int]:
+    """Parse "10,11,12", "8-15", "8-11,20" or a list of ints into a sorted, unique list."""
+    if isinstance(spec, bool):
+        raise ValueError("expected layer indices, got a boolean")
+    if isinstance(spec, int):
+        items: list[Any] = [spec]
+    elif isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+    elif isinstance(spec, list):
+        items = spec
+    else:
+        raise ValueError(f"expected a list of layer indices or a string like '8-15', got {spec!r}")
+    layers: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"bad layer {item!r}")
+        if isinstance(item, int):
+            layers.add(item)
+            continue
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(item))
+        if not match:
+            raise ValueError(f"bad layer {item!r}: use integers and ranges like 8-15")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) else lo
+        if hi < lo:
+            raise ValueError(f"bad layer range {item!r}: the end is before the start")
+        layers.update(range(lo, hi + 1))
+    if not layers:
+        raise ValueError("no layers given")
+    if min(layers) < 0:
+        raise ValueError("layer indices must be >= 0")
+    return sorted(layers)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from exc
+    recipe = recipe_from_dict(data, str(path))
+    anchors = Path(recipe.anchors)
+    if recipe.anchors != "default" and not anchors.is_absolute():
+        # Relative anchor files are relative to the recipe, so recipes work from any cwd.
+        recipe.anchors = str((path.parent / anchors).resolve())
+    return recipe
+
+
+def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a parsed recipe. Collects every problem, then raises one RecipeError."""
+    problems: list[str] = []
+    recipe = Recipe()
+    if not isinstance(data, dict):
+        raise RecipeError(source, ["the top level must be a mapping of keys to values"])
+    for key in sorted(set(data) - _TOP_KEYS):
+        problems.append(f"{key}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
+
+    def check(key: str, ok: bool, expected: str) -> bool:
+        if key in data and not ok:
+            problems.append(f"{key}: expected {expected}, got {data[key]!r}")
+            return False
+        return key in data
+
+    if check("model", isinstance(data.get("model"), str) and data["model"].strip(), "a model id"):
+        recipe.model = data["model"]
+    if "base_llm" in data:
+        recipe.base_llm = _base_llm(data["base_llm"], problems)
+    if check("anchors", isinstance(data.get("anchors"), str), "'default' or a file path"):
+        recipe.anchors = data["anchors"]
+    if "layers" in data:
+        try:
+            recipe.layers = parse_layers(data["layers"])
+        except ValueError as exc:
+            problems.append(f"layers: {exc}")
+    if check("rank", _is_int(data.get("rank")) and data["rank"] >= 1, "an integer >= 1"):
+        recipe.rank = data["rank"]
+    beta = data.get("beta")
+    if check("beta", _is_number(beta) and math.isfinite(beta), "a finite number"):
+        recipe.beta = float(beta)
+    if check("batch_size", _is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
+        recipe.batch_size = data["batch_size"]
+    if check("notes", isinstance(data.get("notes"), str), "text"):
+        recipe.notes = data["notes"]
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _base_llm(value: Any, problems: list[str]) -> BaseLLM:
+    if isinstance(value, str):
+        return BaseLLM(id=value)
+    if not isinstance(value, dict):
+        problems.append(f"base_llm: expected a model id or a mapping, got {value!r}")
+        return BaseLLM()
+    base = BaseLLM()
+    for key in sorted(set(value) - _BASE_KEYS):
+        problems.append(f"base_llm.{key}: unknown key (allowed: {', '.join(sorted(_BASE_KEYS))})")
+    if "id" not in value:
+        problems.append("base_llm.id: missing (a Hub id, a folder, or 'self')")
+    for key in sorted(_BASE_KEYS & set(value)):
+        item = value[key]
+        if key != "id" and item is None:
+            continue
+        if not isinstance(item, str) or not item.strip():
+            problems.append(f"base_llm.{key}: expected text, got {item!r}")
+            continue
+        setattr(base, key, item)
+    if base.template is not None and "{request}" not in base.template:
+        problems.append("base_llm.template: must contain the placeholder {request}")
+    return base
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

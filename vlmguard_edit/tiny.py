@@ -1,0 +1,162 @@
+"""Tiny models built from configs, for the offline demo and the tests (seconds on a CPU).
+
+A word-level tokenizer with a chat template, a tiny Llama base LLM, and a tiny LLaVA whose
+language model is an exact copy of that base LLM, saved in either key layout, sharded or
+not, in any float dtype. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TEXT_WORDS = (
+    "a an the and or to of in on for with at by from how make build write get "
+    "sure here is are step first then finally sorry i can not cannot help that this it "
+    "you your image picture shows cat dog house car describe what"
+)
+
+
+def build_tokenizer(extra_text: str = ""):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    anchors = resources.files("vlmguard_edit").joinpath("data/anchors.jsonl").read_text("utf-8")
+    words = set(
+        re.findall(r"[a-z0-9]+|[^\sa-z0-9]", f"{anchors} {TEXT_WORDS} {extra_text}".lower())
+    )
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + sorted(words - {'"', "{", "}", ":", ","}))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>", "<|user|>", "<|assistant|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def text_config(vocab_size: int, num_layers: int = 4, hidden: int = 64, **overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def build_base(out: Path, seed: int = 0, num_layers: int = 4, **overrides) -> Path:
+    """A tiny random Llama base LLM with the tokenizer, saved to ``out``."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(text_config(len(tokenizer), num_layers, **overrides)).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_llava(
+    out: Path,
+    base: Path,
+    seed: int = 1,
+    layout: str = "legacy",
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    family: str = "llava",
+) -> Path:
+    """A tiny LLaVA (or LLaVA-NeXT) whose language model is an exact copy of ``base``.
+
+    layout: "legacy" (``language_model.model.layers.N``, what save_pretrained and the Hub use)
+    or "memory" (``model.language_model.layers.N``, transformers 5's module names).
+    """
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    base_model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    common = dict(
+        vision_config=vision,
+        text_config=base_model.config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        image_seq_length=4,
+    )
+    torch.manual_seed(seed)
+    if family == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+    elif family == "llava_next":
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config = LlavaNextConfig(**common, image_grid_pinpoints=[[28, 28]])
+        model = LlavaNextForConditionalGeneration(config)
+    else:
+        raise ValueError(f"unknown tiny family {family}")
+    model.get_decoder().load_state_dict(base_model.model.state_dict())
+    model.get_output_embeddings().load_state_dict(base_model.lm_head.state_dict())
+    model = model.to(dtype).eval()
+    kwargs = {"save_original_format": layout == "legacy"}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out, **kwargs)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def image_inputs(
+    tokenizer, text: str, seed: int = 0, family: str = "llava"
+) -> dict[str, torch.Tensor]:
+    """input_ids with the image tokens of the tiny vision tower, and random pixels.
+
+    LLaVA: 4 patches. LLaVA-NeXT: base crop 4 + one grid crop 4 + 2 row newlines = 10.
+    """
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    count = 10 if family == "llava_next" else 4
+    input_ids = torch.tensor([ids[:1] + [image] * count + ids[1:]])
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": input_ids,
+        "pixel_values": torch.randn(1, 3, 28, 28, generator=generator),
+    }
+    if family == "llava_next":
+        inputs["pixel_values"] = inputs["pixel_values"][:, None].repeat(1, 2, 1, 1, 1)
+        inputs["image_sizes"] = torch.tensor([[28, 28]])
+    return inputs
