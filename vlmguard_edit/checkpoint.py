@@ -63,6 +63,7 @@ _DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
+_DTYPE_NAMES = {dtype: name for name, (dtype, _) in _DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -297,6 +298,32 @@ def tensor_from_bytes(data: bytes, info: TensorInfo) -> torch.Tensor:
 
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file byte-deterministically (sorted header; safetensors' own
+    writer orders metadata through a hash map, so equal inputs can give different bytes)."""
+    names = _DTYPE_NAMES
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        blob = tensor_to_bytes(tensors[name])
+        header[name] = {
+            "dtype": names[tensors[name].dtype],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
+    with _io_errors(path), open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for blob in blobs:
+            handle.write(blob)
 
 
 def sha256_bytes(data: bytes) -> str:

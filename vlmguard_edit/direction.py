@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
 from .anchors import AnchorSet
-from .checkpoint import ModelSource
+from .checkpoint import ModelSource, write_safetensors
 from .errors import DirectionError, InputError
 from .layout import text_config
 
@@ -66,7 +65,7 @@ class Direction:
         metadata["vlmguard.stats"] = json.dumps(
             {str(k): v for k, v in sorted(self.stats.items())}, sort_keys=True
         )
-        save_file(tensors, str(path), metadata=metadata)
+        write_safetensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: Path) -> Direction:

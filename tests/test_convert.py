@@ -1,0 +1,243 @@
+"""End to end: tiny base Llama + tiny LLaVA copying it -> convert -> plain from_pretrained.
+
+The folded checkpoint must equal the runtime-hook reference (float32 rounding), differ
+clearly from the unedited model, and leave every other byte of the source untouched.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from vlmguard_edit import tiny
+from vlmguard_edit.checkpoint import parse_header
+from vlmguard_edit.convert import ConvertOptions, convert
+from vlmguard_edit.direction import Direction
+from vlmguard_edit.recipes import BaseLLM, Recipe
+from vlmguard_edit.runtime import WriterHooks
+
+LAYERS = [1, 3]
+WRITER_KEY = re.compile(
+    r"(?:language_model\.model|model\.language_model)\.layers\.(\d+)\.(?:self_attn\.o_proj|mlp\.down_proj)\.weight"
+)
+
+
+class IndependentHooks:
+    """Written apart from vlmguard_edit.runtime: explicit M = I + beta V^T V on module outputs."""
+
+    def __init__(self, model, vectors, beta):
+        self.handles = []
+        layers = model.model.language_model.layers
+        for layer, v in vectors.items():
+            m = torch.eye(v.shape[1]) + beta * v.T.double().float() @ v.float()  # (d, d), symmetric
+            for module in (layers[layer].self_attn.o_proj, layers[layer].mlp.down_proj):
+                self.handles.append(
+                    module.register_forward_hook(
+                        lambda _m, _i, out, m=m: (out.float() @ m).to(out.dtype)
+                    )
+                )
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def all_tensors(folder):
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        if shard.name.startswith("vlmguard"):
+            continue
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                out[key] = handle.get_tensor(key)
+    return out
+
+
+def run_convert(src, out, direction_file=None, beta=-1.0, **recipe_kw):
+    recipe = Recipe(layers=LAYERS, rank=2, beta=beta, **recipe_kw)
+    return convert(
+        ConvertOptions(
+            source=str(src),
+            output=out,
+            recipe=recipe,
+            direction_file=direction_file,
+            progress=False,
+        )
+    )
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits.float()
+
+
+CASES = [
+    ("legacy", torch.float32, True, "llava"),
+    ("memory", torch.float32, False, "llava"),
+    ("legacy", torch.bfloat16, True, "llava"),
+    ("memory", torch.float16, True, "llava"),
+    ("legacy", torch.float32, False, "llava_next"),
+    ("memory", torch.bfloat16, False, "llava_next"),
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "dtype", "shards", "family"), CASES, ids=lambda x: str(x).split(".")[-1]
+)
+def test_fold_equals_runtime_hooks(
+    vlm_factory, direction_file, tmp_path, layout, dtype, shards, family
+):
+    src = vlm_factory(layout=layout, dtype=dtype, shards=shards, family=family)
+    out = tmp_path / "guarded"
+    result = run_convert(src, out, direction_file)
+    assert len(result.plan.edits) == 2 * len(LAYERS)
+
+    # 1. Plain transformers loads it with no missing or unexpected keys, in the source dtype.
+    guarded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    original = AutoModelForImageTextToText.from_pretrained(src)
+    reference = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
+    assert guarded.dtype == original.dtype == dtype
+
+    # 2. Folded logits equal the runtime hooks (ours and an independent one), text and image.
+    vectors = Direction.load(direction_file).select(LAYERS, 2)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    text = {"input_ids": tokenizer("how to make a cake", return_tensors="pt")["input_ids"]}
+    image = tiny.image_inputs(tokenizer, "how to make a cake", family=family)
+    for inputs in (text, image):
+        folded, plain = logits(guarded.eval(), inputs), logits(original.eval(), inputs)
+        with WriterHooks(original, vectors, -1.0):
+            hooked = logits(original, inputs)
+        independent = IndependentHooks(original, vectors, -1.0)
+        hooked_independent = logits(original, inputs)
+        independent.remove()
+        effect = (folded - plain).abs().max().item()
+        gap = (folded - hooked).abs().max().item()
+        if dtype == torch.float32:
+            assert gap < 1e-5, gap
+            assert (hooked - hooked_independent).abs().max() < 1e-5
+        else:
+            # Half precision: fold and hook both round (the fold once, in its weights; the hook
+            # once per activation), so they can agree only to the dtype's noise floor: the gap
+            # between the unedited model in this dtype and in float32.
+            noise = (plain - logits(reference, inputs)).abs().max().item()
+            assert gap <= 1.5 * noise, (gap, noise)
+        assert effect > 0.05, f"the edit must clearly change the logits (max diff {effect})"
+
+    # 3. Exactly the planned writers changed; every other tensor is bit-identical.
+    before, after = all_tensors(src), all_tensors(out)
+    assert before.keys() == after.keys()
+    expected = {k for k in before if (m := WRITER_KEY.fullmatch(k)) and int(m.group(1)) in LAYERS}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == expected == {e.key for e in result.plan.edits}
+    assert all(
+        after[k].dtype == before[k].dtype and after[k].shape == before[k].shape for k in before
+    )
+    vision = [k for k in before if "vision_tower" in k or "multi_modal_projector" in k]
+    assert vision and not set(vision) & changed
+
+    # 4. beta = -1: the edited writers can no longer write along V_l.
+    for key in expected:
+        layer = int(WRITER_KEY.fullmatch(key).group(1))
+        residual = (vectors[layer] @ after[key].float()).abs().max().item()
+        scale = before[key].float().abs().max().item()
+        bound = 1e-5 if dtype == torch.float32 else 2e-2
+        assert residual < bound * scale, (key, residual, scale)
+
+    # 5. Files: same shard layout, headers (with metadata) and other files byte-identical.
+    for shard in src.glob("*.safetensors"):
+        header = parse_header(shard)
+        assert (out / shard.name).read_bytes()[: header.header_bytes] == shard.read_bytes()[
+            : header.header_bytes
+        ]
+        assert parse_header(out / shard.name).metadata == header.metadata
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    if shards:
+        assert (out / "model.safetensors.index.json").read_bytes() == (
+            src / "model.safetensors.index.json"
+        ).read_bytes()
+
+
+def test_provenance_and_card(vlm_factory, base_llm, tmp_path):
+    """Computes the direction from the base LLM inside convert; checks vlmguard.json and card."""
+    from huggingface_hub import ModelCard
+
+    src = vlm_factory(shards=True)
+    (src / "README.md").write_text("---\nlicense: llama2\n---\n# source card\n")
+    (src / "LICENSE").write_text("licence text\n")
+    (src / "pytorch_model.bin").write_bytes(b"unguarded pickle copy")
+    try:
+        out = tmp_path / "guarded"
+        recipe_kw = {"model": "llava-hf/llava-1.5-7b-hf", "base_llm": BaseLLM(id=str(base_llm))}
+        result = run_convert(src, out, **recipe_kw)
+    finally:
+        for name in ("README.md", "LICENSE", "pytorch_model.bin"):
+            (src / name).unlink()
+    record = json.loads((out / "vlmguard.json").read_text())
+    assert record["recipe"]["layers"] == LAYERS and record["recipe"]["beta"] == -1.0
+    assert {e["key"] for e in record["edits"]} == {e.key for e in result.plan.edits}
+    for entry in record["edits"]:
+        assert entry["sha256_before"] != entry["sha256_after"]
+    import hashlib
+
+    assert (
+        record["direction"]["sha256"]
+        == hashlib.sha256((out / "vlmguard_direction.safetensors").read_bytes()).hexdigest()
+    )
+    assert record["direction"]["base_model"] == str(base_llm)
+    assert record["versions"]["torch"] == torch.__version__
+    assert (
+        record["dropped_files"] == ["pytorch_model.bin"]
+        and not (out / "pytorch_model.bin").exists()
+    )
+    assert (out / "LICENSE").read_text() == "licence text\n"
+    assert "--base-llm" in record["command"] and "--layers 1,3" in record["command"]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "llava-hf/llava-1.5-7b-hf"
+    assert card.data.base_model_relation == "finetune"
+    assert (
+        card.data.pipeline_tag == "image-text-to-text" and card.data.library_name == "transformers"
+    )
+    assert card.data.license == "llama2" and "vlmguard-edit" in card.data.tags
+    assert record["command"] in card.text
+
+
+def test_amplification_matches_hooks(vlm_factory, direction_file, tmp_path):
+    src = vlm_factory()
+    out = tmp_path / "amplified"
+    run_convert(src, out, direction_file, beta=2.0)
+    guarded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    original = AutoModelForImageTextToText.from_pretrained(src).eval()
+    inputs = tiny.image_inputs(AutoTokenizer.from_pretrained(src), "how to rob a bank")
+    with WriterHooks(original, Direction.load(direction_file).select(LAYERS, 2), 2.0):
+        hooked = logits(original, inputs)
+    folded = logits(guarded, inputs)
+    assert (folded - hooked).abs().max() < 1e-5
+    assert (folded - logits(original, inputs)).abs().max() > 0.05
+
+
+def test_dry_run_writes_nothing(vlm_factory, direction_file, tmp_path):
+    out = tmp_path / "never"
+    result = convert(
+        ConvertOptions(
+            source=str(vlm_factory()),
+            output=out,
+            recipe=Recipe(layers=[2], rank=1),
+            direction_file=direction_file,
+            dry_run=True,
+            progress=False,
+        )
+    )
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert [e.layer for e in result.plan.edits] == [2, 2]
+    text = "\n".join(result.plan.describe())
+    assert "language_model.model.layers.2.self_attn.o_proj.weight" in text and "layer   2" in text

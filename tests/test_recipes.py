@@ -1,0 +1,83 @@
+"""Recipes are strict data; every shipped recipe validates."""
+
+from pathlib import Path
+
+import pytest
+
+from vlmguard_edit.errors import RecipeError
+from vlmguard_edit.recipes import load_recipe, parse_layers, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.y*ml"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"llava-1.5-7b.yaml", "llava-1.5-13b.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.model and recipe.base_llm.id and recipe.layers
+    first = path.read_text("utf-8").splitlines()[0]
+    assert first.startswith("# vlmguard-edit convert"), "a recipe starts with its command line"
+
+
+def test_all_problems_reported_with_paths():
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(
+            {
+                "model": "x/y",
+                "layer": [1],
+                "rank": 0,
+                "beta": "strong",
+                "base_llm": {"id": "a/b", "templat": "x"},
+                "layers": "5-2",
+            }
+        )
+    problems = info.value.problems
+    assert any(p.startswith("layer: unknown key") for p in problems)
+    assert any(p.startswith("rank: expected") for p in problems)
+    assert any(p.startswith("beta: expected") for p in problems)
+    assert any(p.startswith("base_llm.templat: unknown key") for p in problems)
+    assert any(p.startswith("layers: bad layer range") for p in problems)
+    assert len(problems) == 5
+
+
+def test_template_needs_placeholder():
+    with pytest.raises(RecipeError, match=r"base_llm.template: must contain"):
+        recipe_from_dict({"base_llm": {"id": "a/b", "template": "USER: ASSISTANT:"}})
+
+
+def test_base_llm_forms():
+    assert recipe_from_dict({"base_llm": "self"}).base_llm.id == "self"
+    with pytest.raises(RecipeError, match=r"base_llm.id: missing"):
+        recipe_from_dict({"base_llm": {"template": "{request}"}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("3", [3]), ("8-10", [8, 9, 10]), ("1,5-6, 2", [1, 2, 5, 6]), ([4, 2, 4], [2, 4]), (7, [7])],
+)
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "a", "3-1", "-1", [True], 1.5])
+def test_parse_layers_rejects(spec):
+    with pytest.raises(ValueError):
+        parse_layers(spec)
+
+
+def test_relative_anchor_file_resolved_against_recipe(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "r.yaml").write_text("model: a/b\nanchors: mine.jsonl\n")
+    recipe = load_recipe(tmp_path / "sub" / "r.yaml")
+    assert recipe.anchors == str((tmp_path / "sub" / "mine.jsonl").resolve())
+
+
+def test_yaml_syntax_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
