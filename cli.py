@@ -39,6 +39,8 @@ class Main(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise  # click's own control flow (--help, usage errors) is not a failure of ours
         except VlmguardError as exc:
             _fail(ctx, f"error: {exc}", exc.exit_code)
         except KeyboardInterrupt:

@@ -1,0 +1,247 @@
+"""Every bad input: one clear line naming the problem, a non-zero exit, nothing left behind."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from vlmguard_edit import tiny
+
+
+def run(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result, out, phrase, code=1):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(("error:", "interrupted:")), result.stderr
+    assert phrase in lines[0], lines[0]
+    assert not out.exists(), "no output folder may be left behind"
+    if out.parent.exists():
+        leftovers = [p.name for p in out.parent.iterdir() if ".vlmguard-" in p.name]
+        assert not leftovers, leftovers
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out" / "guarded"
+
+
+def convert_args(src, out, direction_file, *extra):
+    return [
+        "convert",
+        src,
+        "-o",
+        out,
+        "--direction",
+        direction_file,
+        "--layers",
+        "1,3",
+        "-q",
+        *extra,
+    ]
+
+
+def test_missing_path(tmp_path, out, direction_file):
+    assert_refused(run(convert_args(tmp_path / "nope", out, direction_file)), out, "does not exist")
+
+
+def test_hub_id_offline(out, direction_file):
+    result = run(convert_args("no-such-org/no-such-model", out, direction_file))
+    assert_refused(result, out, "could not be downloaded")
+
+
+def test_not_a_checkpoint(tmp_path, out, direction_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_refused(run(convert_args(empty, out, direction_file)), out, "has no config.json")
+    (empty / "config.json").write_text("{}")
+    assert_refused(run(convert_args(empty, out, direction_file)), out, "not a checkpoint")
+
+
+def test_missing_shard(vlm_copy, out, direction_file):
+    src = vlm_copy(shards=True)
+    sorted(src.glob("model-*.safetensors"))[2].unlink()
+    assert_refused(
+        run(convert_args(src, out, direction_file)),
+        out,
+        "named in model.safetensors.index.json but missing",
+    )
+
+
+def test_truncated_shard(vlm_copy, out, direction_file):
+    src = vlm_copy(shards=True)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(run(convert_args(src, out, direction_file)), out, "truncated or corrupt")
+
+
+def test_corrupt_header(vlm_copy, out, direction_file):
+    src = vlm_copy()
+    data = bytearray((src / "model.safetensors").read_bytes())
+    data[8:20] = b"\xff" * 12
+    (src / "model.safetensors").write_bytes(bytes(data))
+    assert_refused(run(convert_args(src, out, direction_file)), out, "corrupt safetensors header")
+
+
+def test_hidden_size_mismatch(tmp_path, vlm_factory, out, direction_file):
+    small = tiny.build_base(tmp_path / "small-base", hidden=32)
+    args = ["convert", vlm_factory(), "-o", out, "--base-llm", small, "--layers", "1", "-q"]
+    assert_refused(run(args), out, "hidden size of the base LLM")
+    other = tmp_path / "small.safetensors"
+    from vlmguard_edit.direction import Direction
+
+    Direction({1: torch.eye(32)[:1]}, meta={"rank": 1}).save(other)
+    assert_refused(run(convert_args(vlm_factory(), out, other)), out, "has hidden size 32")
+
+
+def test_layer_out_of_range(vlm_factory, out, direction_file):
+    result = run(
+        ["convert", vlm_factory(), "-o", out, "--direction", direction_file, "--layers", "2,9"]
+    )
+    assert_refused(result, out, "out of range: the model has text layers 0..3")
+
+
+def test_rank_larger_than_anchors(tmp_path, vlm_factory, base_llm, out):
+    anchors = tmp_path / "three.jsonl"
+    anchors.write_text(
+        "".join(
+            json.dumps({"harmful": f"How to hurt {i}", "harmless": f"How to help {i}"}) + "\n"
+            for i in range(3)
+        )
+    )
+    args = [
+        "convert",
+        vlm_factory(),
+        "-o",
+        out,
+        "--base-llm",
+        base_llm,
+        "--anchors",
+        anchors,
+        "--rank",
+        "5",
+        "--layers",
+        "1",
+    ]
+    assert_refused(run(args), out, "rank 5 needs at least 5 anchor pairs")
+
+
+def test_pickle_only_vlm_refused(tmp_path, out, direction_file, vlm_factory):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    shutil.copy(vlm_factory() / "config.json", src)
+    torch.save({"x": torch.zeros(1)}, src / "pytorch_model.bin")
+    assert_refused(run(convert_args(src, out, direction_file)), out, "has only pickle weights")
+
+
+def test_pickle_only_base_llm_needs_flag(tmp_path, vlm_factory, base_llm, out):
+    base = tmp_path / "pickled-base"
+    shutil.copytree(base_llm, base)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    args = ["convert", vlm_factory(), "-o", out, "--base-llm", base, "--layers", "1", "-q"]
+    assert_refused(run(args), out, "--allow-pickle")
+    result = run([*args, "--allow-pickle"])
+    assert result.exit_code == 0, result.output
+    assert (out / "vlmguard.json").is_file()
+
+
+def test_quantized_refused(vlm_copy, out, direction_file):
+    src = vlm_copy()
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    assert_refused(run(convert_args(src, out, direction_file)), out, "is quantized (gptq)")
+
+
+def test_output_exists_and_overwrite(vlm_factory, out, direction_file):
+    out.mkdir(parents=True)
+    (out / "precious.txt").write_text("keep me")
+    assert_refused_keep = run(convert_args(vlm_factory(), out, direction_file))
+    assert assert_refused_keep.exit_code == 1 and "already exists" in assert_refused_keep.stderr
+    refused = run(convert_args(vlm_factory(), out, direction_file, "--overwrite"))
+    assert refused.exit_code == 1 and "not a vlmguard-edit output" in refused.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    first = run(convert_args(vlm_factory(), out, direction_file, "--overwrite"))
+    assert first.exit_code == 0, first.output
+    again = run(convert_args(vlm_factory(), out, direction_file))
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    replaced = run(
+        [*convert_args(vlm_factory(), out, direction_file, "--overwrite"), "--beta", "2"]
+    )
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "vlmguard.json").read_text())["recipe"]["beta"] == 2.0
+    assert not [p for p in out.parent.iterdir() if ".vlmguard-" in p.name]
+
+
+def test_output_inside_source(vlm_copy, direction_file):
+    src = vlm_copy()
+    inside = src / "guarded"
+    result = run(convert_args(src, inside, direction_file))
+    assert_refused(result, inside, "is inside the source")
+
+
+def test_disk_full_mid_write(vlm_factory, out, direction_file, monkeypatch):
+    real_copy = shutil.copyfile
+    calls = []
+
+    def filling_copy(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == 3:
+            with open(dst, "wb") as handle:
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr("vlmguard_edit.checkpoint.shutil.copyfile", filling_copy)
+    result = run(convert_args(vlm_factory(shards=True), out, direction_file))
+    assert len(calls) == 3
+    assert_refused(result, out, "the disk filled up while writing")
+
+
+def test_ctrl_c_mid_run(vlm_factory, out, direction_file, monkeypatch):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vlmguard_edit.convert.patch_file", interrupted)
+    result = run(convert_args(vlm_factory(shards=True), out, direction_file))
+    assert_refused(result, out, "interrupted", code=130)
+
+
+def test_real_sigint_to_installed_command(vlm_factory, out, direction_file):
+    """A real Ctrl-C (SIGINT) while shards are being written, to the installed command."""
+    slow = (
+        "import sys, time, vlmguard_edit.checkpoint as c\n"
+        "real = c.copy_file\n"
+        "def slow(*a):\n    time.sleep(0.4)\n    real(*a)\n"
+        "c.copy_file = slow\n"
+        "from cli import main\n"
+        "sys.exit(main())\n"
+    )
+    args = [str(a) for a in convert_args(vlm_factory(shards=True), out, direction_file)]
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+        out.parent.exists() and any(out.parent.glob(".*vlmguard-tmp*"))
+    ):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not out.exists() and not [p for p in out.parent.iterdir() if ".vlmguard-" in p.name]

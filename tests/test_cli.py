@@ -1,0 +1,143 @@
+"""The CLI through click's CliRunner, and once as the installed command."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+
+def run(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_help_has_examples():
+    result = run(["convert", "--help"])
+    assert result.exit_code == 0
+    assert (
+        "Examples:" in result.output
+        and "--dry-run" in result.output
+        and "--overwrite" in result.output
+    )
+    assert "vlmguard-edit direction" in run(["direction", "--help"]).output
+    assert run(["--version"]).output.startswith("vlmguard-edit, version")
+
+
+def test_validate_recipes_folder():
+    result = run(["validate", "recipes"])
+    assert result.exit_code == 0, result.output
+    assert "ok      recipes/llava-1.5-7b.yaml" in result.output
+
+
+def test_validate_reports_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: a/b\nrank: -1\nbetta: 2\n")
+    result = run(["validate", bad, "recipes/llava-1.5-13b.yaml"])
+    assert result.exit_code == 1
+    assert "invalid " in result.output and "ok      recipes/llava-1.5-13b.yaml" in result.output
+    assert (
+        "  - betta: unknown key" in result.output
+        and "  - rank: expected an integer >= 1" in result.output
+    )
+
+
+def test_dry_run_prints_plan(vlm_factory, direction_file, tmp_path):
+    out = tmp_path / "out"
+    result = run(
+        [
+            "convert",
+            vlm_factory(),
+            "-o",
+            out,
+            "--direction",
+            direction_file,
+            "--layers",
+            "0-1",
+            "--dry-run",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert "dry run: nothing written" in result.output
+    assert "4 tensors change in 2 layers" in result.output
+    assert "layer   1  language_model.model.layers.1.mlp.down_proj.weight" in result.output
+    assert not out.exists()
+
+
+def test_usage_errors(vlm_factory, direction_file, tmp_path, base_llm):
+    out = tmp_path / "out"
+    both = run(
+        ["convert", vlm_factory(), "-o", out, "--base-llm", base_llm, "--direction", direction_file]
+    )
+    assert both.exit_code == 2 and "not both" in both.output
+    neither = run(["convert", vlm_factory(), "-o", out, "--layers", "1"])
+    assert (
+        neither.exit_code == 1 and "say where the steering direction comes from" in neither.stderr
+    )
+    bad_layers = run(["convert", vlm_factory(), "-o", out, "--layers", "x"])
+    assert bad_layers.exit_code == 2 and "--layers" in bad_layers.output
+    assert not out.exists()
+
+
+def test_recipe_supplies_model_and_base(vlm_factory, base_llm, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"model: {vlm_factory()}\nbase_llm:\n  id: {base_llm}\nlayers: [2]\nrank: 2\nbeta: 1.5\n"
+    )
+    out = tmp_path / "out"
+    result = run(["convert", "--recipe", recipe, "-o", out, "--rank", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "vlmguard.json").read_text())
+    assert record["recipe"]["rank"] == 1 and record["recipe"]["beta"] == 1.5  # CLI overrides recipe
+    assert record["recipe"]["layers"] == [2]
+
+
+def test_direction_command(base_llm, vlm_factory, tmp_path):
+    out = tmp_path / "ssd.safetensors"
+    result = run(["direction", base_llm, "-o", out, "--layers", "1-2", "--rank", "2", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "layer   1: explained" in result.output and out.is_file()
+    self_out = tmp_path / "self.safetensors"
+    missing_vlm = run(["direction", "self", "-o", self_out])
+    assert missing_vlm.exit_code == 2 and "--vlm" in missing_vlm.output
+    ok = run(["direction", "self", "--vlm", vlm_factory(), "-o", self_out, "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert "layers 2-3" in ok.output  # default: the upper half of 4 layers
+
+
+def test_demo(tmp_path):
+    result = run(["demo", tmp_path / "demo"])
+    assert result.exit_code == 0, result.output
+    gap = float(result.output.split("logits(runtime hooks)| = ")[1].split()[0])
+    effect = float(result.output.split("logits(original)|      = ")[1].split()[0])
+    assert gap < 1e-5 < 0.05 < effect
+    assert (tmp_path / "demo" / "vlm-guarded" / "vlmguard.json").is_file()
+
+
+def test_installed_command(vlm_factory, direction_file, tmp_path):
+    exe = shutil.which("vlmguard-edit")
+    if exe is None:
+        pytest.fail("the vlmguard-edit console script is not installed (pip install -e .)")
+    out = tmp_path / "out"
+    args = [
+        exe,
+        "convert",
+        str(vlm_factory()),
+        "-o",
+        str(out),
+        "--direction",
+        str(direction_file),
+        "--layers",
+        "1",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {out}: 2 tensors edited in layers 1-1")
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert (
+        again.returncode == 1
+        and again.stderr.strip().startswith("error: output")
+        and "already exists" in again.stderr
+    )
