@@ -211,6 +211,28 @@ def test_provenance_and_card(vlm_factory, base_llm, tmp_path):
     assert record["command"] in card.text
 
 
+def test_llava_next_with_mistral_text_model(tmp_path):
+    """LLaVA-NeXT-Mistral: direction from a Mistral base LLM, fold == hooks, upper-layer default."""
+    base = tiny.build_base(tmp_path / "mistral", arch="mistral")
+    src = tiny.build_llava(tmp_path / "vlm", base, family="llava_next", max_shard_size="150KB")
+    config = json.loads((src / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "mistral"
+    out = tmp_path / "guarded"
+    recipe = Recipe(base_llm=BaseLLM(id=str(base)), rank=1)  # layers: the default (upper half)
+    result = convert(ConvertOptions(source=str(src), output=out, recipe=recipe, progress=False))
+    assert result.plan.layers == [2, 3]
+    guarded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    original = AutoModelForImageTextToText.from_pretrained(src).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    inputs = tiny.image_inputs(tokenizer, "how to rob a bank", family="llava_next")
+    vectors = Direction.load(out / "vlmguard_direction.safetensors").select([2, 3], 1)
+    with WriterHooks(original, vectors, -1.0):
+        hooked = logits(original, inputs)
+    folded = logits(guarded, inputs)
+    assert (folded - hooked).abs().max() < 1e-5
+    assert (folded - logits(original, inputs)).abs().max() > 0.05
+
+
 def test_amplification_matches_hooks(vlm_factory, direction_file, tmp_path):
     src = vlm_factory()
     out = tmp_path / "amplified"

@@ -49,8 +49,10 @@ def build_tokenizer(extra_text: str = ""):
     return tokenizer
 
 
-def text_config(vocab_size: int, num_layers: int = 4, hidden: int = 64, **overrides):
-    from transformers import LlamaConfig
+def text_config(
+    vocab_size: int, num_layers: int = 4, hidden: int = 64, arch: str = "llama", **overrides
+):
+    from transformers import LlamaConfig, MistralConfig
 
     settings = dict(
         vocab_size=vocab_size,
@@ -67,16 +69,21 @@ def text_config(vocab_size: int, num_layers: int = 4, hidden: int = 64, **overri
         pad_token_id=0,
     )
     settings.update(overrides)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **settings)
     return LlamaConfig(**settings)
 
 
-def build_base(out: Path, seed: int = 0, num_layers: int = 4, **overrides) -> Path:
-    """A tiny random Llama base LLM with the tokenizer, saved to ``out``."""
-    from transformers import LlamaForCausalLM
+def build_base(
+    out: Path, seed: int = 0, num_layers: int = 4, arch: str = "llama", **overrides
+) -> Path:
+    """A tiny random Llama (or Mistral) base LLM with the tokenizer, saved to ``out``."""
+    from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(text_config(len(tokenizer), num_layers, **overrides)).eval()
+    config = text_config(len(tokenizer), num_layers, arch=arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -96,10 +103,10 @@ def build_llava(
     layout: "legacy" (``language_model.model.layers.N``, what save_pretrained and the Hub use)
     or "memory" (``model.language_model.layers.N``, transformers 5's module names).
     """
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    base_model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
