@@ -126,9 +126,15 @@ def is_hub_id(text: str) -> bool:
 
 
 def resolve_model(
-    id_or_path: str | Path, revision: str | None = None, allow_pickle: bool = False
+    id_or_path: str | Path,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    config_only: bool = False,
 ) -> ModelSource:
-    """A local folder as it is, or a Hub id downloaded (safetensors only unless allow_pickle)."""
+    """A local folder as it is, or a Hub id downloaded (safetensors only unless allow_pickle).
+
+    ``config_only`` downloads just the JSON files of a Hub repo (for checks and dry runs).
+    """
     text = str(id_or_path)
     path = Path(text).expanduser()
     if path.exists():
@@ -151,7 +157,10 @@ def resolve_model(
 
     try:
         folder = snapshot_download(
-            text, revision=revision, ignore_patterns=None if allow_pickle else _HUB_IGNORE
+            text,
+            revision=revision,
+            allow_patterns=["*.json"] if config_only else None,
+            ignore_patterns=None if allow_pickle else _HUB_IGNORE,
         )
     except GatedRepoError as exc:
         raise InputError(f"{text} is gated on the Hub: accept its licence and log in") from exc
@@ -383,14 +392,9 @@ def _io_errors(target: Path) -> Iterator[None]:
         raise CheckpointError(f"could not write {target}: {exc.strerror or exc}") from exc
 
 
-def check_output_path(output: Path, source: Path, overwrite: bool) -> None:
-    """Refuse outputs that would clobber or nest with the source, before any work is done."""
+def check_output_free(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless --overwrite, and never replace a foreign folder."""
     out = output.expanduser().resolve()
-    src = source.resolve()
-    if out == src or src in out.parents:
-        raise InputError(f"output {output} is inside the source {source}; choose a folder outside")
-    if out in src.parents:
-        raise InputError(f"output {output} contains the source {source}; choose another folder")
     if out.exists():
         if not overwrite:
             raise InputError(f"output {output} already exists; pass --overwrite to replace it")
@@ -403,13 +407,23 @@ def check_output_path(output: Path, source: Path, overwrite: bool) -> None:
             )
 
 
+def check_not_nested(output: Path, source: Path) -> None:
+    """The output may neither sit inside the source nor contain it."""
+    out = output.expanduser().resolve()
+    src = source.resolve()
+    if out == src or src in out.parents:
+        raise InputError(f"output {output} is inside the source {source}; choose a folder outside")
+    if out in src.parents:
+        raise InputError(f"output {output} contains the source {source}; choose another folder")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; rename it into place only on success.
 
     Any failure, Ctrl-C included, removes the temporary folder, so an interrupted run never
     leaves something that looks like a checkpoint. An existing output (already checked by
-    check_output_path) is replaced only after the new one is complete.
+    check_output_free) is replaced only after the new one is complete.
     """
     out = output.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

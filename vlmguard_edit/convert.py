@@ -21,7 +21,8 @@ from .checkpoint import (
     Checkpoint,
     ModelSource,
     atomic_output_dir,
-    check_output_path,
+    check_not_nested,
+    check_output_free,
     copy_file,
     is_hub_id,
     open_checkpoint,
@@ -76,9 +77,13 @@ def default_layers(num_layers: int) -> list[int]:
 
 def convert(opts: ConvertOptions) -> ConvertResult:
     recipe = opts.recipe
+    if not opts.dry_run:
+        check_output_free(opts.output, opts.overwrite)  # before any download
     source = resolve_model(opts.source, opts.revision)
     if not opts.dry_run:
-        check_output_path(opts.output, source.path, opts.overwrite)
+        check_not_nested(opts.output, source.path)
+    if recipe.model and recipe.model != opts.source:
+        log.warning("the recipe is for %s, converting %s", recipe.model, opts.source)
     checkpoint = open_checkpoint(source.path)
     layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = recipe.layers if recipe.layers is not None else default_layers(layout.num_layers)
@@ -125,11 +130,11 @@ def _direction(
         )
     anchors = load_anchors(recipe.anchors)
     is_self = recipe.base_llm.id == SELF
-    base = (
-        source
-        if is_self
-        else resolve_model(recipe.base_llm.id, recipe.base_llm.revision, opts.allow_pickle)
-    )
+    base = source
+    if not is_self:
+        # A dry run only checks the base LLM's config, so it downloads nothing else.
+        base_id, revision = recipe.base_llm.id, recipe.base_llm.revision
+        base = resolve_model(base_id, revision, opts.allow_pickle, config_only=opts.dry_run)
     if not is_self:
         check_base_matches(base, checkpoint.config)
     check_direction_request(base, anchors, layers, recipe.rank, is_self)

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from . import tiny
-from .checkpoint import check_output_path
 from .convert import ConvertOptions, convert
 from .direction import Direction
 from .errors import InputError
@@ -31,7 +30,6 @@ def run_demo(out: Path, overwrite: bool = False) -> Iterator[str]:
     vlm = tiny.build_llava(out / "vlm", base, max_shard_size="150KB")
     yield f"built a tiny base LLM ({base}) and a tiny LLaVA whose language model copies it ({vlm})"
     guarded = out / "vlm-guarded"
-    check_output_path(guarded, vlm, overwrite=True)
     recipe = Recipe(model=None, base_llm=BaseLLM(id=str(base)), layers=[1, 2, 3], rank=1, beta=-1.0)
     result = convert(
         ConvertOptions(

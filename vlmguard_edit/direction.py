@@ -327,6 +327,8 @@ def compute_direction(
         "rank": rank,
         "layers": list(layers),
         "hidden_size": int(next(iter(vectors.values())).shape[1]),
+        "dtype": str(next(decoder.parameters()).dtype).removeprefix("torch."),
+        "batch_size": batch_size,
         "tool_version": __version__,
     }
     return Direction(vectors, stats, meta)
