@@ -217,7 +217,7 @@ def test_ctrl_c_mid_run(vlm_factory, out, direction_file, monkeypatch):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vlmguard_edit.convert.patch_file", interrupted)
+    monkeypatch.setattr("vlmguard_edit.checkpoint.ShardPatcher.write", interrupted)
     result = run(convert_args(vlm_factory(shards=True), out, direction_file))
     assert_refused(result, out, "interrupted", code=130)
 

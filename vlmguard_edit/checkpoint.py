@@ -114,12 +114,6 @@ class Checkpoint:
     def info(self, key: str) -> TensorInfo:
         return self.shards[self.key_to_file[key]].tensors[key]
 
-    def read_tensor(self, key: str) -> torch.Tensor:
-        """Read one tensor from disk (only its bytes)."""
-        return tensor_from_bytes(
-            read_bytes(self.path / self.key_to_file[key], self.info(key)), self.info(key)
-        )
-
 
 def is_hub_id(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", text) is not None
@@ -287,26 +281,22 @@ def refuse_quantized(config: dict[str, Any], where: Path) -> None:
             )
 
 
-def read_bytes(path: Path, info: TensorInfo) -> bytes:
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes straight into a tensor of its dtype and shape (one buffer)."""
+    if info.dtype not in _DTYPES:
+        raise CheckpointError(f"unsupported safetensors dtype {info.dtype} in {path}")
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(path, "rb") as handle:
         handle.seek(info.start)
-        data = handle.read(info.nbytes)
-    if len(data) != info.nbytes:
+        got = handle.readinto(memoryview(raw.numpy()))
+    if got != info.nbytes:
         raise CheckpointError(f"{path} is truncated: short read at byte {info.start}")
-    return data
+    return raw.view(_DTYPES[info.dtype][0]).reshape(info.shape)
 
 
-def tensor_from_bytes(data: bytes, info: TensorInfo) -> torch.Tensor:
-    if info.dtype not in _DTYPES:
-        raise CheckpointError(f"unsupported safetensors dtype {info.dtype}")
-    dtype = _DTYPES[info.dtype][0]
-    if not data:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(info.shape)
-
-
-def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+def tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor, without a copy when it is contiguous (for hashing, writing)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_safetensors(
@@ -318,14 +308,14 @@ def write_safetensors(
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
     for name in sorted(tensors):
-        blob = tensor_to_bytes(tensors[name])
+        blob = tensor_buffer(tensors[name])
         header[name] = {
             "dtype": names[tensors[name].dtype],
             "shape": list(tensors[name].shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "data_offsets": [offset, offset + blob.nbytes],
         }
         blobs.append(blob)
-        offset += len(blob)
+        offset += blob.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
     with _io_errors(path), open(path, "wb") as handle:
@@ -335,7 +325,7 @@ def write_safetensors(
             handle.write(blob)
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -367,16 +357,30 @@ def copy_file(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)  # follows Hub-cache symlinks; sendfile on Linux
 
 
-def patch_file(target: Path, patches: list[tuple[TensorInfo, bytes]]) -> None:
-    """Overwrite byte ranges of a copied shard in place; sizes must match exactly."""
-    with _io_errors(target), open(target, "r+b") as handle:
-        for info, data in patches:
-            if len(data) != info.nbytes:
-                raise CheckpointError(f"internal error: patch of {len(data)} bytes for {info}")
-            handle.seek(info.start)
-            handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+class ShardPatcher:
+    """Overwrite tensors of a copied shard in place, one at a time, sizes checked."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        with _io_errors(target):
+            self.handle = open(target, "r+b")  # noqa: SIM115 (closed in __exit__)
+
+    def write(self, info: TensorInfo, tensor: torch.Tensor) -> None:
+        data = tensor_buffer(tensor)
+        if data.nbytes != info.nbytes:
+            raise CheckpointError(
+                f"internal error: {data.nbytes} bytes for a {info.nbytes}-byte slot"
+            )
+        with _io_errors(self.target):
+            self.handle.seek(info.start)
+            self.handle.write(data)
+
+    def __enter__(self) -> ShardPatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with _io_errors(self.target):
+            self.handle.close()
 
 
 @contextlib.contextmanager

@@ -6,12 +6,11 @@ import logging
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -20,19 +19,18 @@ from .card import source_license, write_card, write_record
 from .checkpoint import (
     Checkpoint,
     ModelSource,
+    ShardPatcher,
     atomic_output_dir,
     check_not_nested,
     check_output_free,
     copy_file,
     is_hub_id,
     open_checkpoint,
-    patch_file,
-    read_bytes,
+    read_tensor,
     resolve_model,
     sha256_bytes,
     sha256_file,
-    tensor_from_bytes,
-    tensor_to_bytes,
+    tensor_buffer,
 )
 from .direction import Direction, check_base_matches, check_direction_request, compute_direction
 from .errors import DirectionError, InputError
@@ -169,27 +167,29 @@ def write_guarded(
     shards = sorted(checkpoint.shards)
     for name in tqdm(shards, desc="shards", unit="shard", disable=not progress):
         copy_file(checkpoint.path / name, out / name)
-        patches = []
-        for edit in by_file.get(name, []):
-            info = checkpoint.info(edit.key)
-            before = read_bytes(checkpoint.path / name, info)
-            tensor = tensor_from_bytes(before, info)
-            after = tensor_to_bytes(apply_map(tensor, vectors[edit.layer], plan.beta))
-            patches.append((info, after))
-            records.append(
-                {
-                    "key": edit.key,
-                    "file": name,
-                    "layer": edit.layer,
-                    "module": edit.module,
-                    "dtype": edit.dtype,
-                    "shape": list(edit.shape),
-                    "sha256_before": sha256_bytes(before),
-                    "sha256_after": sha256_bytes(after),
-                }
-            )
-        if patches:
-            patch_file(out / name, patches)
+        if name not in by_file:
+            continue
+        # One edited tensor in memory at a time: read, fold, write back, hash.
+        with ShardPatcher(out / name) as patcher:
+            for edit in by_file[name]:
+                info = checkpoint.info(edit.key)
+                before = read_tensor(checkpoint.path / name, info)
+                sha_before = sha256_bytes(tensor_buffer(before))
+                after = apply_map(before, vectors[edit.layer], plan.beta)
+                del before
+                patcher.write(info, after)
+                records.append(
+                    {
+                        "key": edit.key,
+                        "file": name,
+                        "layer": edit.layer,
+                        "module": edit.module,
+                        "dtype": edit.dtype,
+                        "shape": list(edit.shape),
+                        "sha256_before": sha_before,
+                        "sha256_after": sha256_bytes(tensor_buffer(after)),
+                    }
+                )
     for rel in plan.copied:
         copy_file(checkpoint.path / rel, out / rel)
     if len(records) != len(plan.edits):
@@ -220,8 +220,7 @@ def _record(
         "tool_version": __version__,
         "versions": {
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__,
+            **{name: _version(name) for name in ("transformers", "safetensors", "huggingface-hub")},
             "python": sys.version.split()[0],
         },
         "source": {
@@ -257,6 +256,14 @@ def _record(
         "dropped_files": plan.dropped,
         "command": reproduce_command(opts),
     }
+
+
+def _version(package: str) -> str | None:
+    # From package metadata, so recording it does not import transformers (seconds).
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def reproduce_command(opts: ConvertOptions) -> str:
