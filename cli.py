@@ -188,8 +188,9 @@ def convert(source, output, base_llm, direction_file, beta, revision, dry_run, o
     help="Direction file to write.",
 )
 @click.option("--vlm", help="The VLM whose language model to use when BASE_LLM is 'self'.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing direction file.")
 @direction_options
-def direction(base_llm, output, vlm, **kw):
+def direction(base_llm, output, vlm, overwrite, **kw):
     """Compute the safety steering direction of BASE_LLM (a folder, Hub id, or 'self')."""
     from vlmguard_edit.anchors import load_anchors
     from vlmguard_edit.checkpoint import resolve_model
@@ -198,6 +199,8 @@ def direction(base_llm, output, vlm, **kw):
     from vlmguard_edit.layout import text_config
     from vlmguard_edit.recipes import SELF
 
+    if Path(output).exists() and not overwrite:
+        raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
     recipe = _build_recipe(kw, base_llm)
     is_self = recipe.base_llm.id == SELF
     if is_self and not vlm:

@@ -105,6 +105,15 @@ def test_hidden_size_mismatch(tmp_path, vlm_factory, out, direction_file):
     assert_refused(run(convert_args(vlm_factory(), out, other)), out, "has hidden size 32")
 
 
+def test_base_llm_without_tokenizer(tmp_path, vlm_factory, base_llm, out):
+    bare = tmp_path / "bare-base"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(base_llm / name, bare)
+    args = ["convert", vlm_factory(), "-o", out, "--base-llm", bare, "--layers", "1", "-q"]
+    assert_refused(run(args), out, "cannot load the tokenizer")
+
+
 def test_layer_out_of_range(vlm_factory, out, direction_file):
     result = run(
         ["convert", vlm_factory(), "-o", out, "--direction", direction_file, "--layers", "2,9"]

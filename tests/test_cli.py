@@ -99,6 +99,12 @@ def test_direction_command(base_llm, vlm_factory, tmp_path):
     result = run(["direction", base_llm, "-o", out, "--layers", "1-2", "--rank", "2", "-q"])
     assert result.exit_code == 0, result.output
     assert "layer   1: explained" in result.output and out.is_file()
+    again = run(["direction", base_llm, "-o", out, "--layers", "1"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert (
+        run(["direction", base_llm, "-o", out, "--layers", "1", "--overwrite", "-q"]).exit_code == 0
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["ssd.safetensors"]  # no partial files
     self_out = tmp_path / "self.safetensors"
     missing_vlm = run(["direction", "self", "-o", self_out])
     assert missing_vlm.exit_code == 2 and "--vlm" in missing_vlm.output

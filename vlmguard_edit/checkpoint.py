@@ -318,11 +318,17 @@ def write_safetensors(
         offset += blob.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
-    with _io_errors(path), open(path, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little"))
-        handle.write(raw)
-        for blob in blobs:
-            handle.write(blob)
+    # Written beside the target and renamed, so an interrupted write leaves no partial file.
+    partial = path.with_name(f".{path.name}.vlmguard-tmp-{os.getpid()}")
+    try:
+        with _io_errors(path), open(partial, "wb") as handle:
+            handle.write(len(raw).to_bytes(8, "little"))
+            handle.write(raw)
+            for blob in blobs:
+                handle.write(blob)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

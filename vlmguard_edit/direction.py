@@ -269,7 +269,13 @@ def load_text_decoder(
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DirectionError(
+            f"cannot load the tokenizer of {source.id} ({exc.__class__.__name__}); the model "
+            "folder needs its tokenizer files to wrap the anchor prompts"
+        ) from exc
     return model.get_decoder(), tokenizer
 
 
