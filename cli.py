@@ -242,6 +242,176 @@ def direction(base_llm, output, vlm, overwrite, **kw):
         )
 
 
+EXAMPLES_EVAL = """
+\b
+Examples:
+  vlmguard-edit eval examples/organism/vlm -o reports/original \\
+      --harmful examples/organism/eval_harmful.jsonl --benign examples/organism/eval_benign.jsonl
+  vlmguard-edit eval ./guarded --against llava-hf/llava-1.5-7b-hf -o reports/guarded --limit 50
+  vlmguard-edit eval ORIGINAL --runtime-guard ssd.safetensors --alpha 2 -o reports/rt
+"""
+
+
+@main.command("eval", epilog=EXAMPLES_EVAL)
+@click.argument("model")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder."
+)
+@click.option("--against", help="The original model: also evaluated, and KL / agreement computed.")
+@click.option(
+    "--settings",
+    default="text,blank,typographic,noise",
+    show_default=True,
+    help="Comma list of: text, blank, typographic, noise, scene, folder.",
+)
+@click.option(
+    "--harmful", type=click.Path(dir_okay=False), help="JSONL of harmful prompts ('prompt' field)."
+)
+@click.option(
+    "--benign", type=click.Path(dir_okay=False), help="JSONL of benign prompts ('prompt' field)."
+)
+@click.option(
+    "--image-folder", type=click.Path(file_okay=False), help="Images for the 'folder' setting."
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Use only the first N prompts of each set."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default=None, help="Device (default: cuda if available, else cpu).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--runtime-guard",
+    "runtime_guard",
+    type=click.Path(dir_okay=False),
+    help="Direction file: also evaluate the paper's runtime method on the original.",
+)
+@click.option(
+    "--guard-mode", type=click.Choice(["steer", "project"]), default="steer", show_default=True
+)
+@click.option(
+    "--alpha", type=float, default=1.0, show_default=True, help="Steer strength (either sign)."
+)
+@click.option(
+    "--gate",
+    default="midpoint",
+    show_default=True,
+    help="Gate threshold on h_last . V[0]: 'midpoint' of the anchor means, or a number.",
+)
+@click.option(
+    "--positions", type=click.Choice(["prompt", "all"]), default="prompt", show_default=True
+)
+@click.option(
+    "--guard-layers", help="Layers for the runtime guard (default: all in the direction)."
+)
+@click.option(
+    "--update-card", is_flag=True, help="Add the table to MODEL's model card (guarded outputs)."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_command(
+    model,
+    output,
+    against,
+    settings,
+    harmful,
+    benign,
+    image_folder,
+    limit,
+    batch_size,
+    max_new_tokens,
+    device,
+    dtype,
+    runtime_guard,
+    guard_mode,
+    alpha,
+    gate,
+    positions,
+    guard_layers,
+    update_card,
+    quiet,
+):
+    """Measure refusal (harmful prompts) and compliance (benign) of MODEL in image settings."""
+    import torch
+
+    from vlmguard_edit import evaluate as ev
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    opts = ev.EvalOptions(
+        settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
+        harmful=ev.load_prompts(harmful, "harmful"),
+        benign=ev.load_prompts(benign, "benign"),
+        image_folder=Path(image_folder) if image_folder else None,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        dtype=dtype,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    unknown = [s for s in opts.settings if s not in ev.SETTINGS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown {unknown}; known: {', '.join(ev.SETTINGS)}", param_hint="--settings"
+        )
+    subject = ev.Subject(_local_or_hub(model), device, dtype)
+    original = ev.Subject(_local_or_hub(against), device, dtype) if against else None
+    systems = {"original": original} if original else {}
+    if runtime_guard:
+        systems["runtime"] = ev.with_hooks(
+            original or subject,
+            _runtime_factory(runtime_guard, guard_mode, alpha, gate, positions, guard_layers),
+        )
+        systems[
+            "runtime"
+        ].note = f"{guard_mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
+    systems["model"] = subject
+    report = ev.run_eval(systems, original, opts)
+    for name, system in systems.items():
+        if getattr(system, "note", None):
+            report["systems"][name]["note"] = system.note
+    ev.write_report(report, Path(output))
+    if update_card:
+        ev.update_card(Path(model), report)
+    click.echo(ev.format_table(report))
+    click.echo(f"wrote {output}/eval.json, report.md, refusal.png")
+
+
+def _local_or_hub(name: str) -> str:
+    from vlmguard_edit.checkpoint import resolve_model
+
+    return str(resolve_model(name).path)
+
+
+def _runtime_factory(path, mode, alpha, gate, positions, layers):
+    from vlmguard_edit.direction import Direction
+    from vlmguard_edit.recipes import parse_layers
+    from vlmguard_edit.runtime import SteerHooks
+
+    direction = Direction.load(Path(path))
+    chosen = parse_layers(layers) if layers else direction.layers
+    vectors = direction.select(chosen, direction.rank)
+    if gate == "midpoint":
+        thresholds = {}
+        for layer in chosen:
+            stats = direction.stats.get(layer) or {}
+            if "harmful_mean_proj" not in stats:
+                raise click.BadParameter(
+                    f"the direction has no statistics for layer {layer}", param_hint="--gate"
+                )
+            thresholds[layer] = (stats["harmful_mean_proj"] + stats["harmless_mean_proj"]) / 2
+    else:
+        try:
+            thresholds = dict.fromkeys(chosen, float(gate))
+        except ValueError as exc:
+            raise click.BadParameter("use 'midpoint' or a number", param_hint="--gate") from exc
+    return lambda model: SteerHooks(model, vectors, mode, alpha, thresholds, positions)
+
+
 @main.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(exists=True))
 def validate(recipes):

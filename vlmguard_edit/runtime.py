@@ -56,3 +56,71 @@ class WriterHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+class SteerHooks:
+    """The paper's runtime intervention on the residual stream (decoder layer outputs).
+
+    mode "project":  h' = h - h V^T V
+    mode "steer":    h* = h + alpha * g * (h V^T V),   g = 1[h_last . V[0] > threshold]
+
+    The gate g is decided per sequence, at each layer, from the last prompt token (prompts are
+    left-padded by generate, so it is position -1 of the prefill). ``positions="prompt"``
+    applies the map to the prompt only (the prefill); ``"all"`` also to generated tokens.
+    A forward pass with more than one position is taken as a prefill (generation with a
+    KV cache feeds one token at a time after it).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vectors: dict[int, torch.Tensor],
+        mode: str = "steer",
+        alpha: float = 1.0,
+        thresholds: dict[int, float] | None = None,
+        positions: str = "prompt",
+    ):
+        if mode not in ("steer", "project") or positions not in ("prompt", "all"):
+            raise ValueError(f"bad mode {mode!r} or positions {positions!r}")
+        self.model = model
+        self.vectors = vectors
+        self.mode = mode
+        self.alpha = alpha
+        self.thresholds = thresholds or {}
+        self.positions = positions
+        self.gates: dict[int, torch.Tensor] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> SteerHooks:
+        layers = text_layers(self.model)
+        for layer, v in self.vectors.items():
+            self.handles.append(layers[layer].register_forward_hook(self._hook(layer, v)))
+        return self
+
+    def _hook(self, layer: int, v: torch.Tensor):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            prefill = hidden.shape[1] > 1
+            if not prefill and self.positions == "prompt":
+                return output
+            vv = v.to(device=hidden.device, dtype=torch.float32)
+            h32 = hidden.float()
+            along = (h32 @ vv.T) @ vv  # (B, T, d) @ (d, m) @ (m, d) -> (B, T, d)
+            if self.mode == "project":
+                new = h32 - along
+            else:
+                if prefill:
+                    score = h32[:, -1] @ vv[0]  # (B,)
+                    self.gates[layer] = (score > self.thresholds.get(layer, 0.0)).float()
+                gate = self.gates.get(layer, torch.zeros(hidden.shape[0], device=hidden.device))
+                new = h32 + self.alpha * gate[:, None, None] * along
+            new = new.to(hidden.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.gates.clear()

@@ -25,15 +25,16 @@ TEXT_WORDS = (
 )
 
 
-def build_tokenizer(extra_text: str = ""):
+def build_tokenizer(words: list[str] | None = None):
+    """A word-level tokenizer: ``words``, or by default the anchor set's words and a few more."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    anchors = resources.files("vlmguard_edit").joinpath("data/anchors.jsonl").read_text("utf-8")
-    words = set(
-        re.findall(r"[a-z0-9]+|[^\sa-z0-9]", f"{anchors} {TEXT_WORDS} {extra_text}".lower())
-    )
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + sorted(words - {'"', "{", "}", ":", ","}))}
+    if words is None:
+        anchors = resources.files("vlmguard_edit").joinpath("data/anchors.jsonl").read_text("utf-8")
+        found = set(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", f"{anchors} {TEXT_WORDS}".lower()))
+        words = sorted(found - {'"', "{", "}", ":", ","})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + [w for w in words if w not in SPECIAL])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
