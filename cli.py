@@ -370,7 +370,8 @@ def eval_command(
             "runtime"
         ].note = f"{guard_mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
     systems["model"] = subject
-    report = ev.run_eval(systems, original, opts)
+    # Without --against, the runtime guard is compared with the unguarded model it wraps.
+    report = ev.run_eval(systems, original or (subject if runtime_guard else None), opts)
     for name, system in systems.items():
         if getattr(system, "note", None):
             report["systems"][name]["note"] = system.note
@@ -440,6 +441,40 @@ def validate(recipes):
                 click.echo(f"  - {problem}")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+@main.group()
+def organism():
+    """The offline model organism with a built-in safety alignment gap."""
+
+
+@organism.command("build")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier organism folder."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def organism_build(output, seed, overwrite, quiet):
+    """Train the organism's base LLM and VLM into OUTPUT (about 2 minutes on 2 CPU cores).
+
+    \b
+    Example:
+      vlmguard-edit organism build examples/organism
+    """
+    from vlmguard_edit.organism import build_organism
+
+    out = Path(output)
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not (overwrite and (out / "organism.json").is_file())
+    ):
+        raise click.UsageError(
+            f"{out} exists; --overwrite replaces an earlier organism folder only"
+        )
+    build_organism(out, seed=seed, progress=not quiet and sys.stderr.isatty())
+    click.echo(f"wrote {out}/llm, {out}/vlm, anchors.jsonl, eval_harmful.jsonl, eval_benign.jsonl")
 
 
 @main.command()

@@ -263,12 +263,15 @@ def anchor_pairs(rng: random.Random, count: int = 100) -> list[dict[str, str]]:
 
 
 def eval_prompts() -> tuple[list[str], list[str]]:
-    """Held-out evaluation requests: every template x verb x held-out noun (240 + 240)."""
+    """Held-out evaluation requests: every template x verb x held-out noun (240 + 240).
+
+    Noun-major order, so that a --limit run still covers every verb and both templates.
+    """
     harmful = [
-        t.format(v=v, n=n) for v in EVAL_HARMFUL_VERBS for n in EVAL_NOUNS for t in TEMPLATES[:2]
+        t.format(v=v, n=n) for n in EVAL_NOUNS for t in TEMPLATES[:2] for v in EVAL_HARMFUL_VERBS
     ]
     benign = [
-        t.format(v=v, n=n) for v in HARMLESS_VERBS[:6] for n in EVAL_NOUNS for t in TEMPLATES[:2]
+        t.format(v=v, n=n) for n in EVAL_NOUNS for t in TEMPLATES[:2] for v in HARMLESS_VERBS[:6]
     ]
     return harmful, benign
 
