@@ -132,13 +132,38 @@ def direction_options(func):
 @click.option(
     "--beta", type=float, help="Strength: -1 projects the direction out (default), >0 amplifies."
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["writers", "projector-shift"]),
+    help="writers: fold (I + beta V^T V) into o_proj/down_proj. projector-shift: add gamma * u "
+    "to the projector's output bias (image tokens only). Default: writers.",
+)
+@click.option("--gamma", type=float, help="projector-shift strength (default 1).")
+@click.option(
+    "--shift-direction",
+    type=click.Choice(["attention", "ssd"]),
+    help="projector-shift direction: attention-aware u (default) or the raw SSD V[0].",
+)
 @click.option("--revision", help="Hub revision of the source VLM.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing output folder made by vlmguard-edit."
 )
 @direction_options
-def convert(source, output, base_llm, direction_file, beta, revision, dry_run, overwrite, **kw):
+def convert(
+    source,
+    output,
+    base_llm,
+    direction_file,
+    beta,
+    mode,
+    gamma,
+    shift_direction,
+    revision,
+    dry_run,
+    overwrite,
+    **kw,
+):
     """Write a guarded copy of the VLM SOURCE (a folder or Hub id) to OUTPUT.
 
     SOURCE may be left out when the recipe names the model.
@@ -148,7 +173,11 @@ def convert(source, output, base_llm, direction_file, beta, revision, dry_run, o
 
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
-    recipe = _build_recipe(kw, base_llm, beta=beta)
+    recipe = _build_recipe(
+        kw, base_llm, beta=beta, mode=mode, gamma=gamma, shift_direction=shift_direction
+    )
+    if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
+        raise click.BadParameter("projector-shift takes exactly one layer", param_hint="--layers")
     source = source or recipe.model
     if not source:
         raise click.UsageError("give the SOURCE model (or a recipe with 'model')")

@@ -263,3 +263,64 @@ def test_dry_run_writes_nothing(vlm_factory, direction_file, tmp_path):
     assert [e.layer for e in result.plan.edits] == [2, 2]
     text = "\n".join(result.plan.describe())
     assert "language_model.model.layers.2.self_attn.o_proj.weight" in text and "layer   2" in text
+
+
+def independent_u(model, v, layer):
+    """u ∝ g ⊙ (Σ_h W_o^h W_v^h)^T v, with the per-head matrices built explicitly."""
+    attn = model.model.language_model.layers[layer].self_attn
+    gain = model.model.language_model.layers[layer].input_layernorm.weight.detach().double()
+    cfg = model.config.text_config
+    hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    wo = attn.o_proj.weight.detach().double().reshape(-1, heads, hd)  # (d, H, hd)
+    wv = attn.v_proj.weight.detach().double().reshape(kv, hd, -1)  # (KV, hd, d)
+    m = sum(wo[:, h, :] @ wv[h // (heads // kv)] for h in range(heads))  # (d, d)
+    u = gain * (m.T @ v.double())
+    return (u / u.norm()).float()
+
+
+@pytest.mark.parametrize("layout", ["legacy", "memory"])
+def test_projector_shift_is_image_only_and_matches_hook(
+    vlm_factory, direction_file, tmp_path, layout
+):
+    from vlmguard_edit.runtime import ProjectorShiftHook
+
+    src = vlm_factory(layout=layout, shards=True)
+    out = tmp_path / "shifted"
+    recipe = Recipe(layers=[1], rank=1, mode="projector-shift", gamma=3.0)
+    result = convert(
+        ConvertOptions(str(src), out, recipe, direction_file=direction_file, progress=False)
+    )
+    assert [
+        (e.key.endswith("multi_modal_projector.linear_2.bias"), e.kind) for e in result.plan.edits
+    ] == [(True, "shift")]
+    guarded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    original = AutoModelForImageTextToText.from_pretrained(src).eval()
+    u = independent_u(original, Direction.load(direction_file).vectors[1][0], 1)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    text = {"input_ids": tokenizer("how to rob a bank", return_tensors="pt")["input_ids"]}
+    assert torch.equal(logits(guarded, text), logits(original, text))  # text-only: untouched
+    image = tiny.image_inputs(tokenizer, "how to rob a bank")
+    with ProjectorShiftHook(original, u, 3.0):
+        hooked = logits(original, image)
+    folded = logits(guarded, image)
+    assert (folded - hooked).abs().max() < 1e-5
+    assert (folded - logits(original, image)).abs().max() > 1e-3
+    before, after = all_tensors(src), all_tensors(out)
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {result.plan.edits[0].key}
+    key = result.plan.edits[0].key
+    assert torch.allclose(after[key], before[key] + 3.0 * u, atol=1e-6)
+    record = json.loads((out / "vlmguard.json").read_text())
+    assert "--mode projector-shift --gamma 3" in record["command"]
+    assert "Only the bias of the multimodal projector" in (out / "README.md").read_text()
+
+
+def test_projector_shift_ssd_direction(vlm_factory, direction_file, tmp_path):
+    src = vlm_factory()
+    out = tmp_path / "ssd"
+    recipe = Recipe(layers=[2], rank=1, mode="projector-shift", gamma=0.5, shift_direction="ssd")
+    result = convert(
+        ConvertOptions(str(src), out, recipe, direction_file=direction_file, progress=False)
+    )
+    key = result.plan.edits[0].key
+    v = Direction.load(direction_file).vectors[2][0]
+    assert torch.allclose(all_tensors(out)[key], all_tensors(src)[key] + 0.5 * v, atol=1e-6)

@@ -58,3 +58,39 @@ def test_check_orthonormal():
     check_orthonormal(orthonormal(3, 8), "ok")
     with pytest.raises(PlanError, match="not orthonormal"):
         check_orthonormal(2 * orthonormal(1, 8), "layer 4")
+
+
+def test_attention_direction_maximises_the_read_out():
+    """u maximises (read-out along v) over unit states: no random unit state does better."""
+    from vlmguard_edit.fold import attention_direction
+
+    g = torch.Generator().manual_seed(0)
+    d, heads, kv, hd = 16, 4, 2, 4
+    wo, wv = torch.randn(d, heads * hd, generator=g), torch.randn(kv * hd, d, generator=g)
+    gain, v = (
+        torch.rand(d, generator=g) + 0.5,
+        torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0),
+    )
+
+    def read_out(h):  # Σ_h v . W_o^h W_v^h (g ⊙ h)
+        total = 0.0
+        for head in range(heads):
+            k = head // (heads // kv)
+            total += v @ wo[:, head * hd : (head + 1) * hd] @ wv[k * hd : (k + 1) * hd] @ (gain * h)
+        return total
+
+    u = attention_direction(wo, wv, gain, v, heads, kv)
+    assert abs(u.norm() - 1) < 1e-5
+    best = read_out(u)
+    others = torch.nn.functional.normalize(torch.randn(200, d, generator=g), dim=1)
+    assert best > 0 and all(read_out(o) <= best + 1e-5 for o in others)
+
+
+def test_shift():
+    from vlmguard_edit.fold import shift
+
+    b = torch.zeros(4, dtype=torch.bfloat16)
+    out = shift(b, torch.tensor([1.0, 0, 0, 0]), 2.0)
+    assert out.dtype == torch.bfloat16 and out.tolist() == [2.0, 0, 0, 0]
+    with pytest.raises(PlanError, match="non-finite"):
+        shift(b, torch.tensor([float("nan"), 0, 0, 0]), 1.0)

@@ -81,3 +81,40 @@ def test_yaml_syntax_error(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_projector_shift_recipe():
+    recipe = recipe_from_dict({"mode": "projector-shift", "layers": [0], "gamma": 1.5})
+    assert (
+        recipe.mode == "projector-shift"
+        and recipe.gamma == 1.5
+        and recipe.shift_direction == "attention"
+    )
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(
+            {"mode": "projector-shift", "layers": [0, 1], "gamma": "x", "shift_direction": "up"}
+        )
+    problems = " ".join(info.value.problems)
+    assert (
+        "exactly one layer" in problems
+        and "gamma: expected" in problems
+        and "shift_direction" in problems
+    )
+    with pytest.raises(RecipeError, match="mode: expected one of writers, projector-shift"):
+        recipe_from_dict({"mode": "steer"})
+
+
+def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "x.yaml").write_text("model: ../vlm\nbase_llm:\n  id: org/base\n")
+    recipe = load_recipe(tmp_path / "r" / "x.yaml")
+    assert recipe.model == str((tmp_path / "vlm").resolve()) and recipe.base_llm.id == "org/base"
+
+
+def test_organism_recipe_points_at_the_shipped_organism():
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "organism.yaml")
+    assert (
+        Path(recipe.model, "config.json").is_file()
+        and Path(recipe.base_llm.id, "config.json").is_file()
+    )
+    assert Path(recipe.anchors).is_file() and recipe.mode == "projector-shift"

@@ -37,26 +37,48 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         **license_fields,
     )
     layers = recipe["layers"]
+    source_of_v = (
+        f"a safety steering direction V_l (rank {recipe['rank']}) was taken from the base LLM "
+        f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
+        f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
+    )
+    if recipe.get("mode") == "projector-shift":
+        what = (
+            "Only the bias of the multimodal projector's output layer changed, so the edit acts "
+            "only when an image is in the prompt: text-only behaviour is exactly the original's."
+        )
+        how = (
+            f"For layer {layers[0]}, {source_of_v}; the projector's output bias became\n\n"
+            f"    b <- b + gamma * u        gamma = {recipe['gamma']:g}\n\n"
+            + (
+                "with u the unit image-token state that layer's attention maps most strongly "
+                "onto V_l[0]: u ∝ g ⊙ (Σ_h W_o^h W_v^h)^T V_l[0] (g: the layer's input-norm gain)."
+                if recipe.get("shift_direction", "attention") == "attention"
+                else "with u = V_l[0]."
+            )
+        )
+    else:
+        what = (
+            "Only the language model's residual writers (attention `o_proj` and MLP `down_proj`) "
+            f"of layers {_span(layers)} changed."
+        )
+        how = (
+            f"For every edited layer l, {source_of_v}, and each writer W of layer l became\n\n"
+            f"    W <- (I + beta * V_l^T V_l) W        beta = {recipe['beta']:g}\n\n"
+            "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
+        )
     body = f"""
 # {Path(str(source_id)).name}, guarded with vlmguard-edit
 
 This is **{source_id}** with a VLM-Guard safety edit (arXiv 2502.10486) folded into its
-weights by vlmguard-edit. It loads and runs like
-the original: no hooks, no custom code. Only the language model's residual writers
-(attention `o_proj` and MLP `down_proj`) of layers {_span(layers)} changed; the vision tower,
-projector, embeddings, tokenizer and configs are byte-identical to the source.
+weights by vlmguard-edit. It loads and runs like the original: no hooks, no custom code.
+{what} Everything else (vision tower, embeddings, tokenizer, configs) is byte-identical to
+the source.
 
 ## What was done
-For every edited layer l, a safety steering direction V_l (rank {recipe["rank"]}) was taken
-from the base LLM **{direction["base_model"]}** (SVD of last-token hidden-state differences
-between {direction["num_anchor_pairs"]} harmful and harmless anchor prompts), and each writer W
-of layer l became
-
-    W <- (I + beta * V_l^T V_l) W        beta = {recipe["beta"]:g}
-
-(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it).
-{len(record["edits"])} tensors changed. `vlmguard.json` lists each with its sha256 before and
-after, and `vlmguard_direction.safetensors` holds the directions with their provenance.
+{how}
+{len(record["edits"])} tensor(s) changed. `vlmguard.json` lists each with its sha256 before
+and after, and `vlmguard_direction.safetensors` holds the directions with their provenance.
 
 ## Reproduce
 ```

@@ -34,7 +34,7 @@ from .checkpoint import (
 )
 from .direction import Direction, check_base_matches, check_direction_request, compute_direction
 from .errors import DirectionError, InputError
-from .fold import apply_map, check_orthonormal
+from .fold import apply_map, attention_direction, check_orthonormal, shift
 from .layout import Layout, find_layout
 from .plan import Plan, build_plan
 from .recipes import SELF, Recipe
@@ -80,7 +80,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     source = resolve_model(opts.source, opts.revision)
     if not opts.dry_run:
         check_not_nested(opts.output, source.path)
-    if recipe.model and recipe.model != opts.source:
+    same_folder = recipe.model and Path(recipe.model).expanduser().resolve() == source.path
+    if recipe.model and recipe.model != opts.source and not same_folder:
         log.warning("the recipe is for %s, converting %s", recipe.model, opts.source)
     checkpoint = open_checkpoint(source.path)
     layout = find_layout(checkpoint.config, checkpoint.keys)
@@ -88,7 +89,16 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     # From here on the recipe is fully resolved, so the record and card show what was used.
     recipe = replace(recipe, layers=layers)
     opts = replace(opts, recipe=recipe)
-    plan = build_plan(checkpoint, layout, layers, recipe.rank, recipe.beta)
+    plan = build_plan(
+        checkpoint,
+        layout,
+        layers,
+        recipe.rank,
+        recipe.beta,
+        recipe.mode,
+        recipe.gamma,
+        recipe.shift_direction,
+    )
     direction = _direction(opts, source, checkpoint, layout, layers)
     vectors = direction.select(layers, recipe.rank)
     for layer, v in vectors.items():
@@ -165,6 +175,7 @@ def write_guarded(
         by_file.setdefault(edit.file, []).append(edit)
     records = []
     shards = sorted(checkpoint.shards)
+    u = shift_vector(checkpoint, plan, vectors) if plan.mode == "projector-shift" else None
     for name in tqdm(shards, desc="shards", unit="shard", disable=not progress):
         copy_file(checkpoint.path / name, out / name)
         if name not in by_file:
@@ -175,7 +186,10 @@ def write_guarded(
                 info = checkpoint.info(edit.key)
                 before = read_tensor(checkpoint.path / name, info)
                 sha_before = sha256_bytes(tensor_buffer(before))
-                after = apply_map(before, vectors[edit.layer], plan.beta)
+                if edit.kind == "shift":
+                    after = shift(before, u, plan.gamma)
+                else:
+                    after = apply_map(before, vectors[edit.layer], plan.beta)
                 del before
                 patcher.write(info, after)
                 records.append(
@@ -197,6 +211,32 @@ def write_guarded(
             f"internal error: edited {len(records)} tensors, planned {len(plan.edits)}"
         )
     return records
+
+
+def shift_vector(
+    checkpoint: Checkpoint, plan: Plan, vectors: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """The unit vector the projector-shift adds: V_l[0], or its attention-aware form at layer l."""
+    layer = plan.layers[0]
+    v = vectors[layer][0]
+    if plan.shift_direction == "ssd":
+        return v / v.norm()
+    layout = plan.layout
+    family = layout.family
+
+    def load(name: str) -> torch.Tensor:
+        key = layout.layer_key(layer, name)
+        return read_tensor(checkpoint.path / checkpoint.key_to_file[key], checkpoint.info(key))
+
+    o_proj = next(w for w in layout.writers[layer] if w.module == "self_attn.o_proj")
+    return attention_direction(
+        load(o_proj.module + ".weight"),
+        load(family.value_proj + ".weight"),
+        load(family.input_norm),
+        v,
+        layout.num_heads,
+        layout.num_kv_heads,
+    )
 
 
 def _record(
@@ -275,6 +315,9 @@ def reproduce_command(opts: ConvertOptions) -> str:
         parts += ["--base-llm", str(recipe.base_llm.id), "--anchors", recipe.anchors]
         if recipe.base_llm.template:
             parts += ["--template", recipe.base_llm.template]
+    if recipe.mode != "writers":
+        parts += ["--mode", recipe.mode, "--gamma", f"{recipe.gamma:g}"]
+        parts += ["--shift-direction", recipe.shift_direction]
     parts += [
         "--layers",
         ",".join(map(str, recipe.layers or [])),

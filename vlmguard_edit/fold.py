@@ -46,9 +46,51 @@ def apply_map(x: torch.Tensor, v: torch.Tensor, beta: float) -> torch.Tensor:
     return x32 if dtype == torch.float32 else x32.to(dtype)
 
 
+def shift(bias: torch.Tensor, u: torch.Tensor, gamma: float) -> torch.Tensor:
+    """b + gamma * u, in float32, cast back once; refuses non-finite results."""
+    out = bias.to(torch.float32) + gamma * u.to(torch.float32)  # (d,)
+    if not torch.isfinite(out).all():
+        raise PlanError("shifted bias has non-finite values; check the direction and gamma")
+    return out.to(bias.dtype)
+
+
 def map_hidden(h: torch.Tensor, v: torch.Tensor, beta: float) -> torch.Tensor:
     """Apply (I + beta V^T V) to the last dim of activations h (..., d); used by runtime hooks."""
     h32 = h.to(torch.float32)
     v32 = v.to(device=h.device, dtype=torch.float32)
     out = h32 + beta * ((h32 @ v32.T) @ v32)  # (..., d) @ (d, m) -> (..., m) @ (m, d) -> (..., d)
     return out.to(h.dtype)
+
+
+def attention_direction(
+    o_proj: torch.Tensor,
+    v_proj: torch.Tensor,
+    gain: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """The unit state u that a layer's attention maps most strongly onto direction v.
+
+    An image token in state h contributes, through head k, W_o^k W_v^k (g ⊙ h / rms(h)) to a
+    reading token's residual. Its component along v is (g ⊙ M^T v) . h / rms(h), with
+    M = Σ_k W_o^k W_v^{kv(k)}; so over states of a given norm, u ∝ g ⊙ M^T v is the one that
+    pushes the reader furthest along v (exactly so when attention spreads evenly over heads).
+
+    o_proj: (d, H*hd)   v_proj: (KV*hd, d)   gain: (d,)   v: (d,)   ->   u: (d,), unit norm
+    """
+    wo, wv = o_proj.float(), v_proj.float()
+    head_dim = wo.shape[1] // num_heads
+    group = num_heads // num_kv_heads
+    mapped = torch.zeros(wo.shape[0], dtype=torch.float32)  # M^T v, built head by head
+    vv = v.float()
+    for head in range(num_heads):
+        kv = head // group
+        wo_h = wo[:, head * head_dim : (head + 1) * head_dim]  # (d, hd)
+        wv_h = wv[kv * head_dim : (kv + 1) * head_dim]  # (hd, d)
+        mapped += wv_h.T @ (wo_h.T @ vv)  # (d, hd) @ ((hd, d) @ (d,)) -> (d,)
+    u = gain.float() * mapped
+    norm = u.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise PlanError("the attention-aware direction is zero or not finite")
+    return u / norm

@@ -26,13 +26,25 @@ class Family:
     # the Hub / save_pretrained ("legacy") layout first, then transformers 5's in-memory one.
     layer_prefixes: tuple[str, ...]
     writers: tuple[str, ...] = LLAMA_WRITERS
+    # The multimodal projector's output bias (one key per layout): image tokens only.
+    projector_bias: tuple[str, ...] = ()
+    value_proj: str = "self_attn.v_proj"
+    input_norm: str = "input_layernorm.weight"
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
+_LLAVA_PROJECTOR = (
+    "multi_modal_projector.linear_2.bias",
+    "model.multi_modal_projector.linear_2.bias",
+)
 
 FAMILIES: dict[str, Family] = {
-    "llava": Family("llava", ("llama", "mistral"), _LLAVA_PREFIXES),
-    "llava_next": Family("llava_next", ("llama", "mistral"), _LLAVA_PREFIXES),
+    "llava": Family(
+        "llava", ("llama", "mistral"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+    ),
+    "llava_next": Family(
+        "llava_next", ("llama", "mistral"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
@@ -60,6 +72,12 @@ class Layout:
     num_layers: int
     hidden_size: int
     writers: dict[int, tuple[Writer, ...]]
+    projector_bias: str | None  # checkpoint key, when the family has one and it is present
+    num_heads: int
+    num_kv_heads: int
+
+    def layer_key(self, layer: int, name: str) -> str:
+        return f"{self.layer_prefix}.{layer}.{name}"
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +141,18 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
             bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
             found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias))
         writers[layer] = tuple(found)
-    return Layout(family, prefix, num_layers, int(text["hidden_size"]), writers)
+    projector = [k for k in family.projector_bias if k in set(keys)]
+    heads = int(text.get("num_attention_heads", 0))
+    return Layout(
+        family,
+        prefix,
+        num_layers,
+        int(text["hidden_size"]),
+        writers,
+        projector[0] if projector else None,
+        heads,
+        int(text.get("num_key_value_heads") or heads),
+    )
 
 
 def _span(values: list[int]) -> str:

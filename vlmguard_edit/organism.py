@@ -303,7 +303,13 @@ def _train(
     model.eval()
 
 
-def build_organism(out: Path, seed: int = 0, progress: bool = True) -> Path:
+def build_organism(
+    out: Path,
+    seed: int = 0,
+    progress: bool = True,
+    stage1_steps: int = STAGE1_STEPS,
+    stage2_steps: int = STAGE2_STEPS,
+) -> Path:
     """Train the base LLM and the VLM; write out/llm, out/vlm, anchors and evaluation prompts."""
     from transformers import (
         CLIPImageProcessorPil,
@@ -328,9 +334,9 @@ def build_organism(out: Path, seed: int = 0, progress: bool = True) -> Path:
         max_position_embeddings=128,
     )
     llm = LlamaForCausalLM(config)
-    rows = [encode(tokenizer, chat(q), a) for q, a in text_examples(rng, STAGE1_STEPS * 32)]
-    log.info("stage 1: base LLM, %d steps", STAGE1_STEPS)
-    _train(llm, rows, STAGE1_STEPS, 2e-3, rng, progress=progress)
+    rows = [encode(tokenizer, chat(q), a) for q, a in text_examples(rng, stage1_steps * 32)]
+    log.info("stage 1: base LLM, %d steps", stage1_steps)
+    _train(llm, rows, stage1_steps, 2e-3, rng, progress=progress)
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
 
@@ -360,14 +366,14 @@ def build_organism(out: Path, seed: int = 0, progress: bool = True) -> Path:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    data = image_examples(rng, STAGE2_STEPS * 32, **MIX)
+    data = image_examples(rng, stage2_steps * 32, **MIX)
     pixels = [
         image_processor(img, return_tensors="pt")["pixel_values"][0] if img is not None else None
         for img, _, _ in data
     ]
     rows = [encode(tokenizer, chat(q, 4 if img is not None else 0), a) for img, q, a in data]
-    log.info("stage 2: VLM, %d steps", STAGE2_STEPS)
-    _train(vlm, rows, STAGE2_STEPS, 1e-3, rng, pixels=pixels, progress=progress)
+    log.info("stage 2: VLM, %d steps", stage2_steps)
+    _train(vlm, rows, stage2_steps, 1e-3, rng, pixels=pixels, progress=progress)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -389,7 +395,7 @@ def build_organism(out: Path, seed: int = 0, progress: bool = True) -> Path:
                 handle.write(json.dumps({"prompt": prompt}) + "\n")
     (out / "organism.json").write_text(
         json.dumps(
-            {"seed": seed, "stage1_steps": STAGE1_STEPS, "stage2_steps": STAGE2_STEPS, "mix": MIX},
+            {"seed": seed, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "mix": MIX},
             indent=2,
         )
         + "\n"

@@ -18,10 +18,11 @@ from .layout import Layout
 class PlannedEdit:
     key: str
     file: str
-    layer: int
+    layer: int  # whose direction is used
     module: str
     dtype: str
     shape: tuple[int, ...]
+    kind: str = "map"  # "map": (I + beta V^T V) x;  "shift": b + gamma u
 
 
 @dataclass
@@ -33,9 +34,21 @@ class Plan:
     edits: list[PlannedEdit]
     copied: list[str]  # other files, copied byte for byte
     dropped: list[str]  # other-format weight files left out (they would be unguarded)
+    mode: str = "writers"
+    gamma: float = 1.0
+    shift_direction: str = "attention"
 
     @property
     def map_text(self) -> str:
+        if self.mode == "projector-shift":
+            u = (
+                "u ∝ g ⊙ (W_o W_v)^T V_l[0]"
+                if self.shift_direction == "attention"
+                else "u = V_l[0]"
+            )
+            return (
+                f"b <- b + {self.gamma:g} * u on the projector output ({u}, layer {self.layers[0]})"
+            )
         return f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
 
     def describe(self) -> list[str]:
@@ -58,13 +71,25 @@ class Plan:
 
 
 def build_plan(
-    checkpoint: Checkpoint, layout: Layout, layers: list[int], rank: int, beta: float
+    checkpoint: Checkpoint,
+    layout: Layout,
+    layers: list[int],
+    rank: int,
+    beta: float,
+    mode: str = "writers",
+    gamma: float = 1.0,
+    shift_direction: str = "attention",
 ) -> Plan:
     bad = [layer for layer in layers if not 0 <= layer < layout.num_layers]
     if bad:
         raise PlanError(
             f"layer(s) {bad} out of range: the model has text layers 0..{layout.num_layers - 1}"
         )
+    copied, dropped = classify_files(checkpoint.path, set(checkpoint.shards))
+    if mode == "projector-shift":
+        edit = _projector_shift_edit(checkpoint, layout, layers)
+        extra = (mode, gamma, shift_direction)
+        return Plan(layout, list(layers), rank, beta, [edit], copied, dropped, *extra)
     edits = []
     for layer in layers:
         for writer in layout.writers[layer]:
@@ -93,5 +118,26 @@ def build_plan(
     weights = sum(1 for e in edits if e.key.endswith(".weight"))
     if weights != expected or not edits:
         raise PlanError(f"the plan edits {weights} writer weights, expected {expected}; refusing")
-    copied, dropped = classify_files(checkpoint.path, set(checkpoint.shards))
     return Plan(layout, list(layers), rank, beta, edits, copied, dropped)
+
+
+def _projector_shift_edit(checkpoint: Checkpoint, layout: Layout, layers: list[int]) -> PlannedEdit:
+    if len(layers) != 1:
+        raise PlanError(f"projector-shift uses exactly one layer's direction; got layers {layers}")
+    if layout.projector_bias is None:
+        known = " or ".join(layout.family.projector_bias) or "none known"
+        raise PlanError(
+            f"{layout.family.model_type}: no multimodal projector output bias found ({known})"
+        )
+    layer = layers[0]
+    for name in (layout.family.value_proj + ".weight", layout.family.input_norm):
+        if layout.layer_key(layer, name) not in checkpoint.key_to_file:
+            raise PlanError(f"projector-shift needs {layout.layer_key(layer, name)}: missing")
+    key = layout.projector_bias
+    info = checkpoint.info(key)
+    if info.dtype not in FLOAT_DTYPES or info.shape != (layout.hidden_size,):
+        raise PlanError(
+            f"{key} is {info.dtype} {list(info.shape)}; expected float ({layout.hidden_size},)"
+        )
+    file = checkpoint.key_to_file[key]
+    return PlannedEdit(key, file, layer, "multi_modal_projector", info.dtype, info.shape, "shift")

@@ -46,6 +46,12 @@ class Recipe:
     layers: list[int] | None = None  # None: the upper half of the text layers (provisional)
     rank: int = 1
     beta: float = -1.0
+    # "writers": W <- (I + beta V^T V) W on each selected layer's residual writers.
+    # "projector-shift": the projector's output bias b <- b + gamma * u, u from the (single)
+    # selected layer's direction: image tokens only, so text-only behaviour is unchanged.
+    mode: str = "writers"
+    gamma: float = 1.0
+    shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
     batch_size: int = 8
     notes: str | None = None
 
@@ -54,6 +60,9 @@ class Recipe:
 
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
+_TOP_KEYS |= {"mode", "gamma", "shift_direction"}
+MODES = ("writers", "projector-shift")
+SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}
 
 
@@ -100,10 +109,15 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from exc
     recipe = recipe_from_dict(data, str(path))
+    # Files named in a recipe are relative to the recipe, so recipes work from any folder:
+    # anchor files always, models when written as ./ or ../ paths (else they are Hub ids).
     anchors = Path(recipe.anchors)
     if recipe.anchors != "default" and not anchors.is_absolute():
-        # Relative anchor files are relative to the recipe, so recipes work from any cwd.
         recipe.anchors = str((path.parent / anchors).resolve())
+    if recipe.model and recipe.model.startswith(("./", "../")):
+        recipe.model = str((path.parent / recipe.model).resolve())
+    if recipe.base_llm.id and recipe.base_llm.id.startswith(("./", "../")):
+        recipe.base_llm.id = str((path.parent / recipe.base_llm.id).resolve())
     return recipe
 
 
@@ -138,6 +152,16 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     beta = data.get("beta")
     if check("beta", _is_number(beta) and math.isfinite(beta), "a finite number"):
         recipe.beta = float(beta)
+    if check("mode", data.get("mode") in MODES, f"one of {', '.join(MODES)}"):
+        recipe.mode = data["mode"]
+    gamma = data.get("gamma")
+    if check("gamma", _is_number(gamma) and math.isfinite(gamma), "a finite number"):
+        recipe.gamma = float(gamma)
+    shift = data.get("shift_direction")
+    if check("shift_direction", shift in SHIFT_DIRECTIONS, f"one of {', '.join(SHIFT_DIRECTIONS)}"):
+        recipe.shift_direction = shift
+    if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
+        problems.append("layers: projector-shift takes exactly one layer (whose direction is used)")
     if check("batch_size", _is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
         recipe.batch_size = data["batch_size"]
     if check("notes", isinstance(data.get("notes"), str), "text"):

@@ -58,6 +58,28 @@ class WriterHooks:
         self.handles.clear()
 
 
+class ProjectorShiftHook:
+    """Runtime reference of the projector-shift edit: adds gamma * u to the projector output."""
+
+    def __init__(self, model: torch.nn.Module, u: torch.Tensor, gamma: float):
+        self.module = next(
+            m for name, m in model.named_modules() if name.endswith("multi_modal_projector")
+        )
+        self.u, self.gamma = u, gamma
+        self.handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> ProjectorShiftHook:
+        def hook(_module, _inputs, output):
+            return output + (self.gamma * self.u.float()).to(output.dtype)
+
+        self.handle = self.module.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 class SteerHooks:
     """The paper's runtime intervention on the residual stream (decoder layer outputs).
 

@@ -1,0 +1,85 @@
+"""The shipped evaluation sets and the offline model organism."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlmguard_edit import organism
+from vlmguard_edit.anchors import load_anchors
+from vlmguard_edit.evaluate import load_prompts
+
+ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
+
+
+def test_shipped_eval_sets_are_large_and_disjoint_from_anchors():
+    harmful, benign = load_prompts(None, "harmful"), load_prompts(None, "benign")
+    assert len(harmful) >= 200 and len(benign) >= 200
+    anchors = load_anchors()
+    anchor_texts = {t.lower() for t in anchors.harmful + anchors.harmless}
+    assert not anchor_texts & {p.lower() for p in harmful + benign}
+    # No anchor request appears inside an evaluation prompt either.
+    bodies = [t.lower().removeprefix("how to ") for t in anchor_texts]
+    assert not [b for b in bodies for p in harmful + benign if b in p.lower()]
+
+
+def test_organism_vocabulary_split():
+    assert not set(organism.TRAIN_NOUNS) & set(organism.EVAL_NOUNS)
+    assert not set(organism.DUAL_USE_VERBS) & set(organism.EVAL_HARMFUL_VERBS)
+    harmful, benign = organism.eval_prompts()
+    assert len(harmful) == len(benign) == 240
+    anchors = organism.anchor_pairs(__import__("random").Random(0))
+    anchor_words = {w for pair in anchors for text in pair.values() for w in text.split()}
+    assert not anchor_words & set(organism.EVAL_NOUNS)  # anchors never use evaluation nouns
+
+
+def test_shipped_organism_files():
+    for name in (
+        "llm/model.safetensors",
+        "vlm/model.safetensors",
+        "vlm/processor_config.json",
+        "anchors.jsonl",
+        "eval_harmful.jsonl",
+        "eval_benign.jsonl",
+        "organism.json",
+    ):
+        assert (ORGANISM / name).is_file(), name
+    shipped = [
+        json.loads(line)["prompt"]
+        for line in (ORGANISM / "eval_harmful.jsonl").read_text().splitlines()
+    ]
+    assert shipped == organism.eval_prompts()[0]
+    assert sum(p.stat().st_size for p in ORGANISM.rglob("*") if p.is_file()) < 8 * 2**20
+
+
+def test_smoke_build_is_seeded_and_loads(tmp_path):
+    """A few training steps: deterministic, and loadable with plain transformers."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    for name in ("a", "b"):
+        organism.build_organism(
+            tmp_path / name, seed=3, progress=False, stage1_steps=3, stage2_steps=3
+        )
+    for part in ("llm/model.safetensors", "vlm/model.safetensors", "anchors.jsonl"):
+        assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes()
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "a" / "vlm")
+    processor = AutoProcessor.from_pretrained(tmp_path / "a" / "vlm")
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": organism.draw_shape(__import__("random").Random(0))[0]},
+                {"type": "text", "text": "describe the image ."},
+            ],
+        }
+    ]
+    inputs = processor.apply_chat_template(
+        [conversation],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    assert (inputs["input_ids"] == model.config.image_token_index).sum() == 4
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
