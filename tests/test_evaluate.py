@@ -162,3 +162,44 @@ def test_eval_end_to_end_on_the_organism(tmp_path):
     assert (out / "report.md").read_text().count("| text |") == 2
     assert Image.open(out / "refusal.png").size[0] > 300
     assert "harmful refusal" in result.output
+
+
+def test_quickstart_convert_organism_then_eval_with_card(tmp_path):
+    """The README quickstart: convert the organism by its recipe, evaluate, update the card."""
+    guarded = tmp_path / "organism-guarded"
+    runner = CliRunner()
+    recipe = Path(__file__).parent.parent / "recipes" / "organism.yaml"
+    done = runner.invoke(
+        main, ["convert", str(ORGANISM / "vlm"), "--recipe", str(recipe), "-o", str(guarded), "-q"]
+    )
+    assert done.exit_code == 0, done.output
+    report = tmp_path / "report"
+    args = [
+        "eval",
+        guarded,
+        "--against",
+        ORGANISM / "vlm",
+        "-o",
+        report,
+        "--update-card",
+        "--harmful",
+        ORGANISM / "eval_harmful.jsonl",
+        "--benign",
+        ORGANISM / "eval_benign.jsonl",
+        "--limit",
+        "12",
+        "--max-new-tokens",
+        "24",
+        "--settings",
+        "text,blank",
+        "-q",
+    ]
+    result = runner.invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    numbers = json.loads((report / "eval.json").read_text())["settings"]
+    assert numbers["text"]["kl"] == 0.0  # the projector shift cannot act without an image
+    assert numbers["blank"]["kl"] > 0.0
+    card = (guarded / "README.md").read_text()
+    assert card.count("## Evaluation (vlmguard-edit eval)") == 1 and "| blank | model |" in card
+    again = runner.invoke(main, [str(a) for a in args])  # the section is replaced, not repeated
+    assert again.exit_code == 0 and (guarded / "README.md").read_text().count("## Evaluation") == 1
