@@ -73,11 +73,27 @@ def attention_aware(model, v, layer: int):
     )[None]
 
 
+def markdown(rows: dict, settings=("text", "blank", "typographic", "noise")) -> str:
+    """The README table: harmful refusal per setting, worst benign compliance, worst KL."""
+    head = ["edit", *[f"refusal {s}" for s in settings], "benign compliance (min)", "KL (max)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, metrics in rows.items():
+        refusal = [f"{100 * metrics[s]['harmful_refusal']:.0f}%" for s in settings]
+        benign = min(metrics[s]["benign_compliance"] for s in settings)
+        kl = max(metrics[s].get("kl", 0.0) for s in settings)
+        lines.append(f"| {name} | " + " | ".join(refusal) + f" | {100 * benign:.0f}% | {kl:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=240)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, help="print the markdown table of a saved run")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
