@@ -66,6 +66,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
     The result is a standalone checkpoint that loads with plain transformers.
     """
     ctx.ensure_object(dict)["verbose"] = verbose
+    if not verbose:  # transformers' advisory warnings (e.g. the torchvision fallback) only with -v
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

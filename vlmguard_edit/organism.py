@@ -313,7 +313,6 @@ def build_organism(
     """Train the base LLM and the VLM; write out/llm, out/vlm, anchors and evaluation prompts."""
     from transformers import (
         CLIPImageProcessorPil,
-        CLIPVisionConfig,
         LlamaForCausalLM,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -340,23 +339,7 @@ def build_organism(
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
 
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=14,
-        projection_dim=64,
-    )
-    vlm_config = LlavaConfig(
-        vision_config=vision,
-        text_config=llm.config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        image_seq_length=4,
-    )
+    vlm_config = LlavaConfig(**tiny.llava_kwargs(llm.config, tokenizer, vision_hidden=64))
     torch.manual_seed(seed + 1)
     vlm = LlavaForConditionalGeneration(vlm_config)
     vlm.get_decoder().load_state_dict(llm.model.state_dict())

@@ -75,6 +75,29 @@ def text_config(
     return LlamaConfig(**settings)
 
 
+def llava_kwargs(text_config, tokenizer, vision_hidden: int = 32) -> dict:
+    """LlavaConfig arguments: a 2-layer CLIP tower on 28x28 images (4 patches of 14)."""
+    from transformers import CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=vision_hidden,
+    )
+    return dict(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        image_seq_length=4,
+    )
+
+
 def build_base(
     out: Path, seed: int = 0, num_layers: int = 4, arch: str = "llama", **overrides
 ) -> Path:
@@ -104,27 +127,11 @@ def build_llava(
     layout: "legacy" (``language_model.model.layers.N``, what save_pretrained and the Hub use)
     or "memory" (``model.language_model.layers.N``, transformers 5's module names).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        projection_dim=32,
-    )
-    common = dict(
-        vision_config=vision,
-        text_config=base_model.config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        image_seq_length=4,
-    )
+    common = llava_kwargs(base_model.config, tokenizer)
     torch.manual_seed(seed)
     if family == "llava":
         from transformers import LlavaConfig, LlavaForConditionalGeneration
