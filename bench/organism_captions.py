@@ -32,7 +32,7 @@ def accuracy(subject: ev.Subject, count: int = 96) -> float:
     for start in range(0, count, 16):
         chunk = shapes[start : start + 16]
         batch = subject.inputs(["describe the image ."] * len(chunk), [img for img, _, _ in chunk])
-        out = subject.generate(batch, 12)
+        out = subject.generate(("caption", "benign", start), batch, 12)
         answers = subject.processor.tokenizer.batch_decode(
             out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
         )

@@ -12,6 +12,7 @@ greedy agreement, and the perplexity of the original's answers under the evaluat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -98,6 +99,9 @@ class Subject:
             self.processor.tokenizer.pad_token = self.processor.tokenizer.eos_token
         self.device = device
         self.hooks: Any = None  # a context manager factory, or None
+        # Greedy outputs by (setting, kind, batch start): the original's answers are the
+        # reference for every compared system, so they are generated once.
+        self.outputs: dict[tuple[str, str, int], torch.Tensor] = {}
 
     def inputs(self, prompts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
         conversations = []
@@ -115,28 +119,27 @@ class Subject:
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _hooks(self) -> Any:
+        return self.hooks(self.model) if self.hooks is not None else contextlib.nullcontext()
+
     @torch.no_grad()
-    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
-        tokenizer = self.processor.tokenizer
-        kwargs = dict(
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        if self.hooks is not None:
-            with self.hooks(self.model):
-                return self.model.generate(**batch, **kwargs)
-        return self.model.generate(**batch, **kwargs)
+    def generate(
+        self, key: tuple[str, str, int], batch: dict[str, torch.Tensor], max_new_tokens: int
+    ) -> torch.Tensor:
+        if key not in self.outputs:
+            pad = self.processor.tokenizer.pad_token_id
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            with self._hooks():
+                self.outputs[key] = self.model.generate(**batch, **kwargs)
+        return self.outputs[key]
 
     @torch.no_grad()
     def logits(
         self, batch: dict[str, torch.Tensor], sequences: torch.Tensor, attention: torch.Tensor
     ) -> torch.Tensor:
         extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-        if self.hooks is not None:
-            with self.hooks(self.model):
-                return self.model(
-                    input_ids=sequences, attention_mask=attention, **extra
-                ).logits.float()
-        return self.model(input_ids=sequences, attention_mask=attention, **extra).logits.float()
+        with self._hooks():
+            return self.model(input_ids=sequences, attention_mask=attention, **extra).logits.float()
 
 
 def setting_inputs(
@@ -200,11 +203,12 @@ def evaluate_setting(
             )
             prompt_len = batch["input_ids"].shape[1]
             tokenizer = subject.processor.tokenizer
-            out = subject.generate(batch, opts.max_new_tokens)
+            key = (setting, kind, start)
+            out = subject.generate(key, batch, opts.max_new_tokens)
             decoded = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
             answers += decoded
             if original is not None and kind == "benign":
-                ref = original.generate(batch, opts.max_new_tokens)
+                ref = original.generate(key, batch, opts.max_new_tokens)
                 ref_text = tokenizer.batch_decode(ref[:, prompt_len:], skip_special_tokens=True)
                 agree += sum(a.strip() == b.strip() for a, b in zip(decoded, ref_text, strict=True))
                 mask = answer_mask(ref, prompt_len, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -283,6 +287,7 @@ def with_hooks(subject: Subject, factory: Any) -> Subject:
     view = object.__new__(Subject)
     view.__dict__.update(subject.__dict__)
     view.hooks = factory
+    view.outputs = {}  # its own answers, not the wrapped model's
     return view
 
 
