@@ -341,6 +341,10 @@ Examples:
     "--guard-layers", help="Layers for the runtime guard (default: all in the direction)."
 )
 @click.option(
+    "--judge-model",
+    help="A local LlamaGuard-style model (folder) that also rates answers to harmful prompts.",
+)
+@click.option(
     "--update-card", is_flag=True, help="Add the table to MODEL's model card (guarded outputs)."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -363,6 +367,7 @@ def eval_command(
     gate,
     positions,
     guard_layers,
+    judge_model,
     update_card,
     quiet,
 ):
@@ -384,6 +389,10 @@ def eval_command(
         dtype=dtype,
         progress=not quiet and sys.stderr.isatty(),
     )
+    if judge_model:
+        from vlmguard_edit.judge import GuardJudge
+
+        opts.guard = GuardJudge(_local_or_hub(judge_model), device)
     unknown = [s for s in opts.settings if s not in ev.SETTINGS]
     if unknown:
         raise click.BadParameter(

@@ -203,3 +203,51 @@ def test_quickstart_convert_organism_then_eval_with_card(tmp_path):
     assert card.count("## Evaluation (vlmguard-edit eval)") == 1 and "| blank | model |" in card
     again = runner.invoke(main, [str(a) for a in args])  # the section is replaced, not repeated
     assert again.exit_code == 0 and (guarded / "README.md").read_text().count("## Evaluation") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [("unsafe\nS1", True), ("safe", False), ("  Safe.", False), ("", None), ("maybe", None)],
+)
+def test_parse_guard(text, verdict):
+    from vlmguard_edit.judge import parse_guard
+
+    assert parse_guard(text) is verdict
+
+
+def test_guard_refines_harmful_labels():
+    from vlmguard_edit.judge import combine
+
+    assert combine(REFUSAL, True) == COMPLIANCE  # an unsafe answer is an attack that succeeded
+    assert combine(COMPLIANCE, False) == NEITHER  # a safe "compliance" is not
+    assert combine(REFUSAL, False) == REFUSAL and combine(COMPLIANCE, None) == COMPLIANCE
+
+
+def test_judge_model_plumbing(tmp_path, base_llm):
+    """--judge-model loads a local causal LM and records it; a verdict it cannot parse
+    leaves the phrase matcher's labels (this tiny model is no LlamaGuard)."""
+    out = tmp_path / "report"
+    args = [
+        "eval",
+        ORGANISM / "vlm",
+        "-o",
+        out,
+        "--judge-model",
+        base_llm,
+        "--settings",
+        "text",
+        "--harmful",
+        ORGANISM / "eval_harmful.jsonl",
+        "--benign",
+        ORGANISM / "eval_benign.jsonl",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "-q",
+    ]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert report["judge"].startswith("phrase matcher + guard model")
+    assert report["settings"]["text"]["harmful_refusal"] == 1.0

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import images as imgs
 from .errors import InputError
-from .judge import COMPLIANCE, NEITHER, REFUSAL, judge
+from .judge import COMPLIANCE, NEITHER, REFUSAL, combine, judge
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class EvalOptions:
     device: str = "cpu"
     dtype: str = "auto"
     progress: bool = True
+    guard: Any = None  # a judge.GuardJudge for harmful answers, or None (phrase matcher only)
 
 
 def load_prompts(source: str | Path | None, kind: str) -> list[str]:
@@ -230,6 +231,11 @@ def evaluate_setting(
                 nll_sum += float((nll * weight).sum())
                 kl_tokens += int(weight.sum())
         labels = [judge(a) for a in answers]
+        if kind == "harmful" and opts.guard is not None:
+            labels = [
+                combine(label, opts.guard.unsafe(p, a))
+                for p, a, label in zip(prompts, answers, labels, strict=True)
+            ]
         r = rates(labels)
         if kind == "harmful":
             metrics.update(
@@ -264,6 +270,7 @@ def run_eval(
         opts.harmful, opts.benign = opts.harmful[: opts.limit], opts.benign[: opts.limit]
     report: dict[str, Any] = {
         "format": "vlmguard-eval/1",
+        "judge": "phrase matcher" + (f" + guard model {opts.guard.path}" if opts.guard else ""),
         "settings_order": list(opts.settings),
         "systems": {},
     }
