@@ -20,6 +20,25 @@ EXAMPLES = [
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 
 
+def organism_eval(model, out, *extra):
+    """Run `eval` on organism prompts via the CLI: MODEL -o OUT plus the prompt files."""
+    args = [
+        "eval",
+        model,
+        "-o",
+        out,
+        "--harmful",
+        ORGANISM / "eval_harmful.jsonl",
+        "--benign",
+        ORGANISM / "eval_benign.jsonl",
+        "--max-new-tokens",
+        "24",
+        "-q",
+        *extra,
+    ]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e["label"] + ":" + e["answer"][:30])
 def test_judge_on_labelled_examples(example):
     assert judge(example["answer"]) == example["label"]
@@ -126,26 +145,16 @@ def test_gate_reads_the_last_prompt_token(organism_vlm):
 def test_eval_end_to_end_on_the_organism(tmp_path):
     """Original vs guarded: table, eval.json schema, report and chart; KL is 0 against itself."""
     out = tmp_path / "report"
-    args = [
-        "eval",
+    result = organism_eval(
         ORGANISM / "vlm",
+        out,
         "--against",
         ORGANISM / "vlm",
-        "-o",
-        out,
-        "--harmful",
-        ORGANISM / "eval_harmful.jsonl",
-        "--benign",
-        ORGANISM / "eval_benign.jsonl",
         "--limit",
         "12",
-        "--max-new-tokens",
-        "24",
         "--settings",
         "text,blank,typographic",
-        "-q",
-    ]
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
     for setting in ("text", "blank", "typographic"):
@@ -175,33 +184,22 @@ def test_quickstart_convert_organism_then_eval_with_card(tmp_path):
     assert done.exit_code == 0, done.output
     report = tmp_path / "report"
     args = [
-        "eval",
-        guarded,
         "--against",
         ORGANISM / "vlm",
-        "-o",
-        report,
         "--update-card",
-        "--harmful",
-        ORGANISM / "eval_harmful.jsonl",
-        "--benign",
-        ORGANISM / "eval_benign.jsonl",
         "--limit",
         "12",
-        "--max-new-tokens",
-        "24",
         "--settings",
         "text,blank",
-        "-q",
     ]
-    result = runner.invoke(main, [str(a) for a in args])
+    result = organism_eval(guarded, report, *args)
     assert result.exit_code == 0, result.output
     numbers = json.loads((report / "eval.json").read_text())["settings"]
     assert numbers["text"]["kl"] == 0.0  # the projector shift cannot act without an image
     assert numbers["blank"]["kl"] > 0.0
     card = (guarded / "README.md").read_text()
     assert card.count("## Evaluation (vlmguard-edit eval)") == 1 and "| blank | model |" in card
-    again = runner.invoke(main, [str(a) for a in args])  # the section is replaced, not repeated
+    again = organism_eval(guarded, report, *args)  # the section is replaced, not repeated
     assert again.exit_code == 0 and (guarded / "README.md").read_text().count("## Evaluation") == 1
 
 
@@ -227,26 +225,9 @@ def test_judge_model_plumbing(tmp_path, base_llm):
     """--judge-model loads a local causal LM and records it; a verdict it cannot parse
     leaves the phrase matcher's labels (this tiny model is no LlamaGuard)."""
     out = tmp_path / "report"
-    args = [
-        "eval",
-        ORGANISM / "vlm",
-        "-o",
-        out,
-        "--judge-model",
-        base_llm,
-        "--settings",
-        "text",
-        "--harmful",
-        ORGANISM / "eval_harmful.jsonl",
-        "--benign",
-        ORGANISM / "eval_benign.jsonl",
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "12",
-        "-q",
-    ]
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = organism_eval(
+        ORGANISM / "vlm", out, "--judge-model", base_llm, "--settings", "text", "--limit", "4"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
     assert report["judge"].startswith("phrase matcher + guard model")
