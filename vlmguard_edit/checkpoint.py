@@ -114,6 +114,10 @@ class Checkpoint:
     def info(self, key: str) -> TensorInfo:
         return self.shards[self.key_to_file[key]].tensors[key]
 
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, read from its shard (only its bytes)."""
+        return read_tensor(self.path / self.key_to_file[key], self.info(key))
+
 
 def is_hub_id(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*", text) is not None

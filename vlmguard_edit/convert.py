@@ -26,7 +26,6 @@ from .checkpoint import (
     copy_file,
     is_hub_id,
     open_checkpoint,
-    read_tensor,
     resolve_model,
     sha256_bytes,
     sha256_file,
@@ -143,7 +142,6 @@ def _direction(
         # A dry run only checks the base LLM's config, so it downloads nothing else.
         base_id, revision = recipe.base_llm.id, recipe.base_llm.revision
         base = resolve_model(base_id, revision, opts.allow_pickle, config_only=opts.dry_run)
-    if not is_self:
         check_base_matches(base, checkpoint.config)
     check_direction_request(base, anchors, layers, recipe.rank, is_self)
     if opts.dry_run:
@@ -184,7 +182,7 @@ def write_guarded(
         with ShardPatcher(out / name) as patcher:
             for edit in by_file[name]:
                 info = checkpoint.info(edit.key)
-                before = read_tensor(checkpoint.path / name, info)
+                before = checkpoint.read(edit.key)
                 sha_before = sha256_bytes(tensor_buffer(before))
                 if edit.kind == "shift":
                     after = shift(before, u, plan.gamma)
@@ -222,17 +220,11 @@ def shift_vector(
     if plan.shift_direction == "ssd":
         return v / v.norm()
     layout = plan.layout
-    family = layout.family
-
-    def load(name: str) -> torch.Tensor:
-        key = layout.layer_key(layer, name)
-        return read_tensor(checkpoint.path / checkpoint.key_to_file[key], checkpoint.info(key))
-
     o_proj = next(w for w in layout.writers[layer] if w.module == "self_attn.o_proj")
     return attention_direction(
-        load(o_proj.module + ".weight"),
-        load(family.value_proj + ".weight"),
-        load(family.input_norm),
+        checkpoint.read(o_proj.weight),
+        checkpoint.read(layout.layer_key(layer, layout.family.value_proj + ".weight")),
+        checkpoint.read(layout.layer_key(layer, layout.family.input_norm)),
         v,
         layout.num_heads,
         layout.num_kv_heads,
