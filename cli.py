@@ -430,6 +430,7 @@ def _local_or_hub(name: str) -> str:
 
 def _runtime_factory(path, mode, alpha, gate, positions, layers):
     from vlmguard_edit.direction import Direction
+    from vlmguard_edit.errors import DirectionError
     from vlmguard_edit.recipes import parse_layers
     from vlmguard_edit.runtime import SteerHooks
 
@@ -437,14 +438,10 @@ def _runtime_factory(path, mode, alpha, gate, positions, layers):
     chosen = parse_layers(layers) if layers else direction.layers
     vectors = direction.select(chosen, direction.rank)
     if gate == "midpoint":
-        thresholds = {}
-        for layer in chosen:
-            stats = direction.stats.get(layer) or {}
-            if "harmful_mean_proj" not in stats:
-                raise click.BadParameter(
-                    f"the direction has no statistics for layer {layer}", param_hint="--gate"
-                )
-            thresholds[layer] = (stats["harmful_mean_proj"] + stats["harmless_mean_proj"]) / 2
+        try:
+            thresholds = {layer: direction.midpoint(layer) for layer in chosen}
+        except DirectionError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gate") from exc
     else:
         try:
             thresholds = dict.fromkeys(chosen, float(gate))

@@ -105,10 +105,7 @@ def main() -> None:
         progress=False,
     )
     v1 = direction.select([0, 1, 2, 3], 1)
-    stats = direction.stats
-    midpoint = {
-        i: (stats[i]["harmful_mean_proj"] + stats[i]["harmless_mean_proj"]) / 2 for i in range(4)
-    }
+    midpoint = {layer: direction.midpoint(layer) for layer in range(4)}
     opts = ev.EvalOptions(
         settings=("text", "blank", "typographic", "noise"),
         harmful=ev.load_prompts(ORGANISM / "eval_harmful.jsonl", "harmful")[: args.limit],

@@ -98,6 +98,13 @@ class Direction:
         stats = {int(k): v for k, v in json.loads(metadata.get("vlmguard.stats", "{}")).items()}
         return cls(vectors, stats, meta)
 
+    def midpoint(self, layer: int) -> float:
+        """Halfway between the anchors' harmful and harmless mean projections on V_l[0]."""
+        stats = self.stats.get(layer) or {}
+        if "harmful_mean_proj" not in stats:
+            raise DirectionError(f"the direction has no statistics for layer {layer}")
+        return (stats["harmful_mean_proj"] + stats["harmless_mean_proj"]) / 2
+
     def select(self, layers: list[int], rank: int) -> dict[int, torch.Tensor]:
         """The top-``rank`` rows for each requested layer; errors name what is missing."""
         missing = [layer for layer in layers if layer not in self.vectors]

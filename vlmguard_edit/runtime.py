@@ -125,18 +125,17 @@ class SteerHooks:
             prefill = hidden.shape[1] > 1
             if not prefill and self.positions == "prompt":
                 return output
-            vv = v.to(device=hidden.device, dtype=torch.float32)
-            h32 = hidden.float()
-            along = (h32 @ vv.T) @ vv  # (B, T, d) @ (d, m) @ (m, d) -> (B, T, d)
             if self.mode == "project":
-                new = h32 - along
+                new = map_hidden(hidden, v, -1.0)  # h - h V^T V
             else:
+                vv = v.to(device=hidden.device, dtype=torch.float32)
+                h32 = hidden.float()
+                along = (h32 @ vv.T) @ vv  # (B, T, d) @ (d, m) @ (m, d) -> (B, T, d)
                 if prefill:
                     score = h32[:, -1] @ vv[0]  # (B,)
                     self.gates[layer] = (score > self.thresholds.get(layer, 0.0)).float()
                 gate = self.gates.get(layer, torch.zeros(hidden.shape[0], device=hidden.device))
-                new = h32 + self.alpha * gate[:, None, None] * along
-            new = new.to(hidden.dtype)
+                new = (h32 + self.alpha * gate[:, None, None] * along).to(hidden.dtype)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
