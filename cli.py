@@ -389,32 +389,28 @@ def eval_command(
         dtype=dtype,
         progress=not quiet and sys.stderr.isatty(),
     )
-    if judge_model:
-        from vlmguard_edit.judge import GuardJudge
-
-        opts.guard = GuardJudge(_local_or_hub(judge_model), device)
     unknown = [s for s in opts.settings if s not in ev.SETTINGS]
     if unknown:
         raise click.BadParameter(
             f"unknown {unknown}; known: {', '.join(ev.SETTINGS)}", param_hint="--settings"
         )
+    if judge_model:
+        from vlmguard_edit.judge import GuardJudge
+
+        opts.guard = GuardJudge(_local_or_hub(judge_model), device)
+    if runtime_guard:  # the direction is checked before any model is loaded
+        factory = _runtime_factory(runtime_guard, guard_mode, alpha, gate, positions, guard_layers)
     subject = ev.Subject(_local_or_hub(model), device, dtype)
     original = ev.Subject(_local_or_hub(against), device, dtype) if against else None
     systems = {"original": original} if original else {}
     if runtime_guard:
-        systems["runtime"] = ev.with_hooks(
-            original or subject,
-            _runtime_factory(runtime_guard, guard_mode, alpha, gate, positions, guard_layers),
-        )
-        systems[
-            "runtime"
-        ].note = f"{guard_mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
+        systems["runtime"] = ev.with_hooks(original or subject, factory)
     systems["model"] = subject
     # Without --against, the runtime guard is compared with the unguarded model it wraps.
     report = ev.run_eval(systems, original or (subject if runtime_guard else None), opts)
-    for name, system in systems.items():
-        if getattr(system, "note", None):
-            report["systems"][name]["note"] = system.note
+    if runtime_guard:
+        note = f"{guard_mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
+        report["systems"]["runtime"]["note"] = note
     ev.write_report(report, Path(output))
     if update_card:
         ev.update_card(Path(model), report)

@@ -176,7 +176,7 @@ def main() -> None:
         elif edit is not None:
             with torch.no_grad():
                 edit(subject.model)
-        report = ev.run_eval({"model": subject}, original, ev.EvalOptions(**{**opts.__dict__}))
+        report = ev.run_eval({"model": subject}, original, opts)
         metrics = report["systems"]["model"]["settings"]
         rows[name] = metrics
         cells = [

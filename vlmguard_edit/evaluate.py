@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -266,8 +266,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate each named system in every setting; ``original`` enables KL / agreement."""
     folder = imgs.folder_images(opts.image_folder) if opts.image_folder else None
-    if opts.limit:
-        opts.harmful, opts.benign = opts.harmful[: opts.limit], opts.benign[: opts.limit]
+    if opts.limit:  # a limited copy: the caller's options stay as given
+        opts = replace(opts, harmful=opts.harmful[: opts.limit], benign=opts.benign[: opts.limit])
     report: dict[str, Any] = {
         "format": "vlmguard-eval/1",
         "judge": "phrase matcher" + (f" + guard model {opts.guard.path}" if opts.guard else ""),
