@@ -85,6 +85,11 @@ def markdown(rows: dict, settings=("text", "blank", "typographic", "noise")) -> 
     return "\n".join(lines)
 
 
+def attention_shift(v, gamma: float):
+    """The projector-shift edit along layer 0's attention-aware direction, strength gamma."""
+    return lambda m: projector_shift(m, attention_aware(m, v, 0), gamma)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=240)
@@ -144,11 +149,10 @@ def main() -> None:
         "control: shift -8 V0": lambda m: projector_shift(m, v0, -8.0),
         "control: shift +8 random unit": lambda m: projector_shift(m, random_unit, 8.0),
         "shift +8 V0 (self direction)": lambda m: projector_shift(m, self_direction, 8.0),
-        "attention-aware shift +0.5 u0": lambda m: projector_shift(
-            m, attention_aware(m, v0, 0), 0.5
-        ),
-        "attention-aware shift +1 u0": lambda m: projector_shift(m, attention_aware(m, v0, 0), 1.0),
-        "attention-aware shift +2 u0": lambda m: projector_shift(m, attention_aware(m, v0, 0), 2.0),
+        **{
+            f"attention-aware shift +{gamma:g} u0": attention_shift(v0, gamma)
+            for gamma in (0.25, 0.35, 0.5, 1.0, 2.0)
+        },
         "attention-aware shift +8 sum(u0..u3)": lambda m: projector_shift(m, summed(m), 8.0),
         "shift +8 V0 + writers beta=2 L1-3": lambda m: (
             projector_shift(m, v0, 8.0),
