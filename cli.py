@@ -74,6 +74,23 @@ def main(ctx: click.Context, verbose: bool) -> None:
     )
 
 
+def _progress(quiet: bool) -> bool:
+    """Our progress bars only on a terminal and without --quiet; when they are off, so are
+    transformers' and huggingface_hub's (weight loading, downloads)."""
+    show = not quiet and sys.stderr.isatty()
+    if not show:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are imported
+        if "transformers" in sys.modules:  # already imported (e.g. in-process callers)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # also huggingface_hub's
+        elif "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+    return show
+
+
 def direction_options(func):
     """Options shared by `convert` and `direction` (they override the recipe)."""
     options = [
@@ -195,7 +212,7 @@ def convert(
         trust_remote_code=kw["trust_remote_code"],
         device=kw["device"],
         dtype=kw["dtype"],
-        progress=not kw["quiet"] and sys.stderr.isatty(),
+        progress=_progress(kw["quiet"]),
     )
     result = run_convert(opts)
     if dry_run:
@@ -204,7 +221,7 @@ def convert(
             click.echo(line)
         return
     click.echo(
-        f"wrote {output}: {len(result.record['edits'])} tensors edited in layers "
+        f"wrote {output}: {_count(len(result.record['edits']), 'tensor')} edited in "
         f"{_span(result.plan.layers)} ({result.plan.map_text})"
     )
 
@@ -261,10 +278,10 @@ def direction(base_llm, output, vlm, overwrite, **kw):
         dtype=kw["dtype"],
         allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],
-        progress=not kw["quiet"] and sys.stderr.isatty(),
+        progress=_progress(kw["quiet"]),
     )
     result.save(Path(output))
-    click.echo(f"wrote {output}: rank {result.rank}, layers {_span(layers)}")
+    click.echo(f"wrote {output}: rank {result.rank}, {_span(layers)}")
     for layer in layers:
         s = result.stats[layer]
         click.echo(
@@ -387,7 +404,7 @@ def eval_command(
         max_new_tokens=max_new_tokens,
         device=device,
         dtype=dtype,
-        progress=not quiet and sys.stderr.isatty(),
+        progress=_progress(quiet),
     )
     unknown = [s for s in opts.settings if s not in ev.SETTINGS]
     if unknown:
@@ -506,7 +523,7 @@ def organism_build(output, seed, overwrite, quiet):
         raise click.UsageError(
             f"{out} exists; --overwrite replaces an earlier organism folder only"
         )
-    build_organism(out, seed=seed, progress=not quiet and sys.stderr.isatty())
+    build_organism(out, seed=seed, progress=_progress(quiet))
     click.echo(f"wrote {out}/llm, {out}/vlm, anchors.jsonl, eval_harmful.jsonl, eval_benign.jsonl")
 
 
@@ -561,9 +578,16 @@ def _build_recipe(kw: dict, base_llm: str | None, **extra):
 
 
 def _span(layers: list[int]) -> str:
+    """'layer 3', 'layers 16-31' or 'layers 2,5'."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
     if layers and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(map(str, layers))
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ",".join(map(str, layers))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 if __name__ == "__main__":

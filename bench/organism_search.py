@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
 from vlmguard_edit import evaluate as ev
+from vlmguard_edit import organism
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.checkpoint import resolve_model
 from vlmguard_edit.direction import compute_direction
@@ -73,15 +75,73 @@ def attention_aware(model, v, layer: int):
     )[None]
 
 
+def shapes(count: int, seed: int) -> list:
+    """(image, colour, shape) triples drawn like the organism's caption data."""
+    rng = random.Random(seed)
+    return [organism.draw_shape(rng) for _ in range(count)]
+
+
+def caption_accuracy(subject: ev.Subject, count: int = 96) -> float:
+    """Image understanding: the organism learnt to answer "describe the image ." with "the
+    image shows a {colour} {shape} ."; an answer is correct when it names both."""
+    drawn = shapes(count, 123)
+    correct = 0
+    for start in range(0, count, 16):
+        chunk = drawn[start : start + 16]
+        batch = subject.inputs(["describe the image ."] * len(chunk), [img for img, _, _ in chunk])
+        out = subject.generate(("caption", "benign", start), batch, 12)
+        answers = subject.processor.tokenizer.batch_decode(
+            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        correct += sum(
+            color in a and shape in a for a, (_, color, shape) in zip(answers, chunk, strict=True)
+        )
+    return correct / count
+
+
+def image_subspace(subject: ev.Subject, k: int) -> torch.Tensor:
+    """The top-k principal directions of the projector's outputs over 64 shape images (rows):
+    the subspace the image content uses."""
+    drawn = shapes(64, 7)
+    captured = {}
+    module = subject.model.model.multi_modal_projector
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.update(x=out.detach()))
+    with torch.no_grad():
+        subject.model(**subject.inputs(["describe the image ."] * 64, [i for i, _, _ in drawn]))
+    handle.remove()
+    x = captured["x"].reshape(-1, captured["x"].shape[-1])
+    return torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[:k]
+
+
+def confined_shift(v, gamma: float, subspace: torch.Tensor):
+    """The attention-aware shift with the image-content subspace removed from u."""
+
+    def edit(m):
+        u = attention_aware(m, v, 0)[0]
+        u = u - subspace.T @ (subspace @ u)
+        projector_shift(m, (u / u.norm())[None], gamma)
+
+    return edit
+
+
 def markdown(rows: dict, settings=("text", "blank", "typographic", "noise")) -> str:
-    """The README table: harmful refusal per setting, worst benign compliance, worst KL."""
-    head = ["edit", *[f"refusal {s}" for s in settings], "benign compliance (min)", "KL (max)"]
+    """The README table: harmful refusal per setting, worst benign compliance, worst KL and
+    caption accuracy."""
+    head = [
+        "edit",
+        *[f"refusal {s}" for s in settings],
+        "benign compliance (min)",
+        "KL (max)",
+        "captions",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, metrics in rows.items():
         refusal = [f"{100 * metrics[s]['harmful_refusal']:.0f}%" for s in settings]
         benign = min(metrics[s]["benign_compliance"] for s in settings)
         kl = max(metrics[s].get("kl", 0.0) for s in settings)
-        lines.append(f"| {name} | " + " | ".join(refusal) + f" | {100 * benign:.0f}% | {kl:.3f} |")
+        captions = metrics.get("captions")
+        cells = [*refusal, f"{100 * benign:.0f}%", f"{kl:.3f}", f"{captions:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -130,6 +190,10 @@ def main() -> None:
     ).select([0], 1)[0]
     random_unit = torch.nn.functional.normalize(torch.randn(1, v1[0].shape[1]), dim=1)
     v0 = v1[0]
+    subspace = image_subspace(original, 16)
+    # The gate moved to the image setting: midpoint of blank-image harmful and benign
+    # projections per layer (python bench/organism_gate.py prints them).
+    image_gate = {0: -3.34, 1: -2.73, 2: -3.21, 3: -3.18}
 
     def summed(m):
         total = sum(attention_aware(m, v1[i], i)[0] for i in range(4))
@@ -142,6 +206,8 @@ def main() -> None:
         "writers beta=2 L2-3": lambda m: writers(m, [2, 3], v1, 2.0),
         "writers beta=4 L0-3": lambda m: writers(m, [0, 1, 2, 3], v1, 4.0),
         "stream projection (V of L0)": lambda m: stream(m, v1, 0, -1.0),
+        "stream amplification beta=1 (V of L0)": lambda m: stream(m, v1, 0, 1.0),
+        "stream amplification beta=2 (V of L0)": lambda m: stream(m, v1, 0, 2.0),
         "projector beta=-1 (V of L0)": lambda m: projector(m, v0, -1.0),
         "projector beta=-2 (flip, V of L0)": lambda m: projector(m, v0, -2.0),
         "projector shift +4 V0": lambda m: projector_shift(m, v0, 4.0),
@@ -154,6 +220,12 @@ def main() -> None:
             for gamma in (0.25, 0.35, 0.5, 1.0, 2.0)
         },
         "attention-aware shift +8 sum(u0..u3)": lambda m: projector_shift(m, summed(m), 8.0),
+        **{
+            f"confined shift +{gamma:g} u0 (image top-16 PCs removed)": confined_shift(
+                v0, gamma, subspace
+            )
+            for gamma in (0.5, 0.7, 1.0)
+        },
         "shift +8 V0 + writers beta=2 L1-3": lambda m: (
             projector_shift(m, v0, 8.0),
             writers(m, [1, 2, 3], v1, 2.0),
@@ -170,6 +242,9 @@ def main() -> None:
         "runtime steer alpha=4 L0-3 (paper, midpoint gate)": (
             lambda m: SteerHooks(m, v1, "steer", 4.0, midpoint, "prompt")
         ),
+        "runtime steer alpha=2 L0-3 (gate at the blank-image midpoint)": (
+            lambda m: SteerHooks(m, v1, "steer", 2.0, image_gate, "prompt")
+        ),
         "runtime project L2-3": lambda m: SteerHooks(m, {i: v1[i] for i in (2, 3)}, "project"),
     }
     rows = {}
@@ -182,12 +257,15 @@ def main() -> None:
                 edit(subject.model)
         report = ev.run_eval({"model": subject}, original, opts)
         metrics = report["systems"]["model"]["settings"]
+        metrics["captions"] = caption_accuracy(subject)  # generate applies the runtime hooks
         rows[name] = metrics
         cells = [
             f"{metrics[s]['harmful_refusal']:.2f}/{metrics[s]['benign_compliance']:.2f}/{metrics[s]['kl']:.3f}"
             for s in opts.settings
         ]
-        print(f"{name:52s} " + "  ".join(cells), flush=True)
+        print(
+            f"{name:52s} " + "  ".join(cells) + f"  captions {metrics['captions']:.2f}", flush=True
+        )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -140,10 +140,27 @@ def test_installed_command(vlm_factory, direction_file, tmp_path):
     ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"wrote {out}: 2 tensors edited in layers 1-1")
+    assert done.stdout.startswith(f"wrote {out}: 2 tensors edited in layer 1 (")
     again = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert (
         again.returncode == 1
         and again.stderr.strip().startswith("error: output")
         and "already exists" in again.stderr
     )
+
+
+def test_quiet_silences_library_progress_bars(base_llm, tmp_path, monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    enable_progress_bars()  # the suite runs with them off (conftest); -q must turn them off
+    hf_logging.enable_progress_bar()
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        out = tmp_path / "ssd.safetensors"
+        result = run(["direction", base_llm, "-o", out, "--layers", "1", "-q"])
+        assert result.exit_code == 0, result.output
+        assert are_progress_bars_disabled()
+        assert "Loading weights" not in result.output and "it/s" not in result.output
+    finally:
+        hf_logging.disable_progress_bar()
