@@ -33,6 +33,21 @@ Examples:
 """
 
 
+EXAMPLES_VERIFY = """
+\b
+Examples:
+  vlmguard-edit verify ./llava-guarded
+  vlmguard-edit verify ./llava-guarded --source llava-hf/llava-1.5-7b-hf
+"""
+
+EXAMPLES_PUSH = """
+\b
+Examples:
+  vlmguard-edit push ./llava-guarded --repo-id my-org/llava-1.5-7b-guarded
+  vlmguard-edit push ./llava-guarded --repo-id my-org/llava-guarded --revision v2 --private
+"""
+
+
 class Main(click.Group):
     """Turns library errors into one line on stderr and a non-zero exit (traceback with -v)."""
 
@@ -168,6 +183,10 @@ def direction_options(func):
 @click.option(
     "--overwrite", is_flag=True, help="Replace an existing output folder made by vlmguard-edit."
 )
+@click.option(
+    "--push-to-hub", "push_to_hub", metavar="ORG/NAME", help="Verify and push the output."
+)
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @direction_options
 def convert(
     source,
@@ -181,6 +200,8 @@ def convert(
     revision,
     dry_run,
     overwrite,
+    push_to_hub,
+    private,
     **kw,
 ):
     """Write a guarded copy of the VLM SOURCE (a folder or Hub id) to OUTPUT.
@@ -190,6 +211,10 @@ def convert(
     from vlmguard_edit.convert import ConvertOptions
     from vlmguard_edit.convert import convert as run_convert
 
+    if push_to_hub:
+        from vlmguard_edit.hub import check_repo_id
+
+        check_repo_id(push_to_hub)  # before hours of work, not after
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
     recipe = _build_recipe(
@@ -224,6 +249,61 @@ def convert(
         f"wrote {output}: {_count(len(result.record['edits']), 'tensor')} edited in "
         f"{_span(result.plan.layers)} ({result.plan.map_text})"
     )
+    if push_to_hub:
+        _push(Path(output), push_to_hub, private, None, None)
+
+
+@main.command(epilog=EXAMPLES_VERIFY)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--source", help="The source VLM (folder or Hub id): also compare every tensor with it."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def verify(folder, source, quiet):
+    """Check a guarded FOLDER against its vlmguard.json (and its source).
+
+    Checks every file's sha256, the direction file, every edited tensor, and that the edited
+    set is exactly what the recorded recipe implies. With --source, also that every untouched
+    tensor equals the source and every edited one equals the fold recomputed from the source
+    and the direction. Exit status 1 on any mismatch.
+    """
+    from vlmguard_edit.verify import verify as run_verify
+
+    source_path = Path(_local_or_hub(source)) if source else None
+    report = run_verify(Path(folder), source_path, progress=_progress(quiet))
+    for line in report.checked:
+        click.echo(f"checked   {line}")
+    for line in report.problems:
+        click.echo(f"MISMATCH  {line}")
+    if not report.ok:
+        click.echo(f"{folder}: {_count(len(report.problems), 'problem')}", err=True)
+        sys.exit(1)
+    click.echo(f"{folder}: verified")
+
+
+@main.command(epilog=EXAMPLES_PUSH)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo-id", required=True, metavar="ORG/NAME", help="Hub repository to push to.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", help="Branch to push to (created if needed). Default: main.")
+@click.option("--commit-message", help="Commit message.")
+def push(folder, repo_id, private, revision, commit_message):
+    """Verify a guarded FOLDER and upload all of it to the Hugging Face Hub.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
+    Pushing an unchanged folder again changes nothing on the Hub.
+    """
+    _push(Path(folder), repo_id, private, revision, commit_message)
+
+
+def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -> None:
+    from vlmguard_edit.hub import push as run_push
+
+    result = run_push(folder, repo_id, private, revision, commit_message)
+    if result.changed:
+        click.echo(f"pushed {folder} to {result.repo_id}@{result.revision}: {result.commit_url}")
+    else:
+        click.echo(f"{result.repo_id}@{result.revision} already has every file: nothing pushed")
 
 
 @main.command(epilog=EXAMPLES_DIRECTION)

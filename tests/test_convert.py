@@ -324,3 +324,30 @@ def test_projector_shift_ssd_direction(vlm_factory, direction_file, tmp_path):
     key = result.plan.edits[0].key
     v = Direction.load(direction_file).vectors[2][0]
     assert torch.allclose(all_tensors(out)[key], all_tensors(src)[key] + 0.5 * v, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "user-space"])
+def test_copy_except_leaves_the_holes_to_the_patcher(tmp_path, monkeypatch, kernel):
+    import errno
+    import os
+
+    from vlmguard_edit.checkpoint import allocate_like, copy_except
+
+    if not kernel:  # a filesystem or kernel without copy_file_range between these files
+
+        def refuse(*_args):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    data = os.urandom(3 * (1 << 20) + 17)
+    source, target = tmp_path / "src.bin", tmp_path / "dst.bin"
+    source.write_bytes(data)
+    holes = [(100, 5000), (2 << 20, (2 << 20) + 9)]
+    allocate_like(source, target)
+    copy_except(source, target, holes)
+    out = target.read_bytes()
+    assert len(out) == len(data)
+    for start, end in holes:
+        assert out[start:end] == bytes(end - start)  # left for the patcher (still zeros)
+    kept = [(0, 100), (5000, 2 << 20), ((2 << 20) + 9, len(data))]
+    assert all(out[a:b] == data[a:b] for a, b in kept)

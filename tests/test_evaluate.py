@@ -201,6 +201,10 @@ def test_quickstart_convert_organism_then_eval_with_card(tmp_path):
     assert card.count("## Evaluation (vlmguard-edit eval)") == 1 and "| blank | model |" in card
     again = organism_eval(guarded, report, *args)  # the section is replaced, not repeated
     assert again.exit_code == 0 and (guarded / "README.md").read_text().count("## Evaluation") == 1
+    # the report travels with the checkpoint and the record still accounts for every file
+    assert json.loads((guarded / "eval" / "eval.json").read_text())["settings"] == numbers
+    checked = CliRunner().invoke(main, ["verify", str(guarded)])
+    assert checked.exit_code == 0, checked.output
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,14 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .checkpoint import file_entry
+from .errors import InputError
+
 TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
 _LICENSE_KEYS = ("license", "license_name", "license_link")
+
+CARD = "README.md"  # the model card, in the guarded folder
+RECORD = "vlmguard.json"  # provenance and file hashes, in the guarded folder
 
 
 def source_license(source: Path) -> dict[str, Any]:
@@ -98,11 +104,31 @@ The edit's effect on refusals must be measured for each model; see the vlmguard-
 for how the defaults were chosen. The license of the source model applies.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    card.save(out / "README.md")
+    card.save(out / CARD)
+
+
+def load_record(folder: Path) -> dict[str, Any]:
+    path = folder / RECORD
+    if not path.is_file():
+        raise InputError(f"{folder} has no {RECORD}: it is not a vlmguard-edit output")
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def record_files(folder: Path, names: list[str]) -> None:
+    """Re-hash ``names`` (relative paths) into the record after our own later changes
+    (`eval --update-card`), so that `verify` still accounts for every file."""
+    record = load_record(folder)
+    record["files"] = dict(
+        sorted({**record.get("files", {}), **{n: file_entry(folder / n) for n in names}}.items())
+    )
+    write_record(folder, record)
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
-    (out / "vlmguard.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
+    (out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
 def _span(layers: list[int]) -> str:

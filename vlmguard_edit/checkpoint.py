@@ -347,6 +347,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_entry(path: Path) -> dict[str, Any]:
+    """What vlmguard.json records of a written file."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def classify_files(source: Path, weight_files: set[str]) -> tuple[list[str], list[str]]:
     """Split the source folder's other files into (copied, dropped) relative paths."""
     copied, dropped = [], []
@@ -365,6 +370,51 @@ def copy_file(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with _io_errors(target):
         shutil.copyfile(source, target)  # follows Hub-cache symlinks; sendfile on Linux
+
+
+def allocate_like(source: Path, target: Path) -> None:
+    """Create ``target`` with ``source``'s size, for copy_except and ShardPatcher to fill."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _io_errors(target), open(target, "wb") as handle:
+        handle.truncate(source.stat().st_size)
+
+
+def copy_except(source: Path, target: Path, holes: list[tuple[int, int]]) -> None:
+    """Copy every byte of ``source`` into the allocated ``target`` except the [start, end)
+    holes, which another writer fills at the same time (disjoint ranges of the same file).
+    In the kernel where it can be (copy_file_range: no Python in the data path, reflinks on
+    filesystems that have them), else in 16 MiB blocks. Releases the GIL while it copies."""
+    size = source.stat().st_size
+    ranges, position = [], 0
+    for start, end in sorted(holes):
+        if start > position:
+            ranges.append((position, start))
+        position = max(position, end)
+    if position < size:
+        ranges.append((position, size))
+    with _io_errors(target), open(source, "rb") as src, open(target, "r+b") as dst:
+        for start, end in ranges:
+            _copy_range(src.fileno(), dst.fileno(), start, end)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    offset = start
+    kernel = hasattr(os, "copy_file_range")
+    while offset < end:
+        if kernel:
+            try:
+                done = os.copy_file_range(src, dst, end - offset, offset, offset)
+            except OSError as exc:  # e.g. EXDEV on old kernels, ENOSYS: copy in user space
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                kernel = False
+                continue
+        else:
+            block = os.pread(src, min(1 << 24, end - offset), offset)
+            done = os.pwrite(dst, block, offset) if block else 0
+        if done == 0:
+            raise CheckpointError(f"short copy at byte {offset}: was the source truncated?")
+        offset += done
 
 
 class ShardPatcher:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -15,15 +16,18 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .anchors import load_anchors
-from .card import source_license, write_card, write_record
+from .card import CARD, source_license, write_card, write_record
 from .checkpoint import (
     Checkpoint,
     ModelSource,
     ShardPatcher,
+    allocate_like,
     atomic_output_dir,
     check_not_nested,
     check_output_free,
+    copy_except,
     copy_file,
+    file_entry,
     is_hub_id,
     open_checkpoint,
     resolve_model,
@@ -35,7 +39,7 @@ from .direction import Direction, check_base_matches, check_direction_request, c
 from .errors import DirectionError, InputError
 from .fold import apply_map, attention_direction, check_orthonormal, shift
 from .layout import Layout, find_layout
-from .plan import Plan, build_plan
+from .plan import Plan, PlannedEdit, build_plan
 from .recipes import SELF, Recipe
 
 log = logging.getLogger(__name__)
@@ -105,12 +109,13 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     if opts.dry_run:
         return ConvertResult(plan, None, None)
     with atomic_output_dir(opts.output) as tmp:
-        edits = write_guarded(checkpoint, plan, vectors, tmp, opts.progress)
+        written = write_guarded(checkpoint, plan, vectors, tmp, opts.progress)
         direction.save(tmp / DIRECTION_NAME)
-        record = _record(opts, source, plan, direction, edits, tmp / DIRECTION_NAME)
-        write_record(tmp, record)
+        record = _record(opts, source, plan, direction, written.edits, tmp / DIRECTION_NAME)
         write_card(tmp, record, source_license(source.path))
-    log.info("wrote %s (%d tensors edited)", opts.output, len(edits))
+        files = {**written.files, **{n: file_entry(tmp / n) for n in (DIRECTION_NAME, CARD)}}
+        write_record(tmp, {**record, "files": dict(sorted(files.items()))})
+    log.info("wrote %s (%d tensors edited)", opts.output, len(written.edits))
     return ConvertResult(plan, opts.output, record)
 
 
@@ -164,51 +169,96 @@ def _direction(
     )
 
 
+@dataclass
+class Written:
+    edits: list[dict[str, Any]]  # one record per edited tensor
+    files: dict[str, dict[str, Any]]  # relative path -> {"size", "sha256"} of what was written
+
+
 def write_guarded(
     checkpoint: Checkpoint, plan: Plan, vectors: dict[int, torch.Tensor], out: Path, progress: bool
-) -> list[dict[str, Any]]:
-    """Copy every shard, patch the edited tensors in place, copy the other files."""
-    by_file: dict[str, list] = {}
+) -> Written:
+    """Copy every shard and fold the edited tensors into the copies, concurrently.
+
+    Two worker threads copy bytes in the kernel (every byte of an untouched file; the bytes
+    around the edited tensors of an edited shard) and hash each finished file, while this
+    thread reads, folds and writes the edited tensors into their slots, one tensor in memory
+    at a time.
+    """
+    by_file: dict[str, list[PlannedEdit]] = {}
     for edit in plan.edits:
         by_file.setdefault(edit.file, []).append(edit)
     records = []
-    shards = sorted(checkpoint.shards)
     u = shift_vector(checkpoint, plan, vectors) if plan.mode == "projector-shift" else None
-    for name in tqdm(shards, desc="shards", unit="shard", disable=not progress):
-        copy_file(checkpoint.path / name, out / name)
-        if name not in by_file:
-            continue
-        # One edited tensor in memory at a time: read, fold, write back, hash.
-        with ShardPatcher(out / name) as patcher:
-            for edit in by_file[name]:
-                info = checkpoint.info(edit.key)
-                before = checkpoint.read(edit.key)
-                sha_before = sha256_bytes(tensor_buffer(before))
-                if edit.kind == "shift":
-                    after = shift(before, u, plan.gamma)
-                else:
-                    after = apply_map(before, vectors[edit.layer], plan.beta)
-                del before
-                patcher.write(info, after)
-                records.append(
-                    {
-                        "key": edit.key,
-                        "file": name,
-                        "layer": edit.layer,
-                        "module": edit.module,
-                        "dtype": edit.dtype,
-                        "shape": list(edit.shape),
-                        "sha256_before": sha_before,
-                        "sha256_after": sha256_bytes(tensor_buffer(after)),
-                    }
-                )
-    for rel in plan.copied:
-        copy_file(checkpoint.path / rel, out / rel)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmguard-copy")
+    bar = tqdm(total=len(checkpoint.shards), desc="shards", unit="shard", disable=not progress)
+    jobs: dict[str, Future] = {}
+
+    def copied(source: Path, target: Path) -> dict[str, Any]:
+        copy_file(source, target)
+        bar.update()
+        return file_entry(target)
+
+    def patched(copy: Future, target: Path) -> dict[str, Any]:
+        copy.result()
+        bar.update()
+        return file_entry(target)
+
+    try:
+        for name in sorted(checkpoint.shards):
+            source, target = checkpoint.path / name, out / name
+            edits = by_file.get(name, [])
+            if not edits:
+                jobs[name] = pool.submit(copied, source, target)
+                continue
+            infos = [checkpoint.info(edit.key) for edit in edits]
+            allocate_like(source, target)
+            holes = [(info.start, info.end) for info in infos]
+            copy = pool.submit(copy_except, source, target, holes)
+            with ShardPatcher(target) as patcher:
+                for edit, info in zip(edits, infos, strict=True):
+                    before = checkpoint.read(edit.key)
+                    sha_before = sha256_bytes(tensor_buffer(before))
+                    after = fold_tensor(edit, before, vectors, plan, u)
+                    del before
+                    patcher.write(info, after)
+                    records.append(
+                        {
+                            "key": edit.key,
+                            "file": name,
+                            "layer": edit.layer,
+                            "module": edit.module,
+                            "dtype": edit.dtype,
+                            "shape": list(edit.shape),
+                            "sha256_before": sha_before,
+                            "sha256_after": sha256_bytes(tensor_buffer(after)),
+                        }
+                    )
+            jobs[name] = pool.submit(patched, copy, target)
+        for rel in plan.copied:
+            jobs[rel] = pool.submit(copied, checkpoint.path / rel, out / rel)
+        files = {rel: job.result() for rel, job in jobs.items()}  # re-raises a worker's error
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error, stop queued copies
+        bar.close()
     if len(records) != len(plan.edits):
         raise RuntimeError(
             f"internal error: edited {len(records)} tensors, planned {len(plan.edits)}"
         )
-    return records
+    return Written(records, files)
+
+
+def fold_tensor(
+    edit: PlannedEdit,
+    before: torch.Tensor,
+    vectors: dict[int, torch.Tensor],
+    plan: Plan,
+    u: torch.Tensor | None,
+) -> torch.Tensor:
+    """The edited value of one planned tensor (convert writes it, verify recomputes it)."""
+    if edit.kind == "shift":
+        return shift(before, u, plan.gamma)
+    return apply_map(before, vectors[edit.layer], plan.beta)
 
 
 def shift_vector(

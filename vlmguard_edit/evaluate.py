@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import images as imgs
+from .card import CARD, RECORD, record_files
 from .errors import InputError
 from .judge import COMPLIANCE, NEITHER, REFUSAL, combine, judge
 
@@ -392,17 +393,25 @@ def draw_chart(report: dict[str, Any], path: Path) -> None:
     image.save(path)
 
 
+REPORT_DIR, REPORT_FILES = "eval", ("eval.json", "report.md", "refusal.png")
 CARD_START, CARD_END = "<!-- vlmguard-eval-start -->", "<!-- vlmguard-eval-end -->"
 
 
 def update_card(model_dir: Path, report: dict[str, Any]) -> None:
-    """Put (or replace) the evaluation table in a guarded checkpoint's model card."""
-    card = model_dir / "README.md"
-    if not (model_dir / "vlmguard.json").is_file() or not card.is_file():
+    """Put (or replace) the evaluation table in a guarded checkpoint's model card, keep the
+    report beside it (``eval/``, uploaded by `push`), and re-hash both into vlmguard.json."""
+    card = model_dir / CARD
+    if not (model_dir / RECORD).is_file() or not card.is_file():
         raise InputError(f"{model_dir} is not a vlmguard-edit output; --update-card needs one")
     text = card.read_text("utf-8")
     if CARD_START in text:
         text = text[: text.index(CARD_START)] + text[text.index(CARD_END) + len(CARD_END) :]
     table = markdown_table(report)
-    section = f"{CARD_START}\n## Evaluation (vlmguard-edit eval)\n\n{table}\n{CARD_END}\n"
+    section = (
+        f"{CARD_START}\n## Evaluation (vlmguard-edit eval)\n\n{table}\n\n"
+        f"Full report: [eval/report.md](eval/report.md), numbers in `eval/eval.json`.\n{CARD_END}\n"
+    )
     card.write_text(text.rstrip() + "\n\n" + section, "utf-8")
+    write_report(report, model_dir / REPORT_DIR)
+    names = [f"{REPORT_DIR}/{name}" for name in REPORT_FILES]
+    record_files(model_dir, [CARD, *names])

@@ -1,0 +1,154 @@
+"""Check a guarded folder against its vlmguard.json, and optionally against its source.
+
+Without a source: every file's size and sha256, the direction file's sha256, every edited
+tensor's sha256, and that the edited set is exactly the plan the recorded recipe implies
+for this checkpoint. With ``source``: also every untouched tensor equals the source's, and
+every edited tensor equals the fold recomputed from the source and the direction file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .card import RECORD, load_record
+from .checkpoint import Checkpoint, open_checkpoint, sha256_bytes, sha256_file, tensor_buffer
+from .errors import VlmguardError
+from .layout import find_layout
+from .plan import Plan, build_plan
+
+
+@dataclass
+class VerifyReport:
+    checked: list[str] = field(default_factory=list)  # what was checked, one line each
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def summary(self) -> str:
+        return self.checked[0] if self.checked else "nothing checked"
+
+
+def verify(folder: Path, source: Path | None = None, progress: bool = False) -> VerifyReport:
+    folder = Path(folder)
+    record = load_record(folder)
+    report = VerifyReport()
+    if "files" not in record:
+        report.problems.append(f"{RECORD} lists no file hashes (written by an older version)")
+        return report
+    _check_files(folder, record, report, progress)
+    _check_direction(folder, record, report)
+    try:
+        _check_edits(folder, record, report)
+        if source is not None and report.ok:
+            _check_against_source(folder, Path(source), record, report, progress)
+    except VlmguardError as exc:  # e.g. a damaged config or header: one more problem
+        report.problems.append(str(exc))
+    return report
+
+
+def recorded_plan(checkpoint: Checkpoint, recipe: dict[str, Any]) -> Plan:
+    """The plan a recorded (fully resolved) recipe implies for ``checkpoint``."""
+    return build_plan(
+        checkpoint,
+        find_layout(checkpoint.config, checkpoint.keys),
+        recipe["layers"],
+        recipe["rank"],
+        recipe["beta"],
+        recipe["mode"],
+        recipe["gamma"],
+        recipe["shift_direction"],
+    )
+
+
+def _check_files(folder: Path, record: dict, report: VerifyReport, progress: bool) -> None:
+    files: dict[str, dict] = record["files"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {
+        RECORD
+    }
+    for rel in sorted(present - set(files)):
+        report.problems.append(f"{rel}: not in {RECORD} (added after the conversion?)")
+    for rel in sorted(set(files) - present):
+        report.problems.append(f"{rel}: missing")
+    size = sum(entry["size"] for entry in files.values())
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="hashing", disable=not progress)
+    bad = 0
+    for rel in sorted(set(files) & present):
+        expected = files[rel]
+        path = folder / rel
+        if path.stat().st_size != expected["size"]:
+            report.problems.append(
+                f"{rel}: size {path.stat().st_size}, recorded {expected['size']}"
+            )
+            bad += 1
+        elif sha256_file(path) != expected["sha256"]:
+            report.problems.append(f"{rel}: sha256 differs from {RECORD}")
+            bad += 1
+        bar.update(expected["size"])
+    bar.close()
+    report.checked.insert(0, f"{len(files) - bad}/{len(files)} files match their sha256")
+
+
+def _check_direction(folder: Path, record: dict, report: VerifyReport) -> None:
+    direction = record["direction"]
+    path = folder / direction["file"]
+    if not path.is_file():
+        report.problems.append(f"{direction['file']}: the direction file is missing")
+    elif sha256_file(path) != direction["sha256"]:
+        report.problems.append(f"{direction['file']}: sha256 differs from the recorded direction")
+    else:
+        report.checked.append("direction file matches its recorded sha256")
+
+
+def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
+    checkpoint = open_checkpoint(folder)
+    plan = recorded_plan(checkpoint, record["recipe"])
+    planned = {edit.key for edit in plan.edits}
+    recorded = {edit["key"]: edit for edit in record["edits"]}
+    for key in sorted(planned - set(recorded)):
+        report.problems.append(f"{key}: the recipe implies an edit, {RECORD} has none")
+    for key in sorted(set(recorded) - planned):
+        report.problems.append(f"{key}: recorded as edited, the recipe implies no edit")
+    for key in sorted(planned & set(recorded)):
+        if key not in checkpoint.keys:
+            report.problems.append(f"{key}: missing from the checkpoint")
+        elif sha256_bytes(tensor_buffer(checkpoint.read(key))) != recorded[key]["sha256_after"]:
+            report.problems.append(f"{key}: edited tensor's sha256 differs from {RECORD}")
+    report.checked.append(
+        f"{len(recorded)} edited tensors, exactly the plan of the recorded recipe ({plan.map_text})"
+    )
+
+
+def _check_against_source(
+    folder: Path, source: Path, record: dict, report: VerifyReport, progress: bool
+) -> None:
+    from .convert import DIRECTION_NAME, fold_tensor, shift_vector
+    from .direction import Direction
+
+    guarded, original = open_checkpoint(folder), open_checkpoint(source)
+    plan = recorded_plan(original, record["recipe"])
+    vectors = Direction.load(folder / DIRECTION_NAME).select(plan.layers, plan.rank)
+    u = shift_vector(original, plan, vectors) if plan.mode == "projector-shift" else None
+    edits = {edit.key: edit for edit in plan.edits}
+    if set(guarded.keys) != set(original.keys):
+        report.problems.append("the tensor names differ from the source's")
+        return
+    bad = 0
+    for key in tqdm(sorted(original.keys), desc="tensors", disable=not progress):
+        before = original.read(key)
+        expected = fold_tensor(edits[key], before, vectors, plan, u) if key in edits else before
+        if not torch.equal(guarded.read(key), expected):
+            what = "the fold recomputed from the source" if key in edits else "the source"
+            report.problems.append(f"{key}: differs from {what}")
+            bad += 1
+    report.checked.append(
+        f"{len(original.keys) - len(edits)} untouched tensors equal the source and "
+        f"{len(edits)} edited tensors equal the recomputed fold ({bad} mismatches)"
+    )
