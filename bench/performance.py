@@ -13,8 +13,10 @@ precomputed random rank-1 direction. Each run times, in separate processes:
 - baseline: what most tools do: from_pretrained (bf16), fold the same edit into the loaded
             modules, save_pretrained (same shard size).
 
-Wall time is the median of --runs (default 3), peak RSS the maximum (/usr/bin/time). The
-page cache is warm for all three (the source was just read or written).
+Wall time is the median of --runs (default 5), peak RSS the maximum (/usr/bin/time). The
+page cache is warm for all three (the source was just read or written), and each command
+starts after a sync. vlmguard-edit's time includes hashing every file it writes (sha256, for
+vlmguard.json and `verify`); the other two hash nothing.
 
 Direction: a deep random Llama base LLM (32 layers x 512) and the shipped anchors; time of
 `compute_direction` for the deepest selected layer 3 vs 31 (cost grows with the deepest
@@ -145,6 +147,7 @@ def bench_convert(work: Path, layers: int, runs: int) -> dict:
     for _ in range(runs):
         for name, command in commands.items():
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # every command starts with no dirty pages to write back
             wall, peak = timed(command)
             walls[name].append(wall)
             rss[name] = max(rss[name], peak)
@@ -230,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/vlmguard-perf"))
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--table", type=Path, help="print the markdown table of a saved run")
     parser.add_argument("--baseline", nargs=4, help=argparse.SUPPRESS)

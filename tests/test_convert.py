@@ -76,6 +76,7 @@ def logits(model, inputs):
 
 CASES = [
     ("legacy", torch.float32, True, "llava"),
+    ("hub", torch.float32, True, "llava"),  # vision tower under vision_tower.vision_model.
     ("memory", torch.float32, False, "llava"),
     ("legacy", torch.bfloat16, True, "llava"),
     ("memory", torch.float16, True, "llava"),

@@ -124,8 +124,9 @@ def build_llava(
 ) -> Path:
     """A tiny LLaVA (or LLaVA-NeXT) whose language model is an exact copy of ``base``.
 
-    layout: "legacy" (``language_model.model.layers.N``, what save_pretrained and the Hub use)
-    or "memory" (``model.language_model.layers.N``, transformers 5's module names).
+    layout: "legacy" (``language_model.model.layers.N``, what save_pretrained writes), "hub"
+    (legacy with the vision tower under ``vision_tower.vision_model.``, as on the Hub and in
+    transformers 4.x) or "memory" (``model.language_model.layers.N``, transformers 5's names).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,12 +148,39 @@ def build_llava(
     model.get_decoder().load_state_dict(base_model.model.state_dict())
     model.get_output_embeddings().load_state_dict(base_model.lm_head.state_dict())
     model = model.to(dtype).eval()
-    kwargs = {"save_original_format": layout == "legacy"}
+    kwargs = {"save_original_format": layout in ("legacy", "hub")}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **kwargs)
+    if layout == "hub":
+        _nest_vision_tower(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _nest_vision_tower(folder: Path) -> None:
+    """transformers 5 saves the CLIP tower as ``vision_tower.*``; the Hub's checkpoints (and
+    transformers 4.x) have ``vision_tower.vision_model.*``. Rename, for a Hub-like layout."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def rename(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+        return key
+
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            tensors = {rename(k): handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata()
+        save_file(tensors, shard, metadata=metadata)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def image_inputs(
