@@ -129,7 +129,9 @@ def direction_options(func):
             "--batch-size", type=click.IntRange(min=1), help="Anchor prompts per forward pass."
         ),
         click.option(
-            "--device", help="Device for the base LLM forward passes (default: cuda if available)."
+            "--device",
+            help="Device for the base LLM forward passes (default: cuda if available); 'auto' "
+            "spreads a model too large for one device with accelerate's device_map.",
         ),
         click.option(
             "--dtype",

@@ -95,6 +95,25 @@ def test_upper_layers_not_loaded(base_llm):
     assert len(decoder.layers) == 2  # layers 2 and 3 of 4 were neither loaded nor run
 
 
+def test_device_map_auto_gives_the_same_direction(base_llm, monkeypatch):
+    """--device auto loads through accelerate's device_map (here: everything on the CPU)."""
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    source = resolve_model(str(base_llm))
+    placed = compute_direction(source, SMALL, [1], 1, device="auto", progress=False)
+    plain = compute_direction(source, SMALL, [1], 1, device="cpu", progress=False)
+    assert seen == ["auto", None]
+    assert torch.allclose(placed.vectors[1], plain.vectors[1], atol=1e-5)
+
+
 def test_deterministic_file(base_llm, tmp_path):
     source = resolve_model(str(base_llm))
     paths = []

@@ -14,6 +14,7 @@ Layers above the deepest selected one are neither loaded nor run.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -262,6 +263,11 @@ def load_text_decoder(
     if getattr(text, "layer_types", None):
         text.layer_types = text.layer_types[: max_layer + 1]
     model_class = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    placement: dict[str, Any] = {}
+    if device == "auto":  # spread over every GPU (and CPU RAM) with accelerate's device_map
+        if importlib.util.find_spec("accelerate") is None:
+            raise InputError("--device auto needs accelerate: pip install accelerate")
+        placement["device_map"] = "auto"
     verbosity = transformers.logging.get_verbosity()
     # The skipped upper layers would be reported as unexpected keys: expected, so quiet.
     transformers.logging.set_verbosity_error()
@@ -272,10 +278,13 @@ def load_text_decoder(
             dtype=_resolve_dtype(dtype, device),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            **placement,
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
-    model.to(device).eval()
+    if not placement:
+        model.to(device)
+    model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
