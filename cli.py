@@ -264,7 +264,7 @@ def convert(
 def verify(folder, source, quiet):
     """Check a guarded FOLDER against its vlmguard.json (and its source).
 
-    Checks every file's sha256, the direction file, every edited tensor, and that the edited
+    Checks every file's hash (BLAKE3), the direction file, every edited tensor, and that the edited
     set is exactly what the recorded recipe implies. With --source, also that every untouched
     tensor equals the source and every edited one equals the fold recomputed from the source
     and the direction. Exit status 1 on any mismatch.

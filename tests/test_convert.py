@@ -7,6 +7,7 @@ clearly from the unedited model, and leave every other byte of the source untouc
 import json
 import re
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -187,12 +188,11 @@ def test_provenance_and_card(vlm_factory, base_llm, tmp_path):
     assert record["recipe"]["layers"] == LAYERS and record["recipe"]["beta"] == -1.0
     assert {e["key"] for e in record["edits"]} == {e.key for e in result.plan.edits}
     for entry in record["edits"]:
-        assert entry["sha256_before"] != entry["sha256_after"]
-    import hashlib
+        assert entry["blake3_before"] != entry["blake3_after"]
 
     assert (
-        record["direction"]["sha256"]
-        == hashlib.sha256((out / "vlmguard_direction.safetensors").read_bytes()).hexdigest()
+        record["direction"]["blake3"]
+        == blake3.blake3((out / "vlmguard_direction.safetensors").read_bytes()).hexdigest()
     )
     assert record["direction"]["base_model"] == str(base_llm)
     assert record["versions"]["torch"] == torch.__version__

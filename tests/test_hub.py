@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from cli import main
 from tests.hub_server import MISSING_ORG, READ_TOKEN, WRITE_TOKEN, FakeHub
 from vlmguard_edit.card import RECORD, load_record, write_record
-from vlmguard_edit.checkpoint import file_entry, open_checkpoint, sha256_file
+from vlmguard_edit.checkpoint import digest_file, file_entry, open_checkpoint
 from vlmguard_edit.direction import Direction
 
 EXE = str(Path(sys.executable).parent / "vlmguard-edit")
@@ -76,7 +76,7 @@ def test_verify_finds_a_changed_byte(damaged):
     flip_byte(shard, shard.stat().st_size - 3)
     result = run(["verify", damaged])
     assert result.exit_code == 1
-    assert f"MISMATCH  {shard.name}: sha256 differs" in result.output
+    assert f"MISMATCH  {shard.name}: blake3 hash differs" in result.output
 
 
 def test_verify_finds_added_and_missing_files(damaged):
@@ -91,12 +91,12 @@ def test_verify_finds_added_and_missing_files(damaged):
 def test_verify_checks_edited_tensors_and_the_plan(damaged):
     record = load_record(damaged)
     dropped = record["edits"].pop()
-    record["edits"][0]["sha256_after"] = "0" * 64
+    record["edits"][0]["blake3_after"] = "0" * 64
     write_record(damaged, record)
     result = run(["verify", damaged])
     assert result.exit_code == 1
     assert f"{dropped['key']}: the recipe implies an edit" in result.output
-    assert f"{record['edits'][0]['key']}: edited tensor's sha256 differs" in result.output
+    assert f"{record['edits'][0]['key']}: edited tensor's blake3 hash differs" in result.output
 
 
 def test_verify_against_the_source_recomputes_the_fold(guarded, damaged, tmp_path):
@@ -108,7 +108,7 @@ def test_verify_against_the_source_recomputes_the_fold(guarded, damaged, tmp_pat
     direction.save(damaged / "vlmguard_direction.safetensors")
     rehash(damaged, "vlmguard_direction.safetensors")
     record = load_record(damaged)
-    record["direction"]["sha256"] = sha256_file(damaged / "vlmguard_direction.safetensors")
+    record["direction"]["blake3"] = digest_file(damaged / "vlmguard_direction.safetensors")
     write_record(damaged, record)
     assert run(["verify", damaged]).exit_code == 0  # self-consistent
     result = run(["verify", damaged, "--source", source])

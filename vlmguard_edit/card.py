@@ -83,7 +83,7 @@ the source.
 
 ## What was done
 {how}
-{len(record["edits"])} tensor(s) changed. `vlmguard.json` lists each with its sha256 before
+{len(record["edits"])} tensor(s) changed. `vlmguard.json` lists each with its BLAKE3 hash before
 and after, and `vlmguard_direction.safetensors` holds the directions with their provenance.
 
 ## Reproduce

@@ -9,15 +9,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from .anchors import load_anchors
-from .card import CARD, source_license, write_card, write_record
 from .checkpoint import (
+    HASH,
     Checkpoint,
     ModelSource,
     ShardPatcher,
@@ -27,20 +26,23 @@ from .checkpoint import (
     check_output_free,
     copy_except,
     copy_file,
+    digest_bytes,
+    digest_file,
     file_entry,
     is_hub_id,
     open_checkpoint,
     resolve_model,
-    sha256_bytes,
-    sha256_file,
     tensor_buffer,
 )
-from .direction import Direction, check_base_matches, check_direction_request, compute_direction
 from .errors import DirectionError, InputError
-from .fold import apply_map, attention_direction, check_orthonormal, shift
 from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
 from .recipes import SELF, Recipe
+
+if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
+    import torch
+
+    from .direction import Direction
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +104,31 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         recipe.gamma,
         recipe.shift_direction,
     )
-    direction = _direction(opts, source, checkpoint, layout, layers)
-    vectors = direction.select(layers, recipe.rank)
-    for layer, v in vectors.items():
-        check_orthonormal(v, f"direction layer {layer}")
     if opts.dry_run:
+        _direction(opts, source, checkpoint, layout, layers)  # checks the request
         return ConvertResult(plan, None, None)
-    with atomic_output_dir(opts.output) as tmp:
-        written = write_guarded(checkpoint, plan, vectors, tmp, opts.progress)
+    with (
+        atomic_output_dir(opts.output) as tmp,
+        GuardedWriter(checkpoint, plan, tmp, opts.progress) as writer,
+    ):
+        # Worker threads copy the untouched bytes in the kernel while torch is imported and
+        # the direction is loaded or computed here.
+        direction = _direction(opts, source, checkpoint, layout, layers)
+        vectors = direction.select(layers, recipe.rank)
+        from .fold import check_orthonormal
+
+        for layer, v in vectors.items():
+            check_orthonormal(v, f"direction layer {layer}")
+        edits = writer.fold(vectors)
         direction.save(tmp / DIRECTION_NAME)
-        record = _record(opts, source, plan, direction, written.edits, tmp / DIRECTION_NAME)
+        record = _record(opts, source, plan, direction, edits, tmp / DIRECTION_NAME)
+        from .card import CARD, source_license, write_card, write_record
+
         write_card(tmp, record, source_license(source.path))
-        files = {**written.files, **{n: file_entry(tmp / n) for n in (DIRECTION_NAME, CARD)}}
+        files = writer.finish()
+        files.update({name: file_entry(tmp / name) for name in (DIRECTION_NAME, CARD)})
         write_record(tmp, {**record, "files": dict(sorted(files.items()))})
-    log.info("wrote %s (%d tensors edited)", opts.output, len(written.edits))
+    log.info("wrote %s (%d tensors edited)", opts.output, len(edits))
     return ConvertResult(plan, opts.output, record)
 
 
@@ -126,6 +139,15 @@ def _direction(
     layout: Layout,
     layers: list[int],
 ) -> Direction:
+    import torch
+
+    from .direction import (
+        Direction,
+        check_base_matches,
+        check_direction_request,
+        compute_direction,
+    )
+
     recipe = opts.recipe
     if opts.direction_file is not None:
         direction = Direction.load(opts.direction_file)
@@ -169,59 +191,61 @@ def _direction(
     )
 
 
-@dataclass
-class Written:
-    edits: list[dict[str, Any]]  # one record per edited tensor
-    files: dict[str, dict[str, Any]]  # relative path -> {"size", "sha256"} of what was written
+class GuardedWriter:
+    """Writes the guarded shards: two worker threads copy bytes in the kernel (every byte of
+    an untouched file; the bytes around the edited tensors of an edited shard) and hash each
+    finished file, from the moment the plan is known; ``fold`` then reads, folds and writes
+    the edited tensors into their slots, one tensor in memory at a time."""
 
-
-def write_guarded(
-    checkpoint: Checkpoint, plan: Plan, vectors: dict[int, torch.Tensor], out: Path, progress: bool
-) -> Written:
-    """Copy every shard and fold the edited tensors into the copies, concurrently.
-
-    Two worker threads copy bytes in the kernel (every byte of an untouched file; the bytes
-    around the edited tensors of an edited shard) and hash each finished file, while this
-    thread reads, folds and writes the edited tensors into their slots, one tensor in memory
-    at a time.
-    """
-    by_file: dict[str, list[PlannedEdit]] = {}
-    for edit in plan.edits:
-        by_file.setdefault(edit.file, []).append(edit)
-    records = []
-    u = shift_vector(checkpoint, plan, vectors) if plan.mode == "projector-shift" else None
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmguard-copy")
-    bar = tqdm(total=len(checkpoint.shards), desc="shards", unit="shard", disable=not progress)
-    jobs: dict[str, Future] = {}
-
-    def copied(source: Path, target: Path) -> dict[str, Any]:
-        copy_file(source, target)
-        bar.update()
-        return file_entry(target)
-
-    def patched(copy: Future, target: Path) -> dict[str, Any]:
-        copy.result()
-        bar.update()
-        return file_entry(target)
-
-    try:
+    def __init__(self, checkpoint: Checkpoint, plan: Plan, out: Path, progress: bool):
+        self.checkpoint, self.plan, self.out = checkpoint, plan, out
+        self.by_file: dict[str, list[PlannedEdit]] = {}
+        for edit in plan.edits:
+            self.by_file.setdefault(edit.file, []).append(edit)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmguard-copy")
+        self.bar = tqdm(
+            total=len(checkpoint.shards), desc="shards", unit="shard", disable=not progress
+        )
+        self.jobs: dict[str, Future] = {}
+        self.copies: dict[str, Future] = {}  # edited shards: the copy around the holes
         for name in sorted(checkpoint.shards):
             source, target = checkpoint.path / name, out / name
-            edits = by_file.get(name, [])
-            if not edits:
-                jobs[name] = pool.submit(copied, source, target)
+            if name not in self.by_file:
+                self.jobs[name] = self.pool.submit(self._copied, source, target)
                 continue
-            infos = [checkpoint.info(edit.key) for edit in edits]
+            holes = [
+                (checkpoint.info(e.key).start, checkpoint.info(e.key).end)
+                for e in self.by_file[name]
+            ]
             allocate_like(source, target)
-            holes = [(info.start, info.end) for info in infos]
-            copy = pool.submit(copy_except, source, target, holes)
+            self.copies[name] = self.pool.submit(copy_except, source, target, holes)
+        for rel in plan.copied:
+            self.jobs[rel] = self.pool.submit(self._copied, checkpoint.path / rel, out / rel)
+
+    def _copied(self, source: Path, target: Path) -> dict[str, Any]:
+        copy_file(source, target)
+        self.bar.update()
+        return file_entry(target)
+
+    def _patched(self, copy: Future, target: Path) -> dict[str, Any]:
+        copy.result()
+        self.bar.update()
+        return file_entry(target)
+
+    def fold(self, vectors: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+        """Fold every planned edit into its slot; one record per edited tensor."""
+        checkpoint, plan = self.checkpoint, self.plan
+        u = shift_vector(checkpoint, plan, vectors) if plan.mode == "projector-shift" else None
+        records = []
+        for name, edits in sorted(self.by_file.items()):
+            target = self.out / name
             with ShardPatcher(target) as patcher:
-                for edit, info in zip(edits, infos, strict=True):
+                for edit in edits:
                     before = checkpoint.read(edit.key)
-                    sha_before = sha256_bytes(tensor_buffer(before))
+                    before_hash = digest_bytes(tensor_buffer(before))
                     after = fold_tensor(edit, before, vectors, plan, u)
                     del before
-                    patcher.write(info, after)
+                    patcher.write(checkpoint.info(edit.key), after)
                     records.append(
                         {
                             "key": edit.key,
@@ -230,22 +254,27 @@ def write_guarded(
                             "module": edit.module,
                             "dtype": edit.dtype,
                             "shape": list(edit.shape),
-                            "sha256_before": sha_before,
-                            "sha256_after": sha256_bytes(tensor_buffer(after)),
+                            f"{HASH}_before": before_hash,
+                            f"{HASH}_after": digest_bytes(tensor_buffer(after)),
                         }
                     )
-            jobs[name] = pool.submit(patched, copy, target)
-        for rel in plan.copied:
-            jobs[rel] = pool.submit(copied, checkpoint.path / rel, out / rel)
-        files = {rel: job.result() for rel, job in jobs.items()}  # re-raises a worker's error
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error, stop queued copies
-        bar.close()
-    if len(records) != len(plan.edits):
-        raise RuntimeError(
-            f"internal error: edited {len(records)} tensors, planned {len(plan.edits)}"
-        )
-    return Written(records, files)
+            self.jobs[name] = self.pool.submit(self._patched, self.copies[name], target)
+        if len(records) != len(plan.edits):
+            raise RuntimeError(
+                f"internal error: edited {len(records)} tensors, planned {len(plan.edits)}"
+            )
+        return records
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Wait for every copy and hash: relative path -> {"size", HASH}."""
+        return {rel: job.result() for rel, job in self.jobs.items()}  # re-raises a worker's error
+
+    def __enter__(self) -> GuardedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)  # on an error, stop queued copies
+        self.bar.close()
 
 
 def fold_tensor(
@@ -256,6 +285,8 @@ def fold_tensor(
     u: torch.Tensor | None,
 ) -> torch.Tensor:
     """The edited value of one planned tensor (convert writes it, verify recomputes it)."""
+    from .fold import apply_map, shift
+
     if edit.kind == "shift":
         return shift(before, u, plan.gamma)
     return apply_map(before, vectors[edit.layer], plan.beta)
@@ -265,6 +296,8 @@ def shift_vector(
     checkpoint: Checkpoint, plan: Plan, vectors: dict[int, torch.Tensor]
 ) -> torch.Tensor:
     """The unit vector the projector-shift adds: V_l[0], or its attention-aware form at layer l."""
+    from .fold import attention_direction
+
     layer = plan.layers[0]
     v = vectors[layer][0]
     if plan.shift_direction == "ssd":
@@ -289,6 +322,8 @@ def _record(
     edits: list[dict[str, Any]],
     direction_path: Path,
 ) -> dict[str, Any]:
+    import torch
+
     recipe = opts.recipe
     hub_id = (
         source.id
@@ -317,7 +352,7 @@ def _record(
         "layer_prefix": plan.layout.layer_prefix,
         "direction": {
             "file": DIRECTION_NAME,
-            "sha256": sha256_file(direction_path),
+            HASH: digest_file(direction_path),
             "from_file": str(opts.direction_file) if opts.direction_file else None,
             **{
                 k: direction.meta.get(k)

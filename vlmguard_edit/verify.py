@@ -1,9 +1,10 @@
 """Check a guarded folder against its vlmguard.json, and optionally against its source.
 
-Without a source: every file's size and sha256, the direction file's sha256, every edited
-tensor's sha256, and that the edited set is exactly the plan the recorded recipe implies
-for this checkpoint. With ``source``: also every untouched tensor equals the source's, and
-every edited tensor equals the fold recomputed from the source and the direction file.
+Without a source: every file's size and hash, the direction file's hash, every edited
+tensor's hash (BLAKE3, see checkpoint.HASH), and that the edited set is exactly the plan the
+recorded recipe implies for this checkpoint. With ``source``: also every untouched tensor
+equals the source's, and every edited tensor equals the fold recomputed from the source and
+the direction file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .card import RECORD, load_record
-from .checkpoint import Checkpoint, open_checkpoint, sha256_bytes, sha256_file, tensor_buffer
+from .checkpoint import (
+    HASH,
+    Checkpoint,
+    digest_bytes,
+    digest_file,
+    open_checkpoint,
+    tensor_buffer,
+)
 from .errors import VlmguardError
 from .layout import find_layout
 from .plan import Plan, build_plan
@@ -88,12 +96,12 @@ def _check_files(folder: Path, record: dict, report: VerifyReport, progress: boo
                 f"{rel}: size {path.stat().st_size}, recorded {expected['size']}"
             )
             bad += 1
-        elif sha256_file(path) != expected["sha256"]:
-            report.problems.append(f"{rel}: sha256 differs from {RECORD}")
+        elif digest_file(path) != expected.get(HASH):
+            report.problems.append(f"{rel}: {HASH} hash differs from {RECORD}")
             bad += 1
         bar.update(expected["size"])
     bar.close()
-    report.checked.insert(0, f"{len(files) - bad}/{len(files)} files match their sha256")
+    report.checked.insert(0, f"{len(files) - bad}/{len(files)} files match their {HASH} hash")
 
 
 def _check_direction(folder: Path, record: dict, report: VerifyReport) -> None:
@@ -101,10 +109,10 @@ def _check_direction(folder: Path, record: dict, report: VerifyReport) -> None:
     path = folder / direction["file"]
     if not path.is_file():
         report.problems.append(f"{direction['file']}: the direction file is missing")
-    elif sha256_file(path) != direction["sha256"]:
-        report.problems.append(f"{direction['file']}: sha256 differs from the recorded direction")
+    elif digest_file(path) != direction.get(HASH):
+        report.problems.append(f"{direction['file']}: {HASH} hash differs from the record's")
     else:
-        report.checked.append("direction file matches its recorded sha256")
+        report.checked.append(f"direction file matches its recorded {HASH} hash")
 
 
 def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
@@ -119,8 +127,10 @@ def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
     for key in sorted(planned & set(recorded)):
         if key not in checkpoint.keys:
             report.problems.append(f"{key}: missing from the checkpoint")
-        elif sha256_bytes(tensor_buffer(checkpoint.read(key))) != recorded[key]["sha256_after"]:
-            report.problems.append(f"{key}: edited tensor's sha256 differs from {RECORD}")
+        elif digest_bytes(tensor_buffer(checkpoint.read(key))) != recorded[key].get(
+            f"{HASH}_after"
+        ):
+            report.problems.append(f"{key}: edited tensor's {HASH} hash differs from {RECORD}")
     report.checked.append(
         f"{len(recorded)} edited tensors, exactly the plan of the recorded recipe ({plan.map_text})"
     )
