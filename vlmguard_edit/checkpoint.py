@@ -419,7 +419,9 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
     while offset < end:
         if kernel:
             try:
-                done = os.copy_file_range(src, dst, end - offset, offset, offset)
+                # In 64 MiB calls: a call holds the target's inode lock, and the folding
+                # thread writes its tensors into the same file meanwhile.
+                done = os.copy_file_range(src, dst, min(1 << 26, end - offset), offset, offset)
             except OSError as exc:  # e.g. EXDEV on old kernels, ENOSYS: copy in user space
                 if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                     raise

@@ -208,17 +208,20 @@ class GuardedWriter:
         )
         self.jobs: dict[str, Future] = {}
         self.copies: dict[str, Future] = {}  # edited shards: the copy around the holes
-        for name in sorted(checkpoint.shards):
-            source, target = checkpoint.path / name, out / name
-            if name not in self.by_file:
-                self.jobs[name] = self.pool.submit(self._copied, source, target)
-                continue
+        # The edited shards first: their copies are done before the folding thread writes
+        # into them (a copy call holds the file's inode lock), then the untouched files.
+        edited = sorted(self.by_file)
+        for name in edited:
             holes = [
                 (checkpoint.info(e.key).start, checkpoint.info(e.key).end)
                 for e in self.by_file[name]
             ]
-            allocate_like(source, target)
-            self.copies[name] = self.pool.submit(copy_except, source, target, holes)
+            allocate_like(checkpoint.path / name, out / name)
+            self.copies[name] = self.pool.submit(
+                copy_except, checkpoint.path / name, out / name, holes
+            )
+        for name in sorted(set(checkpoint.shards) - set(edited)):
+            self.jobs[name] = self.pool.submit(self._copied, checkpoint.path / name, out / name)
         for rel in plan.copied:
             self.jobs[rel] = self.pool.submit(self._copied, checkpoint.path / rel, out / rel)
 
