@@ -5,7 +5,7 @@ and direction-extraction cost. Every figure of the README's "Performance" sectio
 
 Convert: a LLaVA checkpoint with LLaVA-1.5-7B text shapes (hidden 4096, intermediate 11008,
 32 heads, vocabulary 32064; a small CLIP tower), bf16, Hub key layout, 500 MB shards, with
---layers text layers (default 4 and 8: 2.1 and 3.7 GB). Half of the layers are edited with a
+--layers text layers (default 4 and 8: 2.2 and 3.8 GB). Half of the layers are edited with a
 precomputed random rank-1 direction. Each run times, in separate processes:
 
 - floor:    `cp -r` of the folder + a Python process that imports torch and safetensors;
