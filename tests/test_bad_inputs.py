@@ -234,10 +234,10 @@ def test_ctrl_c_mid_run(vlm_factory, out, direction_file, monkeypatch):
 def test_real_sigint_to_installed_command(vlm_factory, out, direction_file):
     """A real Ctrl-C (SIGINT) while shards are being written, to the installed command."""
     slow = (
-        "import sys, time, vlmguard_edit.checkpoint as c\n"
+        "import sys, time, vlmguard_edit.convert as c\n"
         "real = c.copy_file\n"
         "def slow(*a):\n    time.sleep(0.4)\n    real(*a)\n"
-        "c.copy_file = slow\n"
+        "c.copy_file = slow\n"  # what the copy workers call
         "from cli import main\n"
         "sys.exit(main())\n"
     )

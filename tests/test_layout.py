@@ -78,8 +78,8 @@ def test_ambiguous_layout():
             "'gemma3' is not supported: a norm sits between",
         ),
         (
-            {"model_type": "qwen2_vl"},
-            r"'qwen2_vl' is not supported yet \(supported: llava, llava_next\)",
+            {"model_type": "paligemma"},
+            r"'paligemma' is not supported yet \(supported: aya_vision, idefics3, internvl, ",
         ),
         (
             {"model_type": "llava", "text_config": {"model_type": "qwen2"}},

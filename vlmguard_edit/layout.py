@@ -38,6 +38,13 @@ _LLAVA_PROJECTOR = (
     "model.multi_modal_projector.linear_2.bias",
 )
 
+_TEXT_MODEL_PREFIXES = ("model.text_model.layers",)  # Idefics3 / SmolVLM: one layout
+# Qwen2-VL / Qwen2.5-VL: the Hub keeps the text-only LLM's names beside ``visual.*``.
+_QWEN_VL_PREFIXES = ("model.layers", "model.language_model.layers")
+
+# Only families whose projector ends in a Linear with a bias and whose text model uses
+# RMSNorm (the attention-aware shift assumes it) list projector_bias; the others refuse
+# --mode projector-shift.
 FAMILIES: dict[str, Family] = {
     "llava": Family(
         "llava", ("llama", "mistral"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
@@ -45,6 +52,21 @@ FAMILIES: dict[str, Family] = {
     "llava_next": Family(
         "llava_next", ("llama", "mistral"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
     ),
+    "llava_onevision": Family(
+        "llava_onevision", ("qwen2",), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+    ),
+    # Pixtral's tower has attention.o_proj / feed_forward.down_proj: the exact LM prefix
+    # keeps them out.
+    "mistral3": Family("mistral3", ("mistral",), _LLAVA_PREFIXES),
+    "internvl": Family("internvl", ("qwen2", "llama"), _LLAVA_PREFIXES),
+    # Cohere's parallel block adds attention and MLP outputs to the same residual: the writer
+    # fold is exact all the same (it maps each writer's output).
+    "aya_vision": Family("aya_vision", ("cohere", "cohere2"), _LLAVA_PREFIXES),
+    "idefics3": Family("idefics3", ("llama",), _TEXT_MODEL_PREFIXES),
+    "smolvlm": Family("smolvlm", ("llama",), _TEXT_MODEL_PREFIXES),
+    # Qwen2.5-VL's tower has mlp.down_proj (with bias) under visual.blocks: kept out likewise.
+    "qwen2_vl": Family("qwen2_vl", ("qwen2_vl_text", "qwen2_vl"), _QWEN_VL_PREFIXES),
+    "qwen2_5_vl": Family("qwen2_5_vl", ("qwen2_5_vl_text", "qwen2_5_vl"), _QWEN_VL_PREFIXES),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).

@@ -203,3 +203,98 @@ def image_inputs(
         inputs["pixel_values"] = inputs["pixel_values"][:, None].repeat(1, 2, 1, 1, 1)
         inputs["image_sizes"] = torch.tensor([[28, 28]])
     return inputs
+
+
+_TEXT = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
+_MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+_QWEN_VISION = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_heads=2)
+
+# Tiny configs (2 text layers x 64, a 1-layer vision tower) of every family layout.FAMILIES
+# supports besides llava / llava_next (built by build_llava from a trained base).
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llava_onevision": dict(
+        text_config=dict(model_type="qwen2", **_TEXT),
+        vision_config=_SIGLIP,
+        image_token_index=5,
+        video_token_index=6,
+    ),
+    "mistral3": dict(
+        text_config=dict(model_type="mistral", **_TEXT),
+        vision_config=dict(_SIGLIP, model_type="pixtral", head_dim=16),
+        image_token_index=5,
+    ),
+    "internvl": dict(
+        text_config=dict(model_type="qwen2", **_TEXT),
+        vision_config=dict(
+            _SIGLIP, model_type="internvl_vision", image_size=[28, 28], patch_size=[14, 14]
+        ),
+        image_token_id=5,
+    ),
+    "aya_vision": dict(
+        text_config=dict(model_type="cohere2", **_TEXT), vision_config=_SIGLIP, image_token_index=5
+    ),
+    "idefics3": dict(
+        text_config=dict(model_type="llama", **_TEXT),
+        vision_config=dict(_SIGLIP, model_type="idefics3_vision"),
+        image_token_id=5,
+    ),
+    "smolvlm": dict(
+        text_config=dict(model_type="llama", **_TEXT),
+        vision_config=dict(_SIGLIP, model_type="smolvlm_vision"),
+        image_token_id=5,
+    ),
+    "qwen2_vl": dict(
+        text_config=dict(model_type="qwen2_vl_text", rope_scaling=_MROPE, **_TEXT),
+        vision_config=dict(_QWEN_VISION, depth=1, embed_dim=32, hidden_size=64),
+        image_token_id=5,
+        video_token_id=6,
+        vision_start_token_id=7,
+    ),
+    "qwen2_5_vl": dict(
+        text_config=dict(model_type="qwen2_5_vl_text", rope_scaling=_MROPE, **_TEXT),
+        vision_config=dict(
+            _QWEN_VISION,
+            depth=1,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        vision_start_token_id=7,
+    ),
+}
+
+
+def build_family(out: Path, model_type: str, layout: str = "legacy", seed: int = 0) -> Path:
+    """A random tiny VLM of ``model_type`` (see FAMILY_CONFIGS), saved in ``layout``:
+    "legacy" (the Hub / save_pretrained key names) or "memory" (transformers 5's)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(model_type, **FAMILY_CONFIGS[model_type])
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.save_pretrained(out, save_original_format=layout == "legacy")
+    return out
