@@ -33,6 +33,13 @@ Examples:
 """
 
 
+EXAMPLES_INSPECT = """
+\b
+Examples:
+  vlmguard-edit inspect llava-hf/llava-1.5-7b-hf
+  vlmguard-edit inspect ./my-qwen2-vl
+"""
+
 EXAMPLES_VERIFY = """
 \b
 Examples:
@@ -253,6 +260,22 @@ def convert(
     )
     if push_to_hub:
         _push(Path(output), push_to_hub, private, None, None)
+
+
+@main.command(epilog=EXAMPLES_INSPECT)
+@click.argument("model")
+@click.option("--revision", help="Hub revision.")
+def inspect(model, revision):
+    """Show how vlmguard-edit sees MODEL (folder or Hub id): family, key layout, text
+    layers, the residual writers per layer, what is not a plain writer, and whether and how
+    convert supports it. Reads the config and safetensors headers only (a Hub id is
+    downloaded first, safetensors only)."""
+    from vlmguard_edit.checkpoint import open_checkpoint, resolve_model
+    from vlmguard_edit.layout import describe
+
+    checkpoint = open_checkpoint(resolve_model(model, revision).path)
+    for line in describe(checkpoint.config, checkpoint.keys):
+        click.echo(line)
 
 
 @main.command(epilog=EXAMPLES_VERIFY)

@@ -95,3 +95,27 @@ def test_projector_shift_refused_without_a_projector_bias(tmp_path):
             )
         )
     assert open_checkpoint(source).keys  # the source is untouched and readable
+
+
+def test_inspect_command(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from cli import main
+
+    source = tiny.build_family(tmp_path / "m3", "mistral3")
+    shown = CliRunner().invoke(main, ["inspect", str(source)])
+    assert shown.exit_code == 0, shown.output
+    assert "language_model.model.layers.N  (Hub / save_pretrained)" in shown.output
+    assert "layers 0..1 (2 layers): self_attn.o_proj, mlp.down_proj" in shown.output
+    assert "2 o_proj/down_proj tensors outside the language model" in shown.output
+    assert "projector-shift no" in shown.output
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {}}))
+    save_file({"x": torch.zeros(1)}, gemma / "model.safetensors")
+    refused = CliRunner().invoke(main, ["inspect", str(gemma)])
+    assert refused.exit_code == 0, refused.output
+    assert "NOT SUPPORTED: model type 'gemma3' is not supported: a norm sits" in refused.output

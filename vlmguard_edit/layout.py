@@ -181,3 +181,65 @@ def _span(values: list[int]) -> str:
     if not values:
         return "none"
     return f"{values[0]}..{values[-1]} ({len(values)} layers)"
+
+
+# What a family has besides plain residual writers (shown by `inspect`).
+NOTES: dict[str, str] = {
+    "aya_vision": "parallel block: attention and MLP both read LN(x) and add to the same "
+    "residual; the writer fold is exact for it",
+    "qwen2_vl": "the Hub keeps the text layers under model.layers.N (text-only LLM names)",
+    "qwen2_5_vl": "the vision tower has visual.blocks.N.mlp.down_proj (kept out by the prefix)",
+    "mistral3": "the Pixtral tower has attention.o_proj and feed_forward.down_proj (kept out "
+    "by the prefix)",
+}
+
+
+def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
+    """What `vlmguard-edit inspect` prints: family, layout, layers, writers, what is not a
+    plain writer, and whether and how convert supports the model."""
+    model_type = config.get("model_type")
+    text = text_config(config)
+    lines = [f"model type      {model_type} (text model {text.get('model_type')})"]
+    try:
+        layout = find_layout(config, keys)
+    except UnsupportedModelError as exc:
+        return [*lines, f"convert         NOT SUPPORTED: {exc}"]
+    family = layout.family
+    which = (
+        "Hub / save_pretrained"
+        if layout.layer_prefix == family.layer_prefixes[0]
+        else ("transformers 5 module names")
+    )
+    lines += [
+        f"key layout      {layout.layer_prefix}.N  ({which})",
+        f"text layers     {layout.num_layers} x hidden {layout.hidden_size}, "
+        f"{layout.num_heads} heads / {layout.num_kv_heads} kv heads",
+    ]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for layer, writers in sorted(layout.writers.items()):
+        names = tuple(w.module + (" (+bias)" if w.bias else "") for w in writers)
+        groups.setdefault(names, []).append(layer)
+    for names, layers in groups.items():
+        lines.append(f"writers         layers {_span(layers)}: {', '.join(names)}")
+    inside = re.compile(re.escape(layout.layer_prefix) + r"\.\d+\.")
+    lookalike = sorted(
+        k for k in keys if re.search(r"(o_proj|down_proj)\.weight$", k) and not inside.match(k)
+    )
+    if lookalike:
+        lines.append(
+            f"look-alikes     {len(lookalike)} o_proj/down_proj tensors outside the language "
+            f"model, never edited (e.g. {lookalike[0]})"
+        )
+    if family.model_type in NOTES:
+        lines.append(f"note            {NOTES[family.model_type]}")
+    shift = (
+        f"yes ({layout.projector_bias})"
+        if layout.projector_bias
+        else "no (no projector output bias known for this family)"
+    )
+    lines += [
+        "convert         supported: writers mode folds (I + beta V^T V) into every writer of "
+        "the selected layers",
+        f"projector-shift {shift}",
+    ]
+    return lines
