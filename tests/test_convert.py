@@ -352,3 +352,22 @@ def test_copy_except_leaves_the_holes_to_the_patcher(tmp_path, monkeypatch, kern
         assert out[start:end] == bytes(end - start)  # left for the patcher (still zeros)
     kept = [(0, 100), (5000, 2 << 20), ((2 << 20) + 9, len(data))]
     assert all(out[a:b] == data[a:b] for a, b in kept)
+
+
+def test_base_llm_weight_drift_is_reported(vlm_factory, base_llm, tmp_path, caplog):
+    """The tiny VLM's language model is an exact copy of its base: no drift. Against an
+    unrelated base of the same shape, convert reports and warns about the drift."""
+    source = vlm_factory()
+    same = run_convert(source, tmp_path / "same", base_llm=BaseLLM(id=str(base_llm)))
+    check = same.record["base_llm_check"]
+    assert check["config_warnings"] == []
+    assert check["median_relative_difference"] == 0.0
+    assert len(check["weight_drift"]) == 2 * len(LAYERS)
+    assert all(d["cosine"] > 0.9999 for d in check["weight_drift"].values())
+    stranger = tiny.build_base(tmp_path / "stranger", seed=7)
+    with caplog.at_level("WARNING"):
+        other = run_convert(source, tmp_path / "other", base_llm=BaseLLM(id=str(stranger)))
+    assert other.record["base_llm_check"]["median_relative_difference"] > 0.5
+    assert "has drifted far from" in caplog.text
+    saved = json.loads((tmp_path / "other" / "vlmguard.json").read_text())
+    assert saved["base_llm_check"]["median_relative_difference"] > 0.5

@@ -163,3 +163,22 @@ def test_select_errors(direction_file):
     with pytest.raises(DirectionError, match="rank 3 asked"):
         direction.select([1], 3)
     assert direction.select([1], 1)[1].shape == (1, 64)
+
+
+def test_base_llm_config_differences_warn(base_llm, tmp_path, caplog):
+    import json
+    import shutil
+
+    from vlmguard_edit.direction import check_base_matches
+
+    vlm_text = json.loads((base_llm / "config.json").read_text())
+    assert check_base_matches(resolve_model(str(base_llm)), {"text_config": vlm_text}) == []
+    other = tmp_path / "other"
+    shutil.copytree(base_llm, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(rms_norm_eps=1e-3, num_hidden_layers=config["num_hidden_layers"] + 2)
+    (other / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING"):
+        warnings = check_base_matches(resolve_model(str(other)), {"text_config": vlm_text})
+    assert [w.split(" differs")[0] for w in warnings] == ["num_hidden_layers", "rms_norm_eps"]
+    assert "rms_norm_eps differs" in caplog.text

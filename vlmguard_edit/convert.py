@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
 log = logging.getLogger(__name__)
 
 DIRECTION_NAME = "vlmguard_direction.safetensors"
+DRIFT_WARNING = 0.5  # median ||W_vlm - W_base|| / ||W_base|| above which convert warns
 
 
 @dataclass
@@ -113,7 +114,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     ):
         # Worker threads copy the untouched bytes in the kernel while torch is imported and
         # the direction is loaded or computed here.
-        direction = _direction(opts, source, checkpoint, layout, layers)
+        direction, base_check = _direction(opts, source, checkpoint, layout, layers)
         vectors = direction.select(layers, recipe.rank)
         from .fold import check_orthonormal
 
@@ -122,6 +123,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         edits = writer.fold(vectors)
         direction.save(tmp / DIRECTION_NAME)
         record = _record(opts, source, plan, direction, edits, tmp / DIRECTION_NAME)
+        if base_check is not None:
+            record["base_llm_check"] = base_check
         from .card import CARD, source_license, write_card, write_record
 
         write_card(tmp, record, source_license(source.path))
@@ -138,7 +141,9 @@ def _direction(
     checkpoint: Checkpoint,
     layout: Layout,
     layers: list[int],
-) -> Direction:
+) -> tuple[Direction, dict[str, Any] | None]:
+    """The direction, and (when it comes from a separate base LLM) how that LLM compares
+    with the VLM's language model: config differences and per-writer weight drift."""
     import torch
 
     from .direction import (
@@ -146,6 +151,7 @@ def _direction(
         check_base_matches,
         check_direction_request,
         compute_direction,
+        weight_drift,
     )
 
     recipe = opts.recipe
@@ -156,7 +162,7 @@ def _direction(
                 f"direction {opts.direction_file} has hidden size {direction.hidden_size}, the "
                 f"VLM's text model has {layout.hidden_size}; it was computed for another model"
             )
-        return direction
+        return direction, None
     if recipe.base_llm.id is None:
         raise InputError(
             "say where the steering direction comes from: --base-llm ID (or 'self' for the "
@@ -164,18 +170,18 @@ def _direction(
         )
     anchors = load_anchors(recipe.anchors)
     is_self = recipe.base_llm.id == SELF
-    base = source
+    base, base_check = source, None
     if not is_self:
         # A dry run only checks the base LLM's config, so it downloads nothing else.
         base_id, revision = recipe.base_llm.id, recipe.base_llm.revision
         base = resolve_model(base_id, revision, opts.allow_pickle, config_only=opts.dry_run)
-        check_base_matches(base, checkpoint.config)
+        base_check = {"config_warnings": check_base_matches(base, checkpoint.config)}
     check_direction_request(base, anchors, layers, recipe.rank, is_self)
     if opts.dry_run:
         # A dry run reads no weights: describe the plan with a placeholder direction.
         placeholder = torch.eye(layout.hidden_size)[: recipe.rank]
-        return Direction(dict.fromkeys(layers, placeholder))
-    return compute_direction(
+        return Direction(dict.fromkeys(layers, placeholder)), base_check
+    direction = compute_direction(
         base,
         anchors,
         layers,
@@ -189,6 +195,21 @@ def _direction(
         trust_remote_code=opts.trust_remote_code,
         progress=opts.progress,
     )
+    if base_check is not None:
+        drift = weight_drift(base, checkpoint, layout, layers)
+        base_check["weight_drift"] = drift
+        if drift:
+            median = sorted(d["relative_difference"] for d in drift.values())[len(drift) // 2]
+            base_check["median_relative_difference"] = median
+            if median > DRIFT_WARNING:
+                log.warning(
+                    "the VLM's language model has drifted far from %s (median relative weight "
+                    "difference %.2f over the edited writers): its hidden states may not match "
+                    "the base LLM's; consider --base-llm self",
+                    base.id,
+                    median,
+                )
+    return direction, base_check
 
 
 class GuardedWriter:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .anchors import AnchorSet
 from .checkpoint import ModelSource, write_safetensors
-from .errors import DirectionError, InputError
+from .errors import DirectionError, InputError, VlmguardError
 from .layout import text_config
 
 log = logging.getLogger(__name__)
@@ -381,12 +381,68 @@ def _read_config(source: ModelSource) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8"))
 
 
-def check_base_matches(base: ModelSource, vlm_config: dict[str, Any]) -> None:
-    """The base LLM's hidden size must equal the VLM text model's; read from configs only."""
-    base_hidden = int(_read_config(base)["hidden_size"])
-    vlm_hidden = int(text_config(vlm_config)["hidden_size"])
+def check_base_matches(base: ModelSource, vlm_config: dict[str, Any]) -> list[str]:
+    """Compare the base LLM's config with the VLM's text model; configs only.
+
+    A different hidden size is an error (the direction cannot apply). A different depth,
+    ``rms_norm_eps`` or ``rope_theta`` is returned (and logged) as a warning: layer l of the
+    base LLM is used for layer l of the VLM, and such differences mean the hidden states
+    only approximate each other.
+    """
+    base_config = _read_config(base)
+    vlm_text = text_config(vlm_config)
+    base_hidden = int(base_config["hidden_size"])
+    vlm_hidden = int(vlm_text["hidden_size"])
     if base_hidden != vlm_hidden:
         raise DirectionError(
             f"hidden size of the base LLM {base.id} ({base_hidden}) differs from the VLM's text "
             f"model ({vlm_hidden}); use the base LLM this VLM was built on, or --base-llm self"
         )
+    warnings = []
+    for name in ("num_hidden_layers", "rms_norm_eps", "rope_theta"):
+        ours, theirs = base_config.get(name), vlm_text.get(name)
+        if name == "rope_theta":  # transformers 5 may keep it under rope_parameters
+            ours = ours or (base_config.get("rope_parameters") or {}).get("rope_theta")
+            theirs = theirs or (vlm_text.get("rope_parameters") or {}).get("rope_theta")
+        if ours is not None and theirs is not None and ours != theirs:
+            warnings.append(
+                f"{name} differs: base LLM {base.id} has {ours}, the VLM's text model {theirs}"
+                + (
+                    "; layer l of the base LLM is used for layer l of the VLM"
+                    if name == "num_hidden_layers"
+                    else "; the base LLM's hidden states only approximate the VLM's"
+                )
+            )
+    for warning in warnings:
+        log.warning(warning)
+    return warnings
+
+
+def weight_drift(
+    base: ModelSource, vlm: Any, layout: Any, layers: list[int]
+) -> dict[str, dict[str, float]]:
+    """How far the VLM's language model has moved from its base LLM, per selected layer and
+    writer: relative difference ||W_vlm - W_base|| / ||W_base|| and cosine similarity of the
+    flattened matrices (one pair in memory at a time). Empty when the base LLM has no
+    safetensors checkpoint or its keys are not the usual ``model.layers.N`` ones."""
+    from .checkpoint import open_checkpoint
+
+    try:
+        base_checkpoint = open_checkpoint(base.path)
+    except VlmguardError:
+        return {}
+    report = {}
+    for layer in layers:
+        for writer in layout.writers[layer]:
+            key = f"model.layers.{layer}.{writer.module}.weight"
+            if key not in base_checkpoint.key_to_file:
+                return {}
+            ours = vlm.read(writer.weight).float().flatten()
+            theirs = base_checkpoint.read(key).float().flatten()
+            if ours.shape != theirs.shape:
+                return {}
+            report[f"{layer}.{writer.module}"] = {
+                "relative_difference": float((ours - theirs).norm() / theirs.norm()),
+                "cosine": float(torch.nn.functional.cosine_similarity(ours, theirs, dim=0)),
+            }
+    return report
