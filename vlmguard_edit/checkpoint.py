@@ -289,12 +289,21 @@ def refuse_quantized(config: dict[str, Any], where: Path) -> None:
             )
 
 
+def import_torch():
+    """numpy, then torch. torch imports numpy lazily from C++ on the first ``.numpy()`` and
+    clears any error raised there, a Ctrl-C included (measured: the run then went on and
+    wrote its output). Imported from Python first, an interrupt propagates as it should."""
+    import numpy  # noqa: F401
+    import torch
+
+    return torch
+
+
 def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes straight into a tensor of its dtype and shape (one buffer)."""
     if info.dtype not in _DTYPES:
         raise CheckpointError(f"unsupported safetensors dtype {info.dtype} in {path}")
-    import torch
-
+    torch = import_torch()
     raw = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(path, "rb") as handle:
         handle.seek(info.start)
@@ -306,8 +315,7 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
 
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor, without a copy when it is contiguous (for hashing, writing)."""
-    import torch
-
+    torch = import_torch()
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 

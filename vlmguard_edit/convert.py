@@ -29,6 +29,7 @@ from .checkpoint import (
     digest_bytes,
     digest_file,
     file_entry,
+    import_torch,
     is_hub_id,
     open_checkpoint,
     resolve_model,
@@ -144,7 +145,7 @@ def _direction(
 ) -> tuple[Direction, dict[str, Any] | None]:
     """The direction, and (when it comes from a separate base LLM) how that LLM compares
     with the VLM's language model: config differences and per-writer weight drift."""
-    import torch
+    torch = import_torch()
 
     from .direction import (
         Direction,
