@@ -234,7 +234,8 @@ def test_ctrl_c_mid_run(vlm_factory, out, direction_file, monkeypatch):
 def test_real_sigint_to_installed_command(vlm_factory, out, direction_file):
     """A real Ctrl-C (SIGINT) while shards are being written, to the installed command."""
     slow = (
-        "import sys, time, vlmguard_edit.convert as c\n"
+        # torch first, so that the signal lands in the copy/fold phase, not inside an import
+        "import sys, time, torch, vlmguard_edit.convert as c\n"
         "real = c.copy_file\n"
         "def slow(*a):\n    time.sleep(0.4)\n    real(*a)\n"
         "c.copy_file = slow\n"  # what the copy workers call
