@@ -15,6 +15,7 @@ from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.direction import Direction
+from vlmguard_edit.errors import PlanError
 from vlmguard_edit.recipes import Recipe
 from vlmguard_edit.runtime import WriterHooks
 
@@ -26,6 +27,60 @@ CASES = [
 ]
 # A name clash the layout must keep out: vision towers with writer-like names.
 CLASHES = {"mistral3": "vision_tower.transformer.layers.0", "qwen2_5_vl": "visual.blocks.0.mlp"}
+
+
+# Norms between the writers and the residual add (randomised gains, see tiny.build_family).
+POST_NORM = {"gemma3": ("post_attention_layernorm", "post_feedforward_layernorm")}
+
+
+class PostNormHooks:
+    """Reference for post-norm families, written apart from vlmguard_edit: project each
+    writer's output off the span of g ⊙ v_i (g = 1 + w, Gemma's gain), via an SVD basis."""
+
+    def __init__(self, model, vectors, beta):
+        assert beta == -1.0
+        self.handles = []
+        self.model, self.vectors = model, vectors
+
+    def __enter__(self):
+        layers = self.model.model.language_model.layers
+        for index, v in self.vectors.items():
+            layer = layers[index]
+            pairs = (
+                (layer.self_attn.o_proj, layer.post_attention_layernorm),
+                (layer.mlp.down_proj, layer.post_feedforward_layernorm),
+            )
+            for writer, norm in pairs:
+                weighted = (1.0 + norm.weight.detach().double())[None, :] * v.double()
+                basis = torch.linalg.svd(weighted, full_matrices=False).Vh.float()  # (m, d)
+
+                def hook(_m, _i, out, basis=basis):
+                    return out - (out @ basis.T) @ basis
+
+                self.handles.append(writer.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def norm_outputs(model, ids, names):
+    """The post-norm outputs (what is added to the residual stream) of every layer."""
+    captured, handles = {}, []
+    for index, layer in enumerate(model.model.language_model.layers):
+        for name in names:
+            module = getattr(layer, name)
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _i, out, key=(index, name): captured.__setitem__(key, out[0])
+                )
+            )
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return captured
 
 
 def tensors(folder):
@@ -49,15 +104,19 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
     }
     Direction(vectors, meta={"rank": 2}).save(root / "d.safetensors")
     guarded = root / "guarded"
-    result = convert(
-        ConvertOptions(
-            str(source),
-            guarded,
-            Recipe(layers=[0, 1], rank=2, beta=beta),
-            direction_file=root / "d.safetensors",
-            progress=False,
-        )
+    options = ConvertOptions(
+        str(source),
+        guarded,
+        Recipe(layers=[0, 1], rank=2, beta=beta),
+        direction_file=root / "d.safetensors",
+        progress=False,
     )
+    if family in POST_NORM and beta != -1.0:
+        with pytest.raises(PlanError, match="only the projection"):
+            convert(options)
+        assert not guarded.exists()
+        return
+    result = convert(options)
     planned = {edit.key for edit in result.plan.edits}
     assert len(planned) == 4  # o_proj and down_proj of both layers
     before, after = tensors(source), tensors(guarded)
@@ -72,13 +131,21 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     original = AutoModelForImageTextToText.from_pretrained(source).eval()
     ids = torch.tensor([[1, 10, 11, 12, 13, 14]])
+    reference = PostNormHooks if family in POST_NORM else WriterHooks
     with torch.no_grad():
         folded = model.eval()(input_ids=ids).logits
         plain = original(input_ids=ids).logits
-        with WriterHooks(original, vectors, beta):
+        with reference(original, vectors, beta):
             hooked = original(input_ids=ids).logits
     assert (folded - hooked).abs().max() < 1e-5
     assert (folded - plain).abs().max() > 1e-3  # the edit did something
+    if family in POST_NORM:  # what reaches the residual stream has no component along V
+        reaching = norm_outputs(model, ids, POST_NORM[family])
+        for (layer, _), out in reaching.items():
+            along = (out @ vectors[layer].T).abs().max()
+            assert along < 1e-4 * out.abs().max(), (layer, float(along))
+        untouched = norm_outputs(original, ids, POST_NORM[family])
+        assert max((o @ vectors[k[0]].T).abs().max() for k, o in untouched.items()) > 1e-2
 
 
 def test_projector_shift_refused_without_a_projector_bias(tmp_path):
@@ -114,8 +181,10 @@ def test_inspect_command(tmp_path):
     assert "projector-shift no" in shown.output
     gemma = tmp_path / "gemma"
     gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {}}))
+    (gemma / "config.json").write_text(json.dumps({"model_type": "glm4v", "text_config": {}}))
     save_file({"x": torch.zeros(1)}, gemma / "model.safetensors")
     refused = CliRunner().invoke(main, ["inspect", str(gemma)])
     assert refused.exit_code == 0, refused.output
-    assert "NOT SUPPORTED: model type 'gemma3' is not supported: a norm sits" in refused.output
+    assert "NOT SUPPORTED: model type 'glm4v' is not supported: post-projection norms" in (
+        refused.output
+    )

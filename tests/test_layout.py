@@ -74,12 +74,12 @@ def test_ambiguous_layout():
     ("config", "message"),
     [
         (
-            {"model_type": "gemma3", "text_config": {}},
-            "'gemma3' is not supported: a norm sits between",
+            {"model_type": "gemma3n", "text_config": {}},
+            "'gemma3n' is not supported: post-projection norms plus AltUp",
         ),
         (
             {"model_type": "paligemma"},
-            r"'paligemma' is not supported yet \(supported: aya_vision, idefics3, internvl, ",
+            r"'paligemma' is not supported yet \(supported: aya_vision, gemma3, idefics3, ",
         ),
         (
             {"model_type": "llava", "text_config": {"model_type": "qwen2"}},

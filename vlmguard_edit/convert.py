@@ -268,7 +268,7 @@ class GuardedWriter:
                 for edit in edits:
                     before = checkpoint.read(edit.key)
                     before_hash = digest_bytes(tensor_buffer(before))
-                    after = fold_tensor(edit, before, vectors, plan, u)
+                    after = fold_tensor(checkpoint, edit, before, vectors, plan, u)
                     del before
                     patcher.write(checkpoint.info(edit.key), after)
                     records.append(
@@ -303,6 +303,7 @@ class GuardedWriter:
 
 
 def fold_tensor(
+    checkpoint: Checkpoint,
     edit: PlannedEdit,
     before: torch.Tensor,
     vectors: dict[int, torch.Tensor],
@@ -310,11 +311,15 @@ def fold_tensor(
     u: torch.Tensor | None,
 ) -> torch.Tensor:
     """The edited value of one planned tensor (convert writes it, verify recomputes it)."""
-    from .fold import apply_map, shift
+    from .fold import apply_map, norm_weighted, shift
 
     if edit.kind == "shift":
         return shift(before, u, plan.gamma)
-    return apply_map(before, vectors[edit.layer], plan.beta)
+    v = vectors[edit.layer]
+    if edit.norm is not None:  # a norm follows the writer: project off u ∝ g ⊙ v (beta -1)
+        gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
+        v = norm_weighted(v, gain)
+    return apply_map(before, v, plan.beta)
 
 
 def shift_vector(

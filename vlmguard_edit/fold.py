@@ -94,3 +94,15 @@ def attention_direction(
     if not torch.isfinite(norm) or norm == 0:
         raise PlanError("the attention-aware direction is zero or not finite")
     return u / norm
+
+
+def norm_weighted(v: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Rows spanning {g ⊙ v_i}, orthonormal (m, d), for a writer followed by a norm with gain g.
+
+    The norm's output is g ⊙ y / rms(y), so v_i . out = (g ⊙ v_i) . y / rms(y): projecting the
+    writer's output y off span{g ⊙ v_i} removes every v_i from what reaches the residual,
+    exactly, whatever rms(y) is.
+    """
+    weighted = gain.to(torch.float64)[None, :] * v.to(torch.float64)
+    q = torch.linalg.qr(weighted.T).Q  # (d, m), orthonormal columns
+    return q.T.to(torch.float32).contiguous()

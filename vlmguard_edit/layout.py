@@ -30,6 +30,10 @@ class Family:
     projector_bias: tuple[str, ...] = ()
     value_proj: str = "self_attn.v_proj"
     input_norm: str = "input_layernorm.weight"
+    # A norm between a writer and the residual add: writer module -> norm module. The norm's
+    # gain is weight + norm_offset (Gemma's RMSNorm multiplies by 1 + weight).
+    post_norms: tuple[tuple[str, str], ...] = ()
+    norm_offset: float = 0.0
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -67,12 +71,22 @@ FAMILIES: dict[str, Family] = {
     # Qwen2.5-VL's tower has mlp.down_proj (with bias) under visual.blocks: kept out likewise.
     "qwen2_vl": Family("qwen2_vl", ("qwen2_vl_text", "qwen2_vl"), _QWEN_VL_PREFIXES),
     "qwen2_5_vl": Family("qwen2_5_vl", ("qwen2_5_vl_text", "qwen2_5_vl"), _QWEN_VL_PREFIXES),
+    # A norm after each writer: only the projection (beta -1) is exact there, by projecting the
+    # writer's output off u ∝ g ⊙ v (see fold.norm_weighted).
+    "gemma3": Family(
+        "gemma3",
+        ("gemma3_text",),
+        _LLAVA_PREFIXES,
+        post_norms=(
+            ("self_attn.o_proj", "post_attention_layernorm"),
+            ("mlp.down_proj", "post_feedforward_layernorm"),
+        ),
+        norm_offset=1.0,
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
 REFUSED: dict[str, str] = {
-    "gemma3": "a norm sits between o_proj/down_proj and the residual add, so a writer fold "
-    "does not remove the direction from the residual stream",
     "gemma3n": "post-projection norms plus AltUp/LAuReL residual paths",
     "gemma4": "post-projection norms and a per-layer-input residual path",
     "glm4v": "post-projection norms (post_self_attn_layernorm / post_mlp_layernorm)",
@@ -85,6 +99,7 @@ class Writer:
     module: str  # e.g. "self_attn.o_proj"
     weight: str  # checkpoint key
     bias: str | None  # checkpoint key, when the writer has a bias
+    post_norm: str | None = None  # checkpoint key of the norm weight between it and the residual
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,13 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
                     f"layer {layer} has no {prefix}.{layer}.{module}.weight"
                 )
             bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
-            found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias))
+            norm = dict(family.post_norms).get(module)
+            if norm is not None and f"{norm}.weight" not in names:
+                raise UnsupportedModelError(
+                    f"layer {layer} has no {prefix}.{layer}.{norm}.weight (the norm after {module})"
+                )
+            norm_key = f"{prefix}.{layer}.{norm}.weight" if norm else None
+            found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias, norm_key))
         writers[layer] = tuple(found)
     projector = [k for k in family.projector_bias if k in set(keys)]
     heads = int(text.get("num_attention_heads", 0))
@@ -191,6 +212,8 @@ NOTES: dict[str, str] = {
     "qwen2_5_vl": "the vision tower has visual.blocks.N.mlp.down_proj (kept out by the prefix)",
     "mistral3": "the Pixtral tower has attention.o_proj and feed_forward.down_proj (kept out "
     "by the prefix)",
+    "gemma3": "an RMSNorm (gain 1 + w) sits between each writer and the residual add: only "
+    "beta -1 is supported, folded against the norm-gain-weighted direction",
 }
 
 
@@ -217,7 +240,12 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
     ]
     groups: dict[tuple[str, ...], list[int]] = {}
     for layer, writers in sorted(layout.writers.items()):
-        names = tuple(w.module + (" (+bias)" if w.bias else "") for w in writers)
+        names = tuple(
+            w.module
+            + (" (+bias)" if w.bias else "")
+            + (f" -> {w.post_norm.rsplit('.', 2)[-2]}" if w.post_norm else "")
+            for w in writers
+        )
         groups.setdefault(names, []).append(layer)
     for names, layers in groups.items():
         lines.append(f"writers         layers {_span(layers)}: {', '.join(names)}")

@@ -23,6 +23,7 @@ class PlannedEdit:
     dtype: str
     shape: tuple[int, ...]
     kind: str = "map"  # "map": (I + beta V^T V) x;  "shift": b + gamma u
+    norm: str | None = None  # the post-norm weight key: the map uses u ∝ (w + offset) ⊙ v
 
 
 @dataclass
@@ -49,7 +50,10 @@ class Plan:
             return (
                 f"b <- b + {self.gamma:g} * u on the projector output ({u}, layer {self.layers[0]})"
             )
-        return f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
+        text = f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
+        if any(edit.norm for edit in self.edits):
+            text += "; behind a post-norm with gain g, V_l -> orthonormal basis of g ⊙ V_l"
+        return text
 
     def describe(self) -> list[str]:
         lines = [
@@ -91,6 +95,13 @@ def build_plan(
         extra = (mode, gamma, shift_direction)
         return Plan(layout, list(layers), rank, beta, [edit], copied, dropped, *extra)
     edits = []
+    normed = [w for layer in layers for w in layout.writers[layer] if w.post_norm]
+    if normed and beta != -1.0:
+        raise PlanError(
+            f"{layout.family.model_type} has a norm between {normed[0].module} and the residual "
+            f"add ({normed[0].post_norm}): only the projection (beta -1) can be folded exactly "
+            f"there; got beta {beta:g}"
+        )
     for layer in layers:
         for writer in layout.writers[layer]:
             for key in (writer.weight, writer.bias):
@@ -112,6 +123,7 @@ def build_plan(
                         writer.module,
                         info.dtype,
                         info.shape,
+                        norm=writer.post_norm,
                     )
                 )
     expected = sum(len(layout.writers[layer]) for layer in layers)

@@ -271,6 +271,14 @@ FAMILY_CONFIGS: dict[str, dict] = {
         video_token_id=6,
         vision_start_token_id=7,
     ),
+    "gemma3": dict(
+        text_config=dict(model_type="gemma3_text", sliding_window=64, **_TEXT),
+        vision_config=_SIGLIP,
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    ),
     "qwen2_5_vl": dict(
         text_config=dict(model_type="qwen2_5_vl_text", rope_scaling=_MROPE, **_TEXT),
         vision_config=dict(
@@ -296,5 +304,9 @@ def build_family(out: Path, model_type: str, layout: str = "legacy", seed: int =
     config = AutoConfig.for_model(model_type, **FAMILY_CONFIGS[model_type])
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():  # random norm gains: the default (all equal) ones hide mistakes
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.empty_like(param).uniform_(-0.5, 0.5))
     model.save_pretrained(out, save_original_format=layout == "legacy")
     return out

@@ -153,7 +153,9 @@ def _check_against_source(
     bad = 0
     for key in tqdm(sorted(original.keys), desc="tensors", disable=not progress):
         before = original.read(key)
-        expected = fold_tensor(edits[key], before, vectors, plan, u) if key in edits else before
+        expected = (
+            fold_tensor(original, edits[key], before, vectors, plan, u) if key in edits else before
+        )
         if not torch.equal(guarded.read(key), expected):
             what = "the fold recomputed from the source" if key in edits else "the source"
             report.problems.append(f"{key}: differs from {what}")
