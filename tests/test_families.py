@@ -20,10 +20,14 @@ from vlmguard_edit.recipes import Recipe
 from vlmguard_edit.runtime import WriterHooks
 
 # Families whose two layouts differ get both; Idefics3 / SmolVLM have one.
+ONE_LAYOUT = ("idefics3", "smolvlm")
+LAYOUTS = {"qwen3_vl_moe": ("legacy", "hub")}  # same names; experts (E,H,I) vs Hub (E,I,H)
 CASES = [
     (family, layout)
     for family in tiny.FAMILY_CONFIGS
-    for layout in (("legacy",) if family in ("idefics3", "smolvlm") else ("legacy", "memory"))
+    for layout in (
+        ("legacy",) if family in ONE_LAYOUT else LAYOUTS.get(family, ("legacy", "memory"))
+    )
 ]
 # A name clash the layout must keep out: vision towers with writer-like names.
 CLASHES = {"mistral3": "vision_tower.transformer.layers.0", "qwen2_5_vl": "visual.blocks.0.mlp"}
@@ -118,7 +122,11 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
         return
     result = convert(options)
     planned = {edit.key for edit in result.plan.edits}
-    assert len(planned) == 4  # o_proj and down_proj of both layers
+    assert len(planned) == 4  # o_proj and down_proj (or the fused experts) of both layers
+    if family == "qwen3_vl_moe":  # layer 0 is MoE, layer 1 dense; orientation from shapes
+        experts = [e for e in result.plan.edits if e.kind == "experts"]
+        assert [e.layer for e in experts] == [0]
+        assert experts[0].axis == (2 if layout == "hub" else 1)
     before, after = tensors(source), tensors(guarded)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -188,3 +196,18 @@ def test_inspect_command(tmp_path):
     assert "NOT SUPPORTED: model type 'glm4v' is not supported: post-projection norms" in (
         refused.output
     )
+
+
+def test_square_experts_are_refused(tmp_path):
+    source = tiny.build_family(tmp_path / "sq", "qwen3_vl_moe", moe_intermediate_size=64)
+    with pytest.raises(PlanError, match="square experts"):
+        convert(
+            ConvertOptions(
+                str(source),
+                tmp_path / "out",
+                Recipe(layers=[0], rank=1, beta=-1.0),
+                direction_file=None,
+                dry_run=True,
+                progress=False,
+            )
+        )

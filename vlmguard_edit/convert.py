@@ -313,9 +313,18 @@ def fold_tensor(
     """The edited value of one planned tensor (convert writes it, verify recomputes it)."""
     from .fold import apply_map, norm_weighted, shift
 
+    torch = import_torch()
+
     if edit.kind == "shift":
         return shift(before, u, plan.gamma)
     v = vectors[edit.layer]
+    if edit.kind == "experts":  # every expert's matrix, hidden axis first for apply_map
+        out = torch.empty_like(before)
+        for e in range(before.shape[0]):
+            w = before[e] if edit.axis == 1 else before[e].T
+            folded = apply_map(w, v, plan.beta)
+            out[e] = folded if edit.axis == 1 else folded.T
+        return out
     if edit.norm is not None:  # a norm follows the writer: project off u ∝ g ⊙ v (beta -1)
         gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
         v = norm_weighted(v, gain)

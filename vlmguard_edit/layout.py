@@ -34,6 +34,10 @@ class Family:
     # gain is weight + norm_offset (Gemma's RMSNorm multiplies by 1 + weight).
     post_norms: tuple[tuple[str, str], ...] = ()
     norm_offset: float = 0.0
+    # MoE: a writer that a layer may have as fused 3-D expert tensors instead, e.g.
+    # "mlp.down_proj" -> ("mlp.experts", "down_proj"): the tensor mlp.experts.down_proj holds
+    # every expert's down projection, (E, H, I) or (E, I, H) (see plan: decided from shapes).
+    fused: tuple[tuple[str, tuple[str, str]], ...] = ()
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -71,6 +75,14 @@ FAMILIES: dict[str, Family] = {
     # Qwen2.5-VL's tower has mlp.down_proj (with bias) under visual.blocks: kept out likewise.
     "qwen2_vl": Family("qwen2_vl", ("qwen2_vl_text", "qwen2_vl"), _QWEN_VL_PREFIXES),
     "qwen2_5_vl": Family("qwen2_5_vl", ("qwen2_5_vl_text", "qwen2_5_vl"), _QWEN_VL_PREFIXES),
+    # Every expert's down projection is a writer; dense layers (mlp_only_layers) keep
+    # mlp.down_proj. Deepstack adds visual features to the first layers' residual stream.
+    "qwen3_vl_moe": Family(
+        "qwen3_vl_moe",
+        ("qwen3_vl_moe_text",),
+        ("model.language_model.layers",),
+        fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+    ),
     # A norm after each writer: only the projection (beta -1) is exact there, by projecting the
     # writer's output off u ∝ g ⊙ v (see fold.norm_weighted).
     "gemma3": Family(
@@ -100,6 +112,7 @@ class Writer:
     weight: str  # checkpoint key
     bias: str | None  # checkpoint key, when the writer has a bias
     post_norm: str | None = None  # checkpoint key of the norm weight between it and the residual
+    fused: bool = False  # weight is a fused (E, ., .) tensor of every expert's projection
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,11 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
     for layer, names in by_layer.items():
         found = []
         for module in family.writers:
+            fused = dict(family.fused).get(module)
+            if f"{module}.weight" not in names and fused and ".".join(fused) in names:
+                key = f"{prefix}.{layer}.{'.'.join(fused)}"
+                found.append(Writer(layer, fused[0], key, None, fused=True))
+                continue
             if f"{module}.weight" not in names:
                 raise UnsupportedModelError(
                     f"layer {layer} has no {prefix}.{layer}.{module}.weight"
@@ -212,6 +230,8 @@ NOTES: dict[str, str] = {
     "qwen2_5_vl": "the vision tower has visual.blocks.N.mlp.down_proj (kept out by the prefix)",
     "mistral3": "the Pixtral tower has attention.o_proj and feed_forward.down_proj (kept out "
     "by the prefix)",
+    "qwen3_vl_moe": "MoE: every expert's down projection (fused 3-D tensor) is a writer; "
+    "deepstack adds visual features to the first layers' residual stream (not edited)",
     "gemma3": "an RMSNorm (gain 1 + w) sits between each writer and the residual add: only "
     "beta -1 is supported, folded against the norm-gain-weighted direction",
 }

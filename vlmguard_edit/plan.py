@@ -24,6 +24,9 @@ class PlannedEdit:
     shape: tuple[int, ...]
     kind: str = "map"  # "map": (I + beta V^T V) x;  "shift": b + gamma u
     norm: str | None = None  # the post-norm weight key: the map uses u ∝ (w + offset) ⊙ v
+    # Fused experts (kind "experts"): the axis of each expert's matrix that is the hidden size
+    # (1: (E, H, I), used as F.linear; 2: (E, I, H), used as x @ W).
+    axis: int = 0
 
 
 @dataclass
@@ -110,6 +113,9 @@ def build_plan(
                 info = checkpoint.info(key)
                 if info.dtype not in FLOAT_DTYPES:
                     raise PlanError(f"{key} is {info.dtype}; only float weights can be edited")
+                if writer.fused:
+                    edits.append(_experts_edit(checkpoint, layout, writer, key, info))
+                    continue
                 if info.shape[0] != layout.hidden_size:
                     raise PlanError(
                         f"{key} has shape {list(info.shape)}; expected the output dimension "
@@ -127,10 +133,30 @@ def build_plan(
                     )
                 )
     expected = sum(len(layout.writers[layer]) for layer in layers)
-    weights = sum(1 for e in edits if e.key.endswith(".weight"))
+    weights = sum(1 for e in edits if e.key.endswith(".weight") or e.kind == "experts")
     if weights != expected or not edits:
         raise PlanError(f"the plan edits {weights} writer weights, expected {expected}; refusing")
     return Plan(layout, list(layers), rank, beta, edits, copied, dropped)
+
+
+def _experts_edit(checkpoint: Checkpoint, layout: Layout, writer, key: str, info) -> PlannedEdit:
+    """A fused (E, a, b) expert tensor: which axis is the hidden size, from the shapes alone."""
+    hidden = layout.hidden_size
+    if len(info.shape) != 3:
+        raise PlanError(f"{key} has shape {list(info.shape)}; expected fused experts (E, ., .)")
+    _, a, b = info.shape
+    if a == b:
+        raise PlanError(
+            f"{key} has square experts {list(info.shape)}: which axis is the hidden size cannot "
+            "be decided from the shapes; refusing rather than guessing"
+        )
+    if hidden not in (a, b):
+        raise PlanError(f"{key} has shape {list(info.shape)}; neither axis is hidden {hidden}")
+    axis = 1 if a == hidden else 2
+    file = checkpoint.key_to_file[key]
+    return PlannedEdit(
+        key, file, writer.layer, writer.module, info.dtype, info.shape, "experts", axis=axis
+    )
 
 
 def _projector_shift_edit(checkpoint: Checkpoint, layout: Layout, layers: list[int]) -> PlannedEdit:

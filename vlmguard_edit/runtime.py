@@ -24,10 +24,23 @@ def text_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def writer_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
+    """Per layer, the modules whose outputs the fold maps (for fused MoE experts: the experts
+    module, whose output is the routing-weighted sum of every expert's down projection)."""
     model_type = getattr(model.config, "model_type", None)
-    writers = FAMILIES[model_type].writers if model_type in FAMILIES else LLAMA_WRITERS
+    family = FAMILIES.get(model_type)
+    writers = family.writers if family else LLAMA_WRITERS
+    fused = dict(family.fused) if family else {}
+
+    def module(layer: torch.nn.Module, name: str) -> torch.nn.Module:
+        try:
+            return layer.get_submodule(name)
+        except AttributeError:
+            if name not in fused:
+                raise
+            return layer.get_submodule(fused[name][0])
+
     layers = text_layers(model)
-    return {i: [layer.get_submodule(name) for name in writers] for i, layer in enumerate(layers)}
+    return {i: [module(layer, name) for name in writers] for i, layer in enumerate(layers)}
 
 
 class WriterHooks:

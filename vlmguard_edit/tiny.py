@@ -279,6 +279,28 @@ FAMILY_CONFIGS: dict[str, dict] = {
         boi_token_index=6,
         eoi_token_index=7,
     ),
+    "qwen3_vl_moe": dict(
+        text_config=dict(
+            model_type="qwen3_vl_moe_text",
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,  # not square with hidden 64: the orientation is decidable
+            mlp_only_layers=[1],  # layer 1 dense: both writer kinds in one model
+            **_TEXT,
+        ),
+        vision_config=dict(
+            _QWEN_VISION,
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        vision_start_token_id=7,
+    ),
     "qwen2_5_vl": dict(
         text_config=dict(model_type="qwen2_5_vl_text", rope_scaling=_MROPE, **_TEXT),
         vision_config=dict(
@@ -296,17 +318,42 @@ FAMILY_CONFIGS: dict[str, dict] = {
 }
 
 
-def build_family(out: Path, model_type: str, layout: str = "legacy", seed: int = 0) -> Path:
+def build_family(
+    out: Path, model_type: str, layout: str = "legacy", seed: int = 0, **text_overrides
+) -> Path:
     """A random tiny VLM of ``model_type`` (see FAMILY_CONFIGS), saved in ``layout``:
-    "legacy" (the Hub / save_pretrained key names) or "memory" (transformers 5's)."""
+    "legacy" (the Hub / save_pretrained key names), "memory" (transformers 5's), or "hub"
+    (legacy with fused MoE experts in the Hub's (E, I, H) orientation, as 4.57 saves them)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = AutoConfig.for_model(model_type, **FAMILY_CONFIGS[model_type])
+    spec = dict(FAMILY_CONFIGS[model_type])
+    spec["text_config"] = {**spec["text_config"], **text_overrides}
+    config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():  # random norm gains: the default (all equal) ones hide mistakes
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 param.add_(torch.empty_like(param).uniform_(-0.5, 0.5))
-    model.save_pretrained(out, save_original_format=layout == "legacy")
+    model.save_pretrained(out, save_original_format=layout in ("legacy", "hub"))
+    if layout == "hub":
+        _transpose_experts(out)
     return out
+
+
+def _transpose_experts(folder: Path) -> None:
+    """transformers 5 saves fused experts as (E, H, I) / (E, 2I, H); the Hub has them as
+    (E, I, H) / (E, H, 2I). Swap the last two axes of every fused expert tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            tensors = {
+                k: handle.get_tensor(k).transpose(1, 2).contiguous()
+                if k.endswith(("experts.down_proj", "experts.gate_up_proj"))
+                else handle.get_tensor(k)
+                for k in handle.keys()  # noqa: SIM118
+            }
+            metadata = handle.metadata()
+        save_file(tensors, shard, metadata=metadata)
