@@ -237,19 +237,20 @@ def test_real_sigint_to_installed_command(vlm_factory, out, direction_file):
         # torch first, so that the signal lands in the copy/fold phase, not inside an import
         "import sys, time, torch, vlmguard_edit.convert as c\n"
         "real = c.copy_file\n"
-        "def slow(*a):\n    time.sleep(0.4)\n    real(*a)\n"
-        "c.copy_file = slow\n"  # what the copy workers call
+        "def slow(*a):\n    time.sleep(1.0)\n    real(*a)\n"
+        "c.copy_file = slow\n"  # what the copy workers call: several seconds of copying
         "from cli import main\n"
         "sys.exit(main())\n"
     )
     args = [str(a) for a in convert_args(vlm_factory(shards=True), out, direction_file)]
     proc = subprocess.Popen([sys.executable, "-c", slow, *args], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not (
-        out.parent.exists() and any(out.parent.glob(".*vlmguard-tmp*"))
-    ):
-        time.sleep(0.05)
-    time.sleep(0.5)
+    while time.time() < deadline and proc.poll() is None:
+        tmp = list(out.parent.glob(".*vlmguard-tmp*")) if out.parent.exists() else []
+        if tmp and any(tmp[0].iterdir()):  # copying has started
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the test could interrupt it"
     os.kill(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
