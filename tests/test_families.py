@@ -20,7 +20,7 @@ from vlmguard_edit.recipes import Recipe
 from vlmguard_edit.runtime import WriterHooks
 
 # Families whose two layouts differ get both; Idefics3 / SmolVLM have one.
-ONE_LAYOUT = ("idefics3", "smolvlm")
+ONE_LAYOUT = ("idefics3", "smolvlm", "llama4")  # Llama 4: legacy names = module names
 LAYOUTS = {"qwen3_vl_moe": ("legacy", "hub")}  # same names; experts (E,H,I) vs Hub (E,I,H)
 CASES = [
     (family, layout)
@@ -30,7 +30,11 @@ CASES = [
     )
 ]
 # A name clash the layout must keep out: vision towers with writer-like names.
-CLASHES = {"mistral3": "vision_tower.transformer.layers.0", "qwen2_5_vl": "visual.blocks.0.mlp"}
+CLASHES = {
+    "mistral3": "vision_tower.transformer.layers.0",
+    "qwen2_5_vl": "visual.blocks.0.mlp",
+    "llama4": "vision_model.model.layers.0.self_attn.o_proj",
+}
 
 
 # Norms between the writers and the residual add (randomised gains, see tiny.build_family).
@@ -122,7 +126,12 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
         return
     result = convert(options)
     planned = {edit.key for edit in result.plan.edits}
-    assert len(planned) == 4  # o_proj and down_proj (or the fused experts) of both layers
+    # o_proj and down_proj (or the fused experts) of both layers; Llama 4's MoE layer also
+    # has its shared expert
+    assert len(planned) == (5 if family == "llama4" else 4)
+    if family == "llama4":
+        kinds = {(e.layer, e.kind, e.axis) for e in result.plan.edits if "feed_forward" in e.key}
+        assert kinds == {(0, "map", 0), (1, "experts", 2), (1, "map", 0)}
     if family == "qwen3_vl_moe":  # layer 0 is MoE, layer 1 dense; orientation from shapes
         experts = [e for e in result.plan.edits if e.kind == "experts"]
         assert [e.layer for e in experts] == [0]

@@ -38,6 +38,8 @@ class Family:
     # "mlp.down_proj" -> ("mlp.experts", "down_proj"): the tensor mlp.experts.down_proj holds
     # every expert's down projection, (E, H, I) or (E, I, H) (see plan: decided from shapes).
     fused: tuple[tuple[str, tuple[str, str]], ...] = ()
+    # Writers only some layers have (Llama 4's shared expert in its MoE layers).
+    extra_writers: tuple[str, ...] = ()
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -82,6 +84,18 @@ FAMILIES: dict[str, Family] = {
         ("qwen3_vl_moe_text",),
         ("model.language_model.layers",),
         fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+    ),
+    # MoE layers (every interleave_moe_layer_step-th): fused experts used as x @ W, (E, I, H),
+    # plus a shared expert; dense layers: feed_forward.down_proj. The vision model has
+    # self_attn.o_proj (with bias) under vision_model.*: kept out by the prefix.
+    "llama4": Family(
+        "llama4",
+        ("llama4_text",),
+        ("language_model.model.layers",),
+        writers=("self_attn.o_proj", "feed_forward.down_proj"),
+        fused=(("feed_forward.down_proj", ("feed_forward.experts", "down_proj")),),
+        extra_writers=("feed_forward.shared_expert.down_proj",),
+        value_proj="self_attn.v_proj",
     ),
     # A norm after each writer: only the projection (beta -1) is exact there, by projecting the
     # writer's output off u ∝ g ⊙ v (see fold.norm_weighted).
@@ -201,6 +215,10 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
                 )
             norm_key = f"{prefix}.{layer}.{norm}.weight" if norm else None
             found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias, norm_key))
+        for module in family.extra_writers:
+            if f"{module}.weight" in names:
+                bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
+                found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias))
         writers[layer] = tuple(found)
     projector = [k for k in family.projector_bias if k in set(keys)]
     heads = int(text.get("num_attention_heads", 0))
@@ -232,6 +250,8 @@ NOTES: dict[str, str] = {
     "by the prefix)",
     "qwen3_vl_moe": "MoE: every expert's down projection (fused 3-D tensor) is a writer; "
     "deepstack adds visual features to the first layers' residual stream (not edited)",
+    "llama4": "MoE layers: every expert's down projection (fused, used as x @ W) and the "
+    "shared expert are writers; the vision model's o_proj is kept out by the prefix",
     "gemma3": "an RMSNorm (gain 1 + w) sits between each writer and the residual add: only "
     "beta -1 is supported, folded against the norm-gain-weighted direction",
 }

@@ -39,8 +39,20 @@ def writer_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
                 raise
             return layer.get_submodule(fused[name][0])
 
+    def extras(layer: torch.nn.Module) -> list[torch.nn.Module]:
+        found = []
+        for name in family.extra_writers if family else ():
+            try:
+                found.append(layer.get_submodule(name))
+            except AttributeError:
+                continue  # a layer without it (e.g. a dense Llama 4 layer)
+        return found
+
     layers = text_layers(model)
-    return {i: [module(layer, name) for name in writers] for i, layer in enumerate(layers)}
+    return {
+        i: [module(layer, name) for name in writers] + extras(layer)
+        for i, layer in enumerate(layers)
+    }
 
 
 class WriterHooks:

@@ -301,6 +301,26 @@ FAMILY_CONFIGS: dict[str, dict] = {
         video_token_id=6,
         vision_start_token_id=7,
     ),
+    "llama4": dict(
+        text_config=dict(
+            model_type="llama4_text",
+            **{**_TEXT, "intermediate_size": 48},  # the experts' I (not square with 64)
+            intermediate_size_mlp=96,  # the dense layers'
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,  # layer 0 dense, layer 1 MoE
+            no_rope_layers=[1, 1],
+        ),
+        vision_config=dict(
+            _SIGLIP,
+            model_type="llama4_vision_model",
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+            pixel_shuffle_ratio=0.5,
+        ),
+        image_token_index=5,
+    ),
     "qwen2_5_vl": dict(
         text_config=dict(model_type="qwen2_5_vl_text", rope_scaling=_MROPE, **_TEXT),
         vision_config=dict(
