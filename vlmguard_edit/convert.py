@@ -234,10 +234,8 @@ class GuardedWriter:
         # into them (a copy call holds the file's inode lock), then the untouched files.
         edited = sorted(self.by_file)
         for name in edited:
-            holes = [
-                (checkpoint.info(e.key).start, checkpoint.info(e.key).end)
-                for e in self.by_file[name]
-            ]
+            infos = [checkpoint.info(e.key) for e in self.by_file[name]]
+            holes = [(info.start, info.end) for info in infos]
             allocate_like(checkpoint.path / name, out / name)
             self.copies[name] = self.pool.submit(
                 copy_except, checkpoint.path / name, out / name, holes

@@ -228,6 +228,7 @@ _SIGLIP = dict(
     patch_size=14,
 )
 _MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+_QWEN_TOKENS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=7)
 _QWEN_VISION = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_heads=2)
 
 # Tiny configs (2 text layers x 64, a 1-layer vision tower) of every family layout.FAMILIES
@@ -267,9 +268,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "qwen2_vl": dict(
         text_config=dict(model_type="qwen2_vl_text", rope_scaling=_MROPE, **_TEXT),
         vision_config=dict(_QWEN_VISION, depth=1, embed_dim=32, hidden_size=64),
-        image_token_id=5,
-        video_token_id=6,
-        vision_start_token_id=7,
+        **_QWEN_TOKENS,
     ),
     "gemma3": dict(
         text_config=dict(model_type="gemma3_text", sliding_window=64, **_TEXT),
@@ -297,9 +296,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
             out_hidden_size=64,
             deepstack_visual_indexes=[0],
         ),
-        image_token_id=5,
-        video_token_id=6,
-        vision_start_token_id=7,
+        **_QWEN_TOKENS,
     ),
     "llama4": dict(
         text_config=dict(
@@ -331,9 +328,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
             intermediate_size=64,
             fullatt_block_indexes=[0],
         ),
-        image_token_id=5,
-        video_token_id=6,
-        vision_start_token_id=7,
+        **_QWEN_TOKENS,
     ),
 }
 
