@@ -434,7 +434,9 @@ def weight_drift(
     report = {}
     for layer in layers:
         for writer in layout.writers[layer]:
-            key = f"model.layers.{layer}.{writer.module}.weight"
+            # The same tensor in a text-only LLM: the VLM key below its layer prefix, under
+            # model.layers (fused MoE experts included, whose keys have no .weight).
+            key = "model.layers." + writer.weight.removeprefix(layout.layer_prefix + ".")
             if key not in base_checkpoint.key_to_file:
                 return {}
             ours = vlm.read(writer.weight).float().flatten()
