@@ -231,6 +231,34 @@ def test_ctrl_c_mid_run(vlm_factory, out, direction_file, monkeypatch):
     assert_refused(result, out, "interrupted", code=130)
 
 
+def test_ctrl_c_while_copies_are_queued(vlm_factory, out, direction_file, monkeypatch):
+    """Ctrl-C while the writer is still queueing copies (copies already running): the
+    running copies are waited for before the temporary folder is removed, so none of them
+    writes into it afterwards and leaves it behind (seen once under load in CI)."""
+    import vlmguard_edit.convert as convert_module
+
+    real_copy, submitted = convert_module.copy_file, []
+
+    def slow_copy(*args):
+        time.sleep(0.3)
+        real_copy(*args)
+
+    class InterruptedPool(convert_module.ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(fn)
+            if len(submitted) == 4:  # two copies running, one queued: Ctrl-C now
+                raise KeyboardInterrupt
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "copy_file", slow_copy)
+    monkeypatch.setattr(convert_module, "ThreadPoolExecutor", InterruptedPool)
+    result = run(convert_args(vlm_factory(shards=True), out, direction_file))
+    assert len(submitted) == 4
+    assert_refused(result, out, "interrupted", code=130)
+    time.sleep(0.5)  # a copy that outlived the run would have re-created the folder by now
+    assert not [p for p in out.parent.iterdir() if ".vlmguard-" in p.name]
+
+
 def test_real_sigint_to_installed_command(vlm_factory, out, direction_file):
     """A real Ctrl-C (SIGINT) while shards are being written, to the installed command."""
     slow = (

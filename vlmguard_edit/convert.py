@@ -230,6 +230,14 @@ class GuardedWriter:
         )
         self.jobs: dict[str, Future] = {}
         self.copies: dict[str, Future] = {}  # edited shards: the copy around the holes
+        try:
+            self._start()
+        except BaseException:  # e.g. Ctrl-C while the jobs are queued: no copy may outlive us
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        checkpoint, out = self.checkpoint, self.out
         # The edited shards first: their copies are done before the folding thread writes
         # into them (a copy call holds the file's inode lock), then the untouched files.
         edited = sorted(self.by_file)
@@ -242,7 +250,7 @@ class GuardedWriter:
             )
         for name in sorted(set(checkpoint.shards) - set(edited)):
             self.jobs[name] = self.pool.submit(self._copied, checkpoint.path / name, out / name)
-        for rel in plan.copied:
+        for rel in self.plan.copied:
             self.jobs[rel] = self.pool.submit(self._copied, checkpoint.path / rel, out / rel)
 
     def _copied(self, source: Path, target: Path) -> dict[str, Any]:
@@ -296,7 +304,12 @@ class GuardedWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)  # on an error, stop queued copies
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the queued copies and wait for the running ones, so that nothing writes
+        into the output folder after this returns (it is removed next on an error)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.bar.close()
 
 
