@@ -30,6 +30,8 @@ Examples:
   vlmguard-edit direction lmsys/vicuna-7b-v1.5 --layers 16-31 -o vicuna-ssd.safetensors \\
       --template "A chat between ... USER: {request} ASSISTANT:"
   vlmguard-edit direction self --vlm ./my-llava --layers 8-15 --rank 2 -o ssd.safetensors
+  vlmguard-edit direction meta-llama/Llama-3.1-8B-Instruct \
+      --vlm meta-llama/Llama-3.2-11B-Vision-Instruct --layers 20-39 -o mllama-ssd.safetensors
 """
 
 
@@ -340,7 +342,12 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
     type=click.Path(dir_okay=False),
     help="Direction file to write.",
 )
-@click.option("--vlm", help="The VLM whose language model to use when BASE_LLM is 'self'.")
+@click.option(
+    "--vlm",
+    help="The VLM the direction is for: its language model when BASE_LLM is 'self'; with a "
+    "base LLM, --layers are the VLM's and the file is numbered by them (needed where the "
+    "numbering differs, e.g. Llama 3.2 Vision's cross-attention layers).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing direction file.")
 @direction_options
 def direction(base_llm, output, vlm, overwrite, **kw):
@@ -363,14 +370,27 @@ def direction(base_llm, output, vlm, overwrite, **kw):
         None if is_self else recipe.base_llm.revision,
         kw["allow_pickle"],
     )
+    layout = None
+    if vlm:
+        from vlmguard_edit.checkpoint import open_checkpoint
+        from vlmguard_edit.layout import find_layout
+
+        target = source if is_self else resolve_model(vlm, None, kw["allow_pickle"])
+        checkpoint = open_checkpoint(target.path)
+        layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = recipe.layers
     if layers is None:
         import json
 
         config = json.loads((source.path / "config.json").read_text("utf-8"))
         layers = default_layers(
-            int((text_config(config) if is_self else config)["num_hidden_layers"])
+            layout.num_layers if layout else int(text_config(config)["num_hidden_layers"])
         )
+    layer_map = (
+        {layer: layout.direction_layer(layer, in_base=not is_self) for layer in layers}
+        if layout
+        else None
+    )
     result = compute_direction(
         source,
         load_anchors(recipe.anchors),
@@ -384,6 +404,7 @@ def direction(base_llm, output, vlm, overwrite, **kw):
         allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],
         progress=_progress(kw["quiet"]),
+        layer_map=layer_map,
     )
     result.save(Path(output))
     click.echo(f"wrote {output}: rank {result.rank}, {_span(layers)}")
@@ -684,11 +705,9 @@ def _build_recipe(kw: dict, base_llm: str | None, **extra):
 
 def _span(layers: list[int]) -> str:
     """'layer 3', 'layers 16-31' or 'layers 2,5'."""
-    if len(layers) == 1:
-        return f"layer {layers[0]}"
-    if layers and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"layers {layers[0]}-{layers[-1]}"
-    return "layers " + ",".join(map(str, layers))
+    from vlmguard_edit.layout import span
+
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {span(layers)}"
 
 
 def _count(n: int, noun: str) -> str:

@@ -6,6 +6,8 @@ changing the model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -13,14 +15,16 @@ from transformers import AutoModelForImageTextToText
 
 from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import open_checkpoint
-from vlmguard_edit.convert import ConvertOptions, convert
+from vlmguard_edit.convert import DIRECTION_NAME, ConvertOptions, convert
 from vlmguard_edit.direction import Direction
-from vlmguard_edit.errors import PlanError
-from vlmguard_edit.recipes import Recipe
-from vlmguard_edit.runtime import WriterHooks
+from vlmguard_edit.errors import DirectionError, PlanError, UnsupportedModelError
+from vlmguard_edit.layout import find_layout
+from vlmguard_edit.recipes import BaseLLM, Recipe
+from vlmguard_edit.runtime import WriterHooks, text_layers
 
 # Families whose two layouts differ get both; Idefics3 / SmolVLM have one.
-ONE_LAYOUT = ("idefics3", "smolvlm", "llama4")  # Llama 4: legacy names = module names
+# Llama 4, Qwen3-VL, GLM-4.1V: the legacy names are the module names.
+ONE_LAYOUT = ("idefics3", "smolvlm", "llama4", "qwen3_vl", "glm4v")
 LAYOUTS = {"qwen3_vl_moe": ("legacy", "hub")}  # same names; experts (E,H,I) vs Hub (E,I,H)
 CASES = [
     (family, layout)
@@ -34,32 +38,38 @@ CLASHES = {
     "mistral3": "vision_tower.transformer.layers.0",
     "qwen2_5_vl": "visual.blocks.0.mlp",
     "llama4": "vision_model.model.layers.0.self_attn.o_proj",
+    "glm4v": "visual.blocks.0.mlp.down_proj",
+    "mllama": "vision_model.transformer.layers.0.self_attn.o_proj",
 }
 
 
-# Norms between the writers and the residual add (randomised gains, see tiny.build_family).
-POST_NORM = {"gemma3": ("post_attention_layernorm", "post_feedforward_layernorm")}
+# Norms between the writers and the residual add (randomised gains, see tiny.build_family):
+# (o_proj's norm, down_proj's norm), and the gain's offset (Gemma: 1 + w; GLM: w).
+_GEMMA_NORMS = (("post_attention_layernorm", "post_feedforward_layernorm"), 1.0)
+POST_NORM = {
+    "gemma3": _GEMMA_NORMS,
+    "paligemma2": _GEMMA_NORMS,
+    "glm4v": (("post_self_attn_layernorm", "post_mlp_layernorm"), 0.0),
+}
 
 
 class PostNormHooks:
     """Reference for post-norm families, written apart from vlmguard_edit: project each
-    writer's output off the span of g ⊙ v_i (g = 1 + w, Gemma's gain), via an SVD basis."""
+    writer's output off the span of g ⊙ v_i (g = offset + w), via an SVD basis."""
 
-    def __init__(self, model, vectors, beta):
+    def __init__(self, model, vectors, beta, norms, offset):
         assert beta == -1.0
         self.handles = []
-        self.model, self.vectors = model, vectors
+        self.model, self.vectors, self.norms, self.offset = model, vectors, norms, offset
 
     def __enter__(self):
-        layers = self.model.model.language_model.layers
+        layers = text_layers(self.model)
         for index, v in self.vectors.items():
             layer = layers[index]
-            pairs = (
-                (layer.self_attn.o_proj, layer.post_attention_layernorm),
-                (layer.mlp.down_proj, layer.post_feedforward_layernorm),
-            )
+            attn_norm, mlp_norm = (getattr(layer, name) for name in self.norms)
+            pairs = ((layer.self_attn.o_proj, attn_norm), (layer.mlp.down_proj, mlp_norm))
             for writer, norm in pairs:
-                weighted = (1.0 + norm.weight.detach().double())[None, :] * v.double()
+                weighted = (self.offset + norm.weight.detach().double())[None, :] * v.double()
                 basis = torch.linalg.svd(weighted, full_matrices=False).Vh.float()  # (m, d)
 
                 def hook(_m, _i, out, basis=basis):
@@ -76,7 +86,7 @@ class PostNormHooks:
 def norm_outputs(model, ids, names):
     """The post-norm outputs (what is added to the residual stream) of every layer."""
     captured, handles = {}, []
-    for index, layer in enumerate(model.model.language_model.layers):
+    for index, layer in enumerate(text_layers(model)):
         for name in names:
             module = getattr(layer, name)
             handles.append(
@@ -147,21 +157,33 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
     model, info = AutoModelForImageTextToText.from_pretrained(guarded, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     original = AutoModelForImageTextToText.from_pretrained(source).eval()
-    ids = torch.tensor([[1, 10, 11, 12, 13, 14]])
-    reference = PostNormHooks if family in POST_NORM else WriterHooks
+    inputs = {"input_ids": torch.tensor([[1, 10, 11, 12, 13, 14]])}
+    if family == "mllama":  # image states, so that the cross-attention layer 1 runs at all
+        inputs["cross_attention_states"] = torch.randn(1, 4, 64, generator=generator)
+
+    def reference(vectors):
+        if family in POST_NORM:
+            return PostNormHooks(original, vectors, beta, *POST_NORM[family])
+        return WriterHooks(original, vectors, beta)
+
     with torch.no_grad():
-        folded = model.eval()(input_ids=ids).logits
-        plain = original(input_ids=ids).logits
-        with reference(original, vectors, beta):
-            hooked = original(input_ids=ids).logits
+        folded = model.eval()(**inputs).logits
+        plain = original(**inputs).logits
+        with reference(vectors):
+            hooked = original(**inputs).logits
+        if family == "mllama":  # the cross-attention layer's edit is part of the match
+            with reference({0: vectors[0]}):
+                layer_0_only = original(**inputs).logits
+            assert (folded - layer_0_only).abs().max() > 1e-4
     assert (folded - hooked).abs().max() < 1e-5
     assert (folded - plain).abs().max() > 1e-3  # the edit did something
     if family in POST_NORM:  # what reaches the residual stream has no component along V
-        reaching = norm_outputs(model, ids, POST_NORM[family])
+        ids = inputs["input_ids"]
+        reaching = norm_outputs(model, ids, POST_NORM[family][0])
         for (layer, _), out in reaching.items():
             along = (out @ vectors[layer].T).abs().max()
             assert along < 1e-4 * out.abs().max(), (layer, float(along))
-        untouched = norm_outputs(original, ids, POST_NORM[family])
+        untouched = norm_outputs(original, ids, POST_NORM[family][0])
         assert max((o @ vectors[k[0]].T).abs().max() for k, o in untouched.items()) > 1e-2
 
 
@@ -193,18 +215,34 @@ def test_inspect_command(tmp_path):
     shown = CliRunner().invoke(main, ["inspect", str(source)])
     assert shown.exit_code == 0, shown.output
     assert "language_model.model.layers.N  (Hub / save_pretrained)" in shown.output
-    assert "layers 0..1 (2 layers): self_attn.o_proj, mlp.down_proj" in shown.output
+    assert "layers 0-1 (2 layers): self_attn.o_proj, mlp.down_proj" in shown.output
     assert "2 o_proj/down_proj tensors outside the language model" in shown.output
     assert "projector-shift no" in shown.output
     gemma = tmp_path / "gemma"
     gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps({"model_type": "glm4v", "text_config": {}}))
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": {}}))
     save_file({"x": torch.zeros(1)}, gemma / "model.safetensors")
     refused = CliRunner().invoke(main, ["inspect", str(gemma)])
     assert refused.exit_code == 0, refused.output
-    assert "NOT SUPPORTED: model type 'glm4v' is not supported: post-projection norms" in (
+    assert "NOT SUPPORTED: model type 'gemma4' is not supported: post-projection norms" in (
         refused.output
     )
+    glm = CliRunner().invoke(main, ["inspect", str(tiny.build_family(tmp_path / "glm", "glm4v"))])
+    assert "-> post_self_attn_layernorm, mlp.down_proj -> post_mlp_layernorm" in glm.output
+    assert "supported: the projection only (beta -1)" in glm.output
+    assert "look-alikes     2 o_proj/down_proj tensors" in glm.output
+    qwen3 = CliRunner().invoke(
+        main, ["inspect", str(tiny.build_family(tmp_path / "q", "qwen3_vl"))]
+    )
+    assert "deepstack: visual features added to the residual stream after text layers 0 at" in (
+        qwen3.output
+    )
+    mllama = CliRunner().invoke(
+        main, ["inspect", str(tiny.build_family(tmp_path / "ml", "mllama"))]
+    )
+    assert "cross-attn      layers 1 (1 layers): skipped without an image" in mllama.output
+    assert "layers 0,2 (2 layers): self_attn.o_proj, mlp.down_proj" in mllama.output
+    assert "layers 1 (1 layers): cross_attn.o_proj, mlp.down_proj" in mllama.output
 
 
 def test_square_experts_are_refused(tmp_path):
@@ -220,3 +258,120 @@ def test_square_experts_are_refused(tmp_path):
                 progress=False,
             )
         )
+
+
+def test_mllama_layer_mapping():
+    """Llama 3.2 Vision numbers its layers with the cross-attention layers in between: base
+    layer i is the i-th other layer, and a cross-attention layer takes the layer before it."""
+    layout = find_layout(
+        {"model_type": "mllama", "text_config": mllama_text(8, [3, 6])}, mllama_keys(8, [3, 6])
+    )
+    assert layout.cross_layers == (3, 6)
+    in_base = [layout.direction_layer(j, in_base=True) for j in range(8)]
+    in_self = [layout.direction_layer(j, in_base=False) for j in range(8)]
+    assert in_base == [0, 1, 2, 2, 3, 4, 4, 5]
+    assert in_self == [0, 1, 2, 2, 4, 5, 5, 7]
+    writers = {j: [w.module for w in layout.writers[j]] for j in (2, 3)}
+    assert writers == {
+        2: ["self_attn.o_proj", "mlp.down_proj"],
+        3: ["cross_attn.o_proj", "mlp.down_proj"],
+    }
+    first = find_layout(
+        {"model_type": "mllama", "text_config": mllama_text(3, [0])}, mllama_keys(3, [0])
+    )
+    with pytest.raises(UnsupportedModelError, match="no text layer before it"):
+        first.direction_layer(0, in_base=True)
+    # config and keys disagree about which layers are cross-attention layers: refused
+    with pytest.raises(UnsupportedModelError, match=r"layer 3 has no .*cross_attn\.o_proj"):
+        find_layout(
+            {"model_type": "mllama", "text_config": mllama_text(8, [3, 6])},
+            mllama_keys(8, [4, 6]),
+        )
+
+
+def mllama_text(layers, cross):
+    return {
+        "model_type": "mllama_text_model",
+        "num_hidden_layers": layers,
+        "hidden_size": 64,
+        "cross_attention_layers": cross,
+    }
+
+
+def mllama_keys(layers, cross):
+    prefix = "language_model.model.layers"
+    return [
+        f"{prefix}.{j}.{'cross_attn' if j in cross else 'self_attn'}.o_proj.weight"
+        for j in range(layers)
+    ] + [f"{prefix}.{j}.mlp.down_proj.weight" for j in range(layers)]
+
+
+def test_mllama_direction_from_the_base_llm(base_llm, tmp_path):
+    """Grafted like the real 11B (frozen Llama 3.1): the direction convert computes from the
+    base LLM equals, layer for layer, the one from the VLM's own language model; the
+    cross-attention layers get the direction of the layer before them; the drift report
+    compares the right base layers (all identical here)."""
+    vlm = tiny.build_mllama(tmp_path / "mllama", base_llm, cross_layers=(1, 4))
+    layers = list(range(6))
+    outs = {}
+    for name, base in (("base", str(base_llm)), ("self", "self")):
+        outs[name] = tmp_path / name
+        convert(
+            ConvertOptions(
+                str(vlm),
+                outs[name],
+                Recipe(base_llm=BaseLLM(base), layers=layers, rank=1, beta=-1.0),
+                progress=False,
+            )
+        )
+    from_base = Direction.load(outs["base"] / DIRECTION_NAME)
+    from_self = Direction.load(outs["self"] / DIRECTION_NAME)
+    assert from_base.meta["source_layers"] == {"0": 0, "1": 0, "2": 1, "3": 2, "4": 2, "5": 3}
+    assert from_self.meta["source_layers"] == {"1": 0, "4": 3} | {str(j): j for j in (0, 2, 3, 5)}
+    for layer in layers:
+        cosine = (from_base.vectors[layer] @ from_self.vectors[layer].T).abs().item()
+        assert cosine > 0.999, (layer, cosine)
+    assert torch.equal(from_base.vectors[1], from_base.vectors[0])
+    assert not torch.equal(from_base.vectors[2], from_base.vectors[0])
+    record = json.loads((outs["base"] / "vlmguard.json").read_text())
+    drift = record["base_llm_check"]
+    assert drift["config_warnings"] == []  # 6 VLM layers = 4 base layers + 2 cross-attention
+    assert sorted(drift["weight_drift"]) == [
+        f"{j}.{m}" for j in (0, 2, 3, 5) for m in ("mlp.down_proj", "self_attn.o_proj")
+    ]
+    assert all(d["relative_difference"] == 0.0 for d in drift["weight_drift"].values())
+    # A base-LLM direction file numbered by the base LLM's layers is refused for mllama.
+    plain = tmp_path / "plain.safetensors"
+    Direction(dict(from_base.vectors), meta={"base_model": str(base_llm), "rank": 1}).save(plain)
+    with pytest.raises(DirectionError, match=r"numbered by .* layers"):
+        convert(
+            ConvertOptions(
+                str(vlm),
+                tmp_path / "refused",
+                Recipe(layers=layers, rank=1, beta=-1.0),
+                direction_file=plain,
+                progress=False,
+            )
+        )
+    assert not (tmp_path / "refused").exists()
+    # `vlmguard-edit direction BASE --vlm VLM` numbers the file by the VLM's layers: accepted.
+    from click.testing import CliRunner
+
+    from cli import main
+
+    mapped = tmp_path / "mapped.safetensors"
+    args = ["direction", str(base_llm), "--vlm", str(vlm), "--layers", "0-5", "--rank", "1"]
+    result = CliRunner().invoke(main, [*args, "-o", str(mapped), "-q"])
+    assert result.exit_code == 0, result.output
+    assert Direction.load(mapped).meta["source_layers"] == from_base.meta["source_layers"]
+    convert(
+        ConvertOptions(
+            str(vlm),
+            tmp_path / "accepted",
+            Recipe(layers=layers, rank=1, beta=-1.0),
+            direction_file=mapped,
+            progress=False,
+        )
+    )
+    accepted = Direction.load(tmp_path / "accepted" / DIRECTION_NAME)
+    assert all(torch.equal(accepted.vectors[j], from_base.vectors[j]) for j in layers)

@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import file_entry
 from .errors import InputError
+from .layout import span
 
 TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
 _LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -66,7 +67,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
     else:
         what = (
             "Only the language model's residual writers (attention `o_proj` and MLP `down_proj`) "
-            f"of layers {_span(layers)} changed."
+            f"of layers {span(layers)} changed."
         )
         how = (
             f"For every edited layer l, {source_of_v}, and each writer W of layer l became\n\n"
@@ -129,9 +130,3 @@ def record_files(folder: Path, names: list[str]) -> None:
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
     (out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
-
-
-def _span(layers: list[int]) -> str:
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ", ".join(map(str, layers))

@@ -163,6 +163,18 @@ def _direction(
                 f"direction {opts.direction_file} has hidden size {direction.hidden_size}, the "
                 f"VLM's text model has {layout.hidden_size}; it was computed for another model"
             )
+        base_model = direction.meta.get("base_model")
+        if (
+            layout.cross_layers
+            and base_model not in (None, SELF)
+            and ("source_layers" not in direction.meta)
+        ):
+            raise DirectionError(
+                f"direction {opts.direction_file} is numbered by {base_model}'s layers, but "
+                f"{layout.family.model_type}'s cross-attention layers {list(layout.cross_layers)} "
+                "shift the numbering; compute it for this VLM: vlmguard-edit direction "
+                f"{base_model} --vlm {opts.source} ..."
+            )
         return direction, None
     if recipe.base_llm.id is None:
         raise InputError(
@@ -177,7 +189,8 @@ def _direction(
         base_id, revision = recipe.base_llm.id, recipe.base_llm.revision
         base = resolve_model(base_id, revision, opts.allow_pickle, config_only=opts.dry_run)
         base_check = {"config_warnings": check_base_matches(base, checkpoint.config)}
-    check_direction_request(base, anchors, layers, recipe.rank, is_self)
+    layer_map = {layer: layout.direction_layer(layer, in_base=not is_self) for layer in layers}
+    check_direction_request(base, anchors, sorted(set(layer_map.values())), recipe.rank, is_self)
     if opts.dry_run:
         # A dry run reads no weights: describe the plan with a placeholder direction.
         placeholder = torch.eye(layout.hidden_size)[: recipe.rank]
@@ -195,6 +208,7 @@ def _direction(
         allow_pickle=opts.allow_pickle,
         trust_remote_code=opts.trust_remote_code,
         progress=opts.progress,
+        layer_map=layer_map,
     )
     if base_check is not None:
         drift = weight_drift(base, checkpoint, layout, layers)

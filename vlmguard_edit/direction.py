@@ -309,12 +309,18 @@ def compute_direction(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    layer_map: dict[int, int] | None = None,
 ) -> Direction:
-    """Compute the SSD from a base LLM, or from a VLM's own language model (``is_vlm``)."""
-    check_direction_request(source, anchors, layers, rank, is_vlm)
+    """Compute the SSD from a base LLM, or from a VLM's own language model (``is_vlm``).
+
+    ``layer_map`` (VLM layer -> the source's layer, see Layout.direction_layer) keys the
+    result by VLM layer where the numbering differs (mllama); identity when omitted."""
+    layer_map = {layer: (layer_map or {}).get(layer, layer) for layer in layers}
+    measured = sorted(set(layer_map.values()))
+    check_direction_request(source, anchors, measured, rank, is_vlm)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     decoder, tokenizer = load_text_decoder(
-        source, max(layers), is_vlm, device, dtype, allow_pickle, trust_remote_code
+        source, max(measured), is_vlm, device, dtype, allow_pickle, trust_remote_code
     )
     prompts: dict[str, list[str]] = {}
     add_special = True
@@ -327,14 +333,15 @@ def compute_direction(
     log.info("computing hidden states for %d anchor pairs on %s", len(anchors), device)
     states = {
         kind: last_token_states(
-            decoder, tokenizer, texts, add_special, layers, batch_size, progress
+            decoder, tokenizer, texts, add_special, measured, batch_size, progress
         )
         for kind, texts in prompts.items()
     }
     vectors, stats = {}, {}
     for layer in layers:
+        at = layer_map[layer]
         vectors[layer], stats[layer] = svd_direction(
-            states["harmful"][layer], states["harmless"][layer], rank
+            states["harmful"][at], states["harmless"][at], rank
         )
     meta = {
         "base_model": "self" if is_vlm else source.id,
@@ -348,6 +355,11 @@ def compute_direction(
         "example_prompt": prompts["harmful"][0],
         "rank": rank,
         "layers": list(layers),
+        **(
+            {"source_layers": {str(k): v for k, v in layer_map.items()}}
+            if any(k != v for k, v in layer_map.items())
+            else {}
+        ),
         "hidden_size": int(next(iter(vectors.values())).shape[1]),
         "dtype": str(next(decoder.parameters()).dtype).removeprefix("torch."),
         "batch_size": batch_size,
@@ -401,6 +413,8 @@ def check_base_matches(base: ModelSource, vlm_config: dict[str, Any]) -> list[st
     warnings = []
     for name in ("num_hidden_layers", "rms_norm_eps", "rope_theta"):
         ours, theirs = base_config.get(name), vlm_text.get(name)
+        if name == "num_hidden_layers" and theirs is not None:  # mllama: without cross-attention
+            theirs = int(theirs) - len(vlm_text.get("cross_attention_layers") or ())
         if name == "rope_theta":  # transformers 5 may keep it under rope_parameters
             ours = ours or (base_config.get("rope_parameters") or {}).get("rope_theta")
             theirs = theirs or (vlm_text.get("rope_parameters") or {}).get("rope_theta")
@@ -408,7 +422,7 @@ def check_base_matches(base: ModelSource, vlm_config: dict[str, Any]) -> list[st
             warnings.append(
                 f"{name} differs: base LLM {base.id} has {ours}, the VLM's text model {theirs}"
                 + (
-                    "; layer l of the base LLM is used for layer l of the VLM"
+                    "; the base LLM's layer numbering is used for the VLM"
                     if name == "num_hidden_layers"
                     else "; the base LLM's hidden states only approximate the VLM's"
                 )
@@ -433,10 +447,14 @@ def weight_drift(
         return {}
     report = {}
     for layer in layers:
+        if layer in layout.cross_layers:
+            continue  # mllama's cross-attention layers have no counterpart in the base LLM
+        base_layer = layout.direction_layer(layer, in_base=True)
         for writer in layout.writers[layer]:
-            # The same tensor in a text-only LLM: the VLM key below its layer prefix, under
-            # model.layers (fused MoE experts included, whose keys have no .weight).
-            key = "model.layers." + writer.weight.removeprefix(layout.layer_prefix + ".")
+            # The same tensor in a text-only LLM: the VLM key below its layer, under
+            # model.layers.<base layer> (fused MoE experts included: no .weight suffix).
+            below = writer.weight.removeprefix(f"{layout.layer_prefix}.{layer}.")
+            key = f"model.layers.{base_layer}.{below}"
             if key not in base_checkpoint.key_to_file:
                 return {}
             ours = vlm.read(writer.weight).float().flatten()

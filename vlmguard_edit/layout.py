@@ -9,7 +9,7 @@ Qwen2.5-VL...). The layout must account for every layer the config declares, or 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UnsupportedModelError
@@ -40,6 +40,13 @@ class Family:
     fused: tuple[tuple[str, tuple[str, str]], ...] = ()
     # Writers only some layers have (Llama 4's shared expert in its MoE layers).
     extra_writers: tuple[str, ...] = ()
+    # The post_norms apply only with these text models (empty: always). PaliGemma 1's Gemma
+    # has no norm after its writers, PaliGemma 2's Gemma 2 has.
+    post_norm_text_types: tuple[str, ...] = ()
+    # Interleaved cross-attention layers (mllama): the text config key listing them, and the
+    # writers those layers have instead of ``writers``.
+    cross_layers_key: str | None = None
+    cross_writers: tuple[str, ...] = ()
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -77,6 +84,9 @@ FAMILIES: dict[str, Family] = {
     # Qwen2.5-VL's tower has mlp.down_proj (with bias) under visual.blocks: kept out likewise.
     "qwen2_vl": Family("qwen2_vl", ("qwen2_vl_text", "qwen2_vl"), _QWEN_VL_PREFIXES),
     "qwen2_5_vl": Family("qwen2_5_vl", ("qwen2_5_vl_text", "qwen2_5_vl"), _QWEN_VL_PREFIXES),
+    # Deepstack adds visual features to the first layers' residual stream at image tokens:
+    # a path beside the writers, not a writer of the text; left alone.
+    "qwen3_vl": Family("qwen3_vl", ("qwen3_vl_text",), ("model.language_model.layers",)),
     # Every expert's down projection is a writer; dense layers (mlp_only_layers) keep
     # mlp.down_proj. Deepstack adds visual features to the first layers' residual stream.
     "qwen3_vl_moe": Family(
@@ -109,13 +119,52 @@ FAMILIES: dict[str, Family] = {
         ),
         norm_offset=1.0,
     ),
+    # PaliGemma 2's Gemma 2 has Gemma 3's post-norms; PaliGemma 1's Gemma has none (its
+    # post_attention_layernorm is the usual pre-MLP norm).
+    "paligemma": Family(
+        "paligemma",
+        ("gemma", "gemma2"),
+        _LLAVA_PREFIXES,
+        post_norms=(
+            ("self_attn.o_proj", "post_attention_layernorm"),
+            ("mlp.down_proj", "post_feedforward_layernorm"),
+        ),
+        norm_offset=1.0,
+        post_norm_text_types=("gemma2",),
+    ),
+    # GLM-4.1V: post-norms with gain w (not 1 + w); its tower has visual.merger.down_proj and
+    # visual.blocks.N.mlp.down_proj, kept out by the prefix.
+    "glm4v": Family(
+        "glm4v",
+        ("glm4v_text",),
+        ("model.language_model.layers",),
+        post_norms=(
+            ("self_attn.o_proj", "post_self_attn_layernorm"),
+            ("mlp.down_proj", "post_mlp_layernorm"),
+        ),
+    ),
+    # Llama 3.2 Vision: cross-attention layers interleaved with the Llama 3.1 layers, writing
+    # through tanh-gated cross_attn.o_proj and mlp.down_proj (a scalar gate: the fold is exact).
+    # The vision model has self_attn.o_proj under vision_model.*: kept out by the prefix.
+    "mllama": Family(
+        "mllama",
+        ("mllama_text_model",),
+        _LLAVA_PREFIXES,
+        cross_layers_key="cross_attention_layers",
+        cross_writers=("cross_attn.o_proj", "mlp.down_proj"),
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
 REFUSED: dict[str, str] = {
     "gemma3n": "post-projection norms plus AltUp/LAuReL residual paths",
     "gemma4": "post-projection norms and a per-layer-input residual path",
-    "glm4v": "post-projection norms (post_self_attn_layernorm / post_mlp_layernorm)",
+    "glm4v_moe": "MoE with post-projection norms, not built or tested yet",
+    "qwen3_5": "linear-attention layers write through linear_attn.out_proj; not mapped yet",
+    "qwen3_5_moe": "linear-attention layers write through linear_attn.out_proj; not mapped yet",
+    "phi4_multimodal": "the language model is used with LoRA adapters (vision-lora/, "
+    "speech-lora/) that also write to the residual stream; folding the base weights alone "
+    "would be incomplete",
 }
 
 
@@ -139,9 +188,29 @@ class Layout:
     projector_bias: str | None  # checkpoint key, when the family has one and it is present
     num_heads: int
     num_kv_heads: int
+    # Cross-attention layers (mllama): a text-only forward skips them, and the base LLM has
+    # no counterpart, so base layer i is the VLM's i-th layer that is not one of them.
+    cross_layers: tuple[int, ...] = ()
 
     def layer_key(self, layer: int, name: str) -> str:
         return f"{self.layer_prefix}.{layer}.{name}"
+
+    def direction_layer(self, layer: int, in_base: bool) -> int:
+        """The layer whose output residual stream the direction of VLM ``layer`` is taken
+        at: the same layer, or for a cross-attention layer the layer before it (its input,
+        which a text-only forward passes through unchanged); as a base-LLM index when
+        ``in_base`` (cross-attention layers removed from the count)."""
+        source = layer
+        while source in self.cross_layers:
+            source -= 1
+        if source < 0:
+            raise UnsupportedModelError(
+                f"layer {layer} is a cross-attention layer with no text layer before it: no "
+                "direction can be taken for it"
+            )
+        if in_base:
+            source -= sum(1 for c in self.cross_layers if c < source)
+        return source
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +235,8 @@ def detect_family(config: dict[str, Any]) -> Family:
             f"{model_type} with a {text_type!r} text model is not supported "
             f"(supported text models: {', '.join(family.text_model_types)})"
         )
+    if family.post_norm_text_types and text_type not in family.post_norm_text_types:
+        family = replace(family, post_norms=())
     return family
 
 
@@ -194,10 +265,14 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
             f"config declares {num_layers} text layers but the checkpoint has layers "
             f"{_span(sorted(by_layer))} under {prefix}"
         )
+    cross_key = family.cross_layers_key
+    cross = tuple(sorted(text.get(cross_key) or ())) if cross_key else ()
+    if any(not 0 <= layer < num_layers for layer in cross):
+        raise UnsupportedModelError(f"{cross_key} {list(cross)} out of range")
     writers: dict[int, tuple[Writer, ...]] = {}
     for layer, names in by_layer.items():
         found = []
-        for module in family.writers:
+        for module in family.cross_writers if layer in cross else family.writers:
             fused = dict(family.fused).get(module)
             if f"{module}.weight" not in names and fused and ".".join(fused) in names:
                 key = f"{prefix}.{layer}.{'.'.join(fused)}"
@@ -231,13 +306,19 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         projector[0] if projector else None,
         heads,
         int(text.get("num_key_value_heads") or heads),
+        cross,
     )
 
 
+def span(values: list[int]) -> str:
+    """'16-31' for a run of layers, '2,5,9' otherwise (shared by the CLI, the card, inspect)."""
+    if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 1:
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
+
+
 def _span(values: list[int]) -> str:
-    if not values:
-        return "none"
-    return f"{values[0]}..{values[-1]} ({len(values)} layers)"
+    return f"{span(values)} ({len(values)} layers)" if values else "none"
 
 
 # What a family has besides plain residual writers (shown by `inspect`).
@@ -254,6 +335,15 @@ NOTES: dict[str, str] = {
     "shared expert are writers; the vision model's o_proj is kept out by the prefix",
     "gemma3": "an RMSNorm (gain 1 + w) sits between each writer and the residual add: only "
     "beta -1 is supported, folded against the norm-gain-weighted direction",
+    "qwen3_vl": "deepstack adds visual features to the residual stream after the first "
+    "layers at image tokens (a path beside the writers, not edited)",
+    "paligemma": "PaliGemma 2 (Gemma 2): an RMSNorm (gain 1 + w) after each writer, only beta "
+    "-1, folded against the norm-gain-weighted direction; PaliGemma 1: plain writers",
+    "glm4v": "an RMSNorm (gain w) after each writer: only beta -1 is supported, folded "
+    "against the norm-gain-weighted direction; the tower's down_proj is kept out by the prefix",
+    "mllama": "cross-attention layers (tanh-gated cross_attn.o_proj and mlp.down_proj) sit "
+    "between the Llama layers: base LLM layer i is the i-th non-cross-attention layer, and a "
+    "cross-attention layer uses the direction of the layer before it",
 }
 
 
@@ -278,6 +368,19 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
         f"text layers     {layout.num_layers} x hidden {layout.hidden_size}, "
         f"{layout.num_heads} heads / {layout.num_kv_heads} kv heads",
     ]
+    if layout.cross_layers:
+        others = layout.num_layers - len(layout.cross_layers)
+        lines.append(
+            f"cross-attn      layers {_span(list(layout.cross_layers))}: skipped without an "
+            f"image; base LLM layers map to the other {others}"
+        )
+    deepstack = (config.get("vision_config") or {}).get("deepstack_visual_indexes")
+    if deepstack:
+        lines.append(
+            "extra path      deepstack: visual features added to the residual stream after "
+            f"text layers {span(list(range(len(deepstack))))} at image tokens (not a writer; "
+            "not edited)"
+        )
     groups: dict[tuple[str, ...], list[int]] = {}
     for layer, writers in sorted(layout.writers.items()):
         names = tuple(
@@ -305,9 +408,14 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
         if layout.projector_bias
         else "no (no projector output bias known for this family)"
     )
+    normed = any(w.post_norm for ws in layout.writers.values() for w in ws)
     lines += [
-        "convert         supported: writers mode folds (I + beta V^T V) into every writer of "
-        "the selected layers",
+        "convert         supported: "
+        + (
+            "the projection only (beta -1), folded against the norm-gain-weighted direction"
+            if normed
+            else "writers mode folds (I + beta V^T V) into every writer of the selected layers"
+        ),
         f"projector-shift {shift}",
     ]
     return lines

@@ -48,9 +48,14 @@ def writer_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
                 continue  # a layer without it (e.g. a dense Llama 4 layer)
         return found
 
+    cross: set[int] = set()
+    if family and family.cross_layers_key:
+        text = model.config.get_text_config(decoder=True)
+        cross = set(getattr(text, family.cross_layers_key) or ())
     layers = text_layers(model)
     return {
-        i: [module(layer, name) for name in writers] + extras(layer)
+        i: [module(layer, name) for name in (family.cross_writers if i in cross else writers)]
+        + extras(layer)
         for i, layer in enumerate(layers)
     }
 

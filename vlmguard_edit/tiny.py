@@ -158,6 +158,53 @@ def build_llava(
     return out
 
 
+def build_mllama(out: Path, base: Path, cross_layers: tuple[int, ...] = (1, 4)) -> Path:
+    """A tiny Llama 3.2 Vision whose text layers that are not cross-attention layers are an
+    exact copy of ``base``'s, in order (base layer i -> the i-th of them), as in the real
+    11B model (frozen Llama 3.1 8B). Random vision model and cross-attention layers."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    b = base_model.config
+    total = b.num_hidden_layers + len(cross_layers)
+    spec = dict(FAMILY_CONFIGS["mllama"])
+    spec["text_config"] = dict(
+        spec["text_config"],
+        vocab_size=b.vocab_size,
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=total,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads,
+        rms_norm_eps=b.rms_norm_eps,
+        rope_parameters=dict(b.rope_parameters),
+        bos_token_id=b.bos_token_id,
+        eos_token_id=b.eos_token_id,
+        pad_token_id=b.pad_token_id,
+        cross_attention_layers=list(cross_layers),
+    )
+    spec["image_token_index"] = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("mllama", **spec))
+    text = model.get_decoder()
+    own = [j for j in range(total) if j not in cross_layers]
+    with torch.no_grad():
+        for i, j in enumerate(own):
+            text.layers[j].load_state_dict(base_model.model.layers[i].state_dict())
+        text.norm.load_state_dict(base_model.model.norm.state_dict())
+        text.embed_tokens.weight[: b.vocab_size] = base_model.model.embed_tokens.weight
+        model.get_output_embeddings().load_state_dict(base_model.lm_head.state_dict())
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def _nest_vision_tower(folder: Path) -> None:
     """transformers 5 saves the CLIP tower as ``vision_tower.*``; the Hub's checkpoints (and
     transformers 4.x) have ``vision_tower.vision_model.*``. Rename, for a Hub-like layout."""
@@ -318,6 +365,80 @@ FAMILY_CONFIGS: dict[str, dict] = {
         ),
         image_token_index=5,
     ),
+    "qwen3_vl": dict(
+        text_config=dict(
+            model_type="qwen3_vl_text",
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+            **_TEXT,
+        ),
+        vision_config=dict(
+            _QWEN_VISION,
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            deepstack_visual_indexes=[0],
+        ),
+        **_QWEN_TOKENS,
+    ),
+    "paligemma": dict(
+        text_config=dict(model_type="gemma", **_TEXT),
+        vision_config=dict(_SIGLIP, projection_dim=64),
+        image_token_index=5,
+    ),
+    # PaliGemma 2: a Gemma 2 text model, with norms after the writers
+    "paligemma2": dict(
+        model_type="paligemma",
+        text_config=dict(model_type="gemma2", sliding_window=64, **_TEXT),
+        vision_config=dict(_SIGLIP, projection_dim=64),
+        image_token_index=5,
+    ),
+    "glm4v": dict(
+        text_config=dict(
+            model_type="glm4v_text",
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [1, 1, 2],  # sums to the rotary half-dim (16 * 0.5 / 2)
+                "partial_rotary_factor": 0.5,
+            },
+            **_TEXT,
+        ),
+        vision_config=dict(
+            _QWEN_VISION,
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            image_size=28,
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        image_start_token_id=7,
+        image_end_token_id=8,
+    ),
+    # Llama 3.2 Vision: layer 1 is a cross-attention layer (the base LLM has 2 layers)
+    "mllama": dict(
+        text_config=dict(
+            model_type="mllama_text_model",
+            cross_attention_layers=[1],
+            **{**{k: v for k, v in _TEXT.items() if k != "head_dim"}, "num_hidden_layers": 3},
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_global_layers=1,
+            attention_heads=2,
+            intermediate_size=64,
+            vision_output_dim=64,
+            image_size=28,
+            patch_size=14,
+            max_num_tiles=1,
+            intermediate_layers_indices=[0],
+            supported_aspect_ratios=[[1, 1]],
+        ),
+        image_token_index=5,
+    ),
     "qwen2_5_vl": dict(
         text_config=dict(model_type="qwen2_5_vl_text", rope_scaling=_MROPE, **_TEXT),
         vision_config=dict(
@@ -343,13 +464,15 @@ def build_family(
 
     spec = dict(FAMILY_CONFIGS[model_type])
     spec["text_config"] = {**spec["text_config"], **text_overrides}
-    config = AutoConfig.for_model(model_type, **spec)
+    config = AutoConfig.for_model(spec.pop("model_type", model_type), **spec)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():  # random norm gains: the default (all equal) ones hide mistakes
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
                 param.add_(torch.empty_like(param).uniform_(-0.5, 0.5))
+            if name.endswith("_gate") and "cross_attn" in name:  # mllama's start at 0 (closed)
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(out, save_original_format=layout in ("legacy", "hub"))
     if layout == "hub":
         _transpose_experts(out)
