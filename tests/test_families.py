@@ -40,6 +40,13 @@ CLASHES = {
     "llama4": "vision_model.model.layers.0.self_attn.o_proj",
     "glm4v": "visual.blocks.0.mlp.down_proj",
     "mllama": "vision_model.transformer.layers.0.self_attn.o_proj",
+    "glm4v_moe": "visual.blocks.0.mlp.down_proj",
+}
+# Tensors edited in layers 0 and 1: o_proj and down_proj (or the experts) of both, unless...
+EDITED = {
+    "llama4": {"legacy": 5},  # + the shared expert of MoE layer 1
+    # layer 1: o_proj, 4 per-expert 2-D down projections (Hub) or one fused tensor, shared
+    "glm4v_moe": {"legacy": 8, "memory": 5},
 }
 
 
@@ -138,7 +145,7 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
     planned = {edit.key for edit in result.plan.edits}
     # o_proj and down_proj (or the fused experts) of both layers; Llama 4's MoE layer also
     # has its shared expert
-    assert len(planned) == (5 if family == "llama4" else 4)
+    assert len(planned) == EDITED.get(family, {}).get(layout, 4)
     if family == "llama4":
         kinds = {(e.layer, e.kind, e.axis) for e in result.plan.edits if "feed_forward" in e.key}
         assert kinds == {(0, "map", 0), (1, "experts", 2), (1, "map", 0)}
@@ -240,9 +247,14 @@ def test_inspect_command(tmp_path):
     mllama = CliRunner().invoke(
         main, ["inspect", str(tiny.build_family(tmp_path / "ml", "mllama"))]
     )
-    assert "cross-attn      layers 1 (1 layers): skipped without an image" in mllama.output
+    assert "cross-attn      layers 1 (1 layer): skipped without an image" in mllama.output
     assert "layers 0,2 (2 layers): self_attn.o_proj, mlp.down_proj" in mllama.output
-    assert "layers 1 (1 layers): cross_attn.o_proj, mlp.down_proj" in mllama.output
+    assert "layers 1 (1 layer): cross_attn.o_proj, mlp.down_proj" in mllama.output
+    moe = CliRunner().invoke(main, ["inspect", str(tiny.build_family(tmp_path / "g", "glm4v_moe"))])
+    assert (
+        "layers 1 (1 layer): self_attn.o_proj, mlp.experts.{e}.down_proj (4 experts, 2-D), "
+        "mlp.shared_experts.down_proj"
+    ) in moe.output
 
 
 def test_square_experts_are_refused(tmp_path):
@@ -375,3 +387,107 @@ def test_mllama_direction_from_the_base_llm(base_llm, tmp_path):
     )
     accepted = Direction.load(tmp_path / "accepted" / DIRECTION_NAME)
     assert all(torch.equal(accepted.vectors[j], from_base.vectors[j]) for j in layers)
+
+
+def test_per_expert_writers_and_trailing_layers():
+    """GLM-4.5V on the Hub: per-expert 2-D down projections (all of them or refused) and a
+    multi-token-prediction layer after the last one (kept out of the writers)."""
+    text = {
+        "model_type": "glm4v_moe_text",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "n_routed_experts": 3,
+    }
+    config = {"model_type": "glm4v_moe", "text_config": text}
+    prefix = "model.language_model.layers"
+
+    def keys(layers=2, experts=(0, 1, 2)):
+        out = []
+        for j in range(layers):
+            out.append(f"{prefix}.{j}.self_attn.o_proj.weight")
+            out += [f"{prefix}.{j}.mlp.experts.{e}.down_proj.weight" for e in experts]
+            out.append(f"{prefix}.{j}.mlp.shared_experts.down_proj.weight")
+        return out
+
+    layout = find_layout(config, keys(layers=3))
+    assert layout.trailing_layers == (2,) and sorted(layout.writers) == [0, 1]
+    assert [w.module for w in layout.writers[1]] == [
+        "self_attn.o_proj",
+        "mlp.experts.0.down_proj",
+        "mlp.experts.1.down_proj",
+        "mlp.experts.2.down_proj",
+        "mlp.shared_experts.down_proj",
+    ]
+    with pytest.raises(UnsupportedModelError, match="declares 2 text layers"):
+        find_layout(config, keys(layers=4))
+    with pytest.raises(UnsupportedModelError, match=r"found experts 0,2, expected 3"):
+        find_layout(config, keys(experts=(0, 2)))
+    with pytest.raises(UnsupportedModelError, match=r"found experts 0-3, expected 3"):
+        find_layout(config, keys(experts=(0, 1, 2, 3)))
+
+
+def image_inputs(family, generator):
+    """One image token (id 5) after a 28x28 image, in each family's input format."""
+    ids = torch.tensor([[1, 10, 11, 5, 12, 13]])
+    if family.startswith("qwen"):  # flattened 14x14 patches x 2 frames, merged 2x2 -> 1 token
+        return {
+            "input_ids": ids,
+            "mm_token_type_ids": (ids == 5).long(),
+            "pixel_values": torch.randn(4, 3 * 2 * 14 * 14, generator=generator),
+            "image_grid_thw": torch.tensor([[1, 2, 2]]),
+        }
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
+
+
+@pytest.mark.parametrize(
+    ("family", "layout"),
+    [
+        ("internvl", "legacy"),
+        ("qwen2_vl", "legacy"),
+        ("qwen2_vl", "memory"),
+        ("qwen2_5_vl", "legacy"),
+        ("qwen3_vl", "legacy"),
+        ("qwen3_vl_moe", "legacy"),
+    ],
+)
+def test_projector_shift_families(family, layout, tmp_path):
+    """The image-only edit on families whose projector (or vision merger) ends in a Linear
+    with a bias: only that bias changes, text-only logits are bit-identical, and image
+    prompts match a hook adding gamma * v to that Linear's output."""
+    from vlmguard_edit.runtime import ProjectorShiftHook
+
+    source = tiny.build_family(tmp_path / "source", family, layout)
+    generator = torch.Generator().manual_seed(2)
+    v = torch.nn.functional.normalize(torch.randn(1, 64, generator=generator), dim=1)
+    Direction({0: v, 1: v}, meta={"rank": 1}).save(tmp_path / "d.safetensors")
+    recipe = Recipe(layers=[1], rank=1, mode="projector-shift", gamma=2.0, shift_direction="ssd")
+    result = convert(
+        ConvertOptions(
+            str(source),
+            tmp_path / "guarded",
+            recipe,
+            direction_file=tmp_path / "d.safetensors",
+            progress=False,
+        )
+    )
+    [edit] = result.plan.edits
+    assert edit.kind == "shift" and edit.key.endswith(
+        ("merger.mlp.2.bias", "linear_fc2.bias", "linear_2.bias")
+    )
+    before, after = tensors(source), tensors(tmp_path / "guarded")
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {edit.key}
+    assert torch.allclose(after[edit.key], before[edit.key] + 2.0 * v[0], atol=1e-6)
+    guarded = AutoModelForImageTextToText.from_pretrained(tmp_path / "guarded").eval()
+    original = AutoModelForImageTextToText.from_pretrained(source).eval()
+    image = image_inputs(family, generator)
+    text = {k: val for k, val in image.items() if k in ("input_ids", "mm_token_type_ids")}
+    if "mm_token_type_ids" in text:
+        text["mm_token_type_ids"] = torch.zeros_like(text["mm_token_type_ids"])
+    with torch.no_grad():
+        assert torch.equal(guarded(**text).logits, original(**text).logits)
+        folded = guarded(**image).logits
+        plain = original(**image).logits
+        with ProjectorShiftHook(original, v[0], 2.0):
+            hooked = original(**image).logits
+    assert (folded - hooked).abs().max() < 1e-5
+    assert (folded - plain).abs().max() > 1e-3

@@ -83,7 +83,7 @@ def test_ambiguous_layout():
         ),
         (
             {"model_type": "kosmos-2"},
-            r"'kosmos-2' is not supported yet \(supported: aya_vision, gemma3, glm4v, idefics3, ",
+            r"'kosmos-2' is not supported yet \(supported: aya_vision, gemma3, glm4v, glm4v_moe, ",
         ),
         (
             {"model_type": "llava", "text_config": {"model_type": "qwen2"}},

@@ -47,6 +47,11 @@ class Family:
     # writers those layers have instead of ``writers``.
     cross_layers_key: str | None = None
     cross_writers: tuple[str, ...] = ()
+    # MoE: the text config key with the number of routed experts (checked against the keys).
+    experts_key: str | None = None
+    # Layers the checkpoint may have beyond num_hidden_layers that transformers ignores
+    # (GLM's multi-token-prediction layer): copied unchanged, never edited.
+    trailing_layers: int = 0
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -58,6 +63,9 @@ _LLAVA_PROJECTOR = (
 _TEXT_MODEL_PREFIXES = ("model.text_model.layers",)  # Idefics3 / SmolVLM: one layout
 # Qwen2-VL / Qwen2.5-VL: the Hub keeps the text-only LLM's names beside ``visual.*``.
 _QWEN_VL_PREFIXES = ("model.layers", "model.language_model.layers")
+# The vision merger's last Linear writes the image tokens' embeddings (Qwen2-VL, Qwen2.5-VL).
+_QWEN_VL_PROJECTOR = ("visual.merger.mlp.2.bias", "model.visual.merger.mlp.2.bias")
+_QWEN3_VL_PROJECTOR = ("model.visual.merger.linear_fc2.bias",)
 
 # Only families whose projector ends in a Linear with a bias and whose text model uses
 # RMSNorm (the attention-aware shift assumes it) list projector_bias; the others refuse
@@ -75,18 +83,35 @@ FAMILIES: dict[str, Family] = {
     # Pixtral's tower has attention.o_proj / feed_forward.down_proj: the exact LM prefix
     # keeps them out.
     "mistral3": Family("mistral3", ("mistral",), _LLAVA_PREFIXES),
-    "internvl": Family("internvl", ("qwen2", "llama"), _LLAVA_PREFIXES),
+    "internvl": Family(
+        "internvl", ("qwen2", "llama"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+    ),
     # Cohere's parallel block adds attention and MLP outputs to the same residual: the writer
     # fold is exact all the same (it maps each writer's output).
     "aya_vision": Family("aya_vision", ("cohere", "cohere2"), _LLAVA_PREFIXES),
     "idefics3": Family("idefics3", ("llama",), _TEXT_MODEL_PREFIXES),
     "smolvlm": Family("smolvlm", ("llama",), _TEXT_MODEL_PREFIXES),
     # Qwen2.5-VL's tower has mlp.down_proj (with bias) under visual.blocks: kept out likewise.
-    "qwen2_vl": Family("qwen2_vl", ("qwen2_vl_text", "qwen2_vl"), _QWEN_VL_PREFIXES),
-    "qwen2_5_vl": Family("qwen2_5_vl", ("qwen2_5_vl_text", "qwen2_5_vl"), _QWEN_VL_PREFIXES),
+    "qwen2_vl": Family(
+        "qwen2_vl",
+        ("qwen2_vl_text", "qwen2_vl"),
+        _QWEN_VL_PREFIXES,
+        projector_bias=_QWEN_VL_PROJECTOR,
+    ),
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        ("qwen2_5_vl_text", "qwen2_5_vl"),
+        _QWEN_VL_PREFIXES,
+        projector_bias=_QWEN_VL_PROJECTOR,
+    ),
     # Deepstack adds visual features to the first layers' residual stream at image tokens:
     # a path beside the writers, not a writer of the text; left alone.
-    "qwen3_vl": Family("qwen3_vl", ("qwen3_vl_text",), ("model.language_model.layers",)),
+    "qwen3_vl": Family(
+        "qwen3_vl",
+        ("qwen3_vl_text",),
+        ("model.language_model.layers",),
+        projector_bias=_QWEN3_VL_PROJECTOR,
+    ),
     # Every expert's down projection is a writer; dense layers (mlp_only_layers) keep
     # mlp.down_proj. Deepstack adds visual features to the first layers' residual stream.
     "qwen3_vl_moe": Family(
@@ -94,6 +119,7 @@ FAMILIES: dict[str, Family] = {
         ("qwen3_vl_moe_text",),
         ("model.language_model.layers",),
         fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+        projector_bias=_QWEN3_VL_PROJECTOR,
     ),
     # MoE layers (every interleave_moe_layer_step-th): fused experts used as x @ W, (E, I, H),
     # plus a shared expert; dense layers: feed_forward.down_proj. The vision model has
@@ -143,6 +169,19 @@ FAMILIES: dict[str, Family] = {
             ("mlp.down_proj", "post_mlp_layernorm"),
         ),
     ),
+    # GLM-4.5V: GLM-4.1V's layout without post-norms, plus MoE layers (from
+    # first_k_dense_replace on) with per-expert 2-D down projections on the Hub (fused
+    # (E, H, I) in a transformers 5 save) and shared experts; the Hub checkpoint also holds
+    # a multi-token-prediction layer after the last one, which transformers ignores.
+    "glm4v_moe": Family(
+        "glm4v_moe",
+        ("glm4v_moe_text",),
+        ("model.language_model.layers",),
+        fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+        extra_writers=("mlp.shared_experts.down_proj",),
+        experts_key="n_routed_experts",
+        trailing_layers=1,
+    ),
     # Llama 3.2 Vision: cross-attention layers interleaved with the Llama 3.1 layers, writing
     # through tanh-gated cross_attn.o_proj and mlp.down_proj (a scalar gate: the fold is exact).
     # The vision model has self_attn.o_proj under vision_model.*: kept out by the prefix.
@@ -159,7 +198,6 @@ FAMILIES: dict[str, Family] = {
 REFUSED: dict[str, str] = {
     "gemma3n": "post-projection norms plus AltUp/LAuReL residual paths",
     "gemma4": "post-projection norms and a per-layer-input residual path",
-    "glm4v_moe": "MoE with post-projection norms, not built or tested yet",
     "qwen3_5": "linear-attention layers write through linear_attn.out_proj; not mapped yet",
     "qwen3_5_moe": "linear-attention layers write through linear_attn.out_proj; not mapped yet",
     "phi4_multimodal": "the language model is used with LoRA adapters (vision-lora/, "
@@ -191,6 +229,7 @@ class Layout:
     # Cross-attention layers (mllama): a text-only forward skips them, and the base LLM has
     # no counterpart, so base layer i is the VLM's i-th layer that is not one of them.
     cross_layers: tuple[int, ...] = ()
+    trailing_layers: tuple[int, ...] = ()  # beyond num_layers, ignored by transformers
 
     def layer_key(self, layer: int, name: str) -> str:
         return f"{self.layer_prefix}.{layer}.{name}"
@@ -260,15 +299,20 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         match = pattern.fullmatch(key)
         if match:
             by_layer.setdefault(int(match.group(1)), set()).add(match.group(2))
-    if sorted(by_layer) != list(range(num_layers)):
+    found_layers = sorted(by_layer)
+    extra = found_layers[num_layers:]
+    if found_layers[:num_layers] != list(range(num_layers)) or len(extra) > family.trailing_layers:
         raise UnsupportedModelError(
             f"config declares {num_layers} text layers but the checkpoint has layers "
-            f"{_span(sorted(by_layer))} under {prefix}"
+            f"{_span(found_layers)} under {prefix}"
         )
+    for layer in extra:  # e.g. GLM's multi-token-prediction layer: copied, never edited
+        del by_layer[layer]
     cross_key = family.cross_layers_key
     cross = tuple(sorted(text.get(cross_key) or ())) if cross_key else ()
     if any(not 0 <= layer < num_layers for layer in cross):
         raise UnsupportedModelError(f"{cross_key} {list(cross)} out of range")
+    num_experts = int(text.get(family.experts_key) or 0) if family.experts_key else None
     writers: dict[int, tuple[Writer, ...]] = {}
     for layer, names in by_layer.items():
         found = []
@@ -278,6 +322,13 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
                 key = f"{prefix}.{layer}.{'.'.join(fused)}"
                 found.append(Writer(layer, fused[0], key, None, fused=True))
                 continue
+            if f"{module}.weight" not in names and fused:
+                experts = _per_expert(names, fused, num_experts, f"{prefix}.{layer}")
+                found += [
+                    Writer(layer, name, f"{prefix}.{layer}.{name}.weight", None) for name in experts
+                ]
+                if experts:
+                    continue
             if f"{module}.weight" not in names:
                 raise UnsupportedModelError(
                     f"layer {layer} has no {prefix}.{layer}.{module}.weight"
@@ -307,6 +358,7 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         heads,
         int(text.get("num_key_value_heads") or heads),
         cross,
+        tuple(extra),
     )
 
 
@@ -317,8 +369,26 @@ def span(values: list[int]) -> str:
     return ",".join(map(str, values))
 
 
+def _per_expert(
+    names: set[str], fused: tuple[str, str], expected: int | None, where: str
+) -> list[str]:
+    """Per-expert 2-D writers, e.g. mlp.experts.{0..E-1}.down_proj: every expert or none."""
+    pattern = re.compile(re.escape(fused[0]) + r"\.(\d+)\." + re.escape(fused[1]) + r"\.weight")
+    found = sorted(int(m.group(1)) for name in names if (m := pattern.fullmatch(name)))
+    if not found:
+        return []
+    if found != list(range(len(found))) or (expected is not None and len(found) != expected):
+        raise UnsupportedModelError(
+            f"{where}.{fused[0]}: found experts {span(found)}, expected "
+            f"{expected if expected is not None else 'a contiguous range from 0'}"
+        )
+    return [f"{fused[0]}.{e}.{fused[1]}" for e in found]
+
+
 def _span(values: list[int]) -> str:
-    return f"{span(values)} ({len(values)} layers)" if values else "none"
+    if not values:
+        return "none"
+    return f"{span(values)} ({len(values)} layer{'s' if len(values) > 1 else ''})"
 
 
 # What a family has besides plain residual writers (shown by `inspect`).
@@ -341,6 +411,9 @@ NOTES: dict[str, str] = {
     "-1, folded against the norm-gain-weighted direction; PaliGemma 1: plain writers",
     "glm4v": "an RMSNorm (gain w) after each writer: only beta -1 is supported, folded "
     "against the norm-gain-weighted direction; the tower's down_proj is kept out by the prefix",
+    "glm4v_moe": "MoE layers: every routed expert's down projection (per-expert 2-D on the "
+    "Hub, fused in a transformers 5 save) and the shared experts are writers; a trailing "
+    "multi-token-prediction layer is copied unchanged",
     "mllama": "cross-attention layers (tanh-gated cross_attn.o_proj and mlp.down_proj) sit "
     "between the Llama layers: base LLM layer i is the i-th non-cross-attention layer, and a "
     "cross-attention layer uses the direction of the layer before it",
@@ -381,15 +454,32 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
             f"text layers {span(list(range(len(deepstack))))} at image tokens (not a writer; "
             "not edited)"
         )
+    if layout.trailing_layers:
+        lines.append(
+            f"trailing        layers {_span(list(layout.trailing_layers))} beyond the config's "
+            "count (multi-token prediction; transformers ignores them): copied, never edited"
+        )
     groups: dict[tuple[str, ...], list[int]] = {}
     for layer, writers in sorted(layout.writers.items()):
-        names = tuple(
-            w.module
-            + (" (+bias)" if w.bias else "")
-            + (f" -> {w.post_norm.rsplit('.', 2)[-2]}" if w.post_norm else "")
-            for w in writers
-        )
-        groups.setdefault(names, []).append(layer)
+        names = []
+        for w in writers:
+            name = w.module
+            if re.search(r"\.\d+\.", name):  # per-expert writers: one entry for all of them
+                collapsed = re.sub(r"\.\d+\.", ".{e}.", name)
+                if names and names[-1].startswith(collapsed):
+                    continue
+                count = sum(
+                    1 for o in writers if re.sub(r"\.\d+\.", ".{e}.", o.module) == collapsed
+                )
+                name = f"{collapsed} ({count} experts, 2-D)"
+            elif w.fused:
+                name += " (fused experts)"
+            names.append(
+                name
+                + (" (+bias)" if w.bias else "")
+                + (f" -> {w.post_norm.rsplit('.', 2)[-2]}" if w.post_norm else "")
+            )
+        groups.setdefault(tuple(names), []).append(layer)
     for names, layers in groups.items():
         lines.append(f"writers         layers {_span(layers)}: {', '.join(names)}")
     inside = re.compile(re.escape(layout.layer_prefix) + r"\.\d+\.")

@@ -178,4 +178,5 @@ def _projector_shift_edit(checkpoint: Checkpoint, layout: Layout, layers: list[i
             f"{key} is {info.dtype} {list(info.shape)}; expected float ({layout.hidden_size},)"
         )
     file = checkpoint.key_to_file[key]
-    return PlannedEdit(key, file, layer, "multi_modal_projector", info.dtype, info.shape, "shift")
+    module = key.removesuffix(".bias")
+    return PlannedEdit(key, file, layer, module, info.dtype, info.shape, "shift")

@@ -92,9 +92,10 @@ class ProjectorShiftHook:
     """Runtime reference of the projector-shift edit: adds gamma * u to the projector output."""
 
     def __init__(self, model: torch.nn.Module, u: torch.Tensor, gamma: float):
-        self.module = next(
-            m for name, m in model.named_modules() if name.endswith("multi_modal_projector")
-        )
+        # The Linear whose bias convert shifts (its output is the image tokens' embeddings).
+        family = FAMILIES[model.config.model_type]
+        names = {key.removesuffix(".bias") for key in family.projector_bias}
+        self.module = next(m for name, m in model.named_modules() if name in names)
         self.u, self.gamma = u, gamma
         self.handle: torch.utils.hooks.RemovableHandle | None = None
 

@@ -417,6 +417,31 @@ FAMILY_CONFIGS: dict[str, dict] = {
         image_start_token_id=7,
         image_end_token_id=8,
     ),
+    # GLM-4.5V: layer 0 dense, layer 1 MoE (4 routed experts + a shared one)
+    "glm4v_moe": dict(
+        text_config=dict(
+            model_type="glm4v_moe_text",
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [1, 1, 2],
+                "partial_rotary_factor": 0.5,
+            },
+            n_routed_experts=4,
+            n_shared_experts=1,
+            moe_intermediate_size=48,  # not square with hidden 64
+            first_k_dense_replace=1,
+            num_experts_per_tok=2,
+            **_TEXT,
+        ),
+        vision_config=dict(
+            _QWEN_VISION, depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64
+        ),
+        image_token_id=5,
+        video_token_id=6,
+        image_start_token_id=7,
+        image_end_token_id=8,
+    ),
     # Llama 3.2 Vision: layer 1 is a cross-attention layer (the base LLM has 2 layers)
     "mllama": dict(
         text_config=dict(
