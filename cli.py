@@ -270,13 +270,18 @@ def convert(
 def inspect(model, revision):
     """Show how vlmguard-edit sees MODEL (folder or Hub id): family, key layout, text
     layers, the residual writers per layer, what is not a plain writer, and whether and how
-    convert supports it. Reads the config and safetensors headers only (a Hub id is
-    downloaded first, safetensors only)."""
-    from vlmguard_edit.checkpoint import open_checkpoint, resolve_model
+    convert supports it. Reads the config and the tensor names only: for a Hub id, its JSON
+    files and the safetensors headers (HTTP range requests), never the weights."""
+    from vlmguard_edit.checkpoint import hub_keys, open_checkpoint, resolve_model
     from vlmguard_edit.layout import describe
 
-    checkpoint = open_checkpoint(resolve_model(model, revision).path)
-    for line in describe(checkpoint.config, checkpoint.keys):
+    if Path(model).expanduser().exists():
+        checkpoint = open_checkpoint(resolve_model(model, revision).path)
+        config, keys = checkpoint.config, checkpoint.keys
+    else:
+        source = resolve_model(model, revision, config_only=True)
+        config, keys = hub_keys(source)
+    for line in describe(config, keys):
         click.echo(line)
 
 

@@ -51,6 +51,13 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
+    def branch(self, repo_id: str, revision: str) -> str:
+        """A branch name, or the branch whose head commit is ``revision``."""
+        if revision in self.repos.get(repo_id, {}):
+            return revision
+        heads = [b for (r, b), sha in self.heads.items() if r == repo_id and sha == revision]
+        return heads[0] if heads else "main"
+
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id][branch]
 
@@ -88,9 +95,56 @@ class FakeHub:
                     return False
                 return True
 
+            def do_HEAD(self):
+                path = unquote(urlparse(self.path).path)
+                hub.requests.append(f"HEAD {path}")
+                return self._resolve(path, body=False)
+
+            def _resolve(self, path: str, body: bool):
+                """File downloads (/{repo}/resolve/{revision}/{file}), with Range requests."""
+                match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                files = (
+                    hub.repos.get(match[1], {}).get(hub.branch(match[1], match[2]), {})
+                    if match
+                    else {}
+                )
+                if not match or match[3] not in files:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                data, status = files[match[3]], 200
+                ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if ranged:
+                    end = int(ranged[2]) + 1 if ranged[2] else len(data)
+                    data, status = data[int(ranged[1]) : end], 206
+                self.send_response(status)
+                self.send_header("ETag", f'"{git_sha1(files[match[3]])}"')
+                self.send_header("X-Repo-Commit", hub.heads.get((match[1], match[2]), "0" * 40))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+                return None
+
             def do_GET(self):
                 path = unquote(urlparse(self.path).path)
-                hub.requests.append(f"GET {path}")
+                hub.requests.append(f"GET {path}" + (" (range)" if "Range" in self.headers else ""))
+                if "/resolve/" in path:
+                    return self._resolve(path, body=True)
+                tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+                if tree and tree[1] in hub.repos and self._auth(write=False):
+                    files = hub.repos[tree[1]][hub.branch(tree[1], tree[2])]
+                    listing = [
+                        {"type": "file", "path": name, "size": len(data), "oid": git_sha1(data)}
+                        for name, data in sorted(files.items())
+                    ]
+                    return self._reply(200, listing)
+                if tree:
+                    return (
+                        None if tree[1] in hub.repos else self._reply(404, {"error": "not found"})
+                    )
                 match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
                 if not match or match[1] not in hub.repos:
                     return self._reply(

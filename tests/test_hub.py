@@ -229,3 +229,22 @@ def test_card_metadata_parses_back(guarded):
     assert card.data.base_model_relation == "finetune"
     assert card.data.base_model == record["source"]["hub_id"]
     assert "from_pretrained" in card.text and "vlmguard.json" in card.text
+
+
+def test_inspect_a_hub_model_reads_headers_only(vlm_factory, tmp_path):
+    """`inspect ORG/NAME` downloads the JSON files and reads the safetensors header with
+    HTTP range requests: the weights themselves are never downloaded."""
+    source = vlm_factory()  # one model.safetensors, no index
+    with FakeHub() as hub:
+        hub.repos["tiny-org/llava"] = {
+            "main": {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+        }
+        shown = online(["inspect", "tiny-org/llava"], hub.url, tmp_path, READ_TOKEN)
+        requests = list(hub.requests)
+    assert shown.returncode == 0, shown.stderr
+    assert "key layout      language_model.model.layers.N" in shown.stdout
+    assert "layers 0-3 (4 layers): self_attn.o_proj, mlp.down_proj" in shown.stdout
+    weights = [r for r in requests if r.startswith("GET ") and r.endswith("model.safetensors")]
+    assert not weights, weights  # no whole-file download
+    assert any(r.endswith("/model.safetensors (range)") for r in requests), requests
+    assert not list((tmp_path / "hf").rglob("*.safetensors"))

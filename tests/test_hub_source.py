@@ -50,3 +50,22 @@ def test_convert_from_hub_ids(tmp_path, monkeypatch, vlm_factory, base_llm):
     assert record["direction"]["base_model"] == "tiny-org/tiny-base"
     assert record["direction"]["base_revision"] == BASE_SHA
     assert ModelCard.load(out / "README.md").data.base_model == "tiny-org/tiny-llava"
+
+
+def test_inspect_a_cached_hub_model_needs_only_its_json_files(tmp_path, monkeypatch, vlm_factory):
+    """A sharded Hub model: its index names every tensor, so inspect needs no weights."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    jsons = tmp_path / "jsons"
+    jsons.mkdir()
+    for path in vlm_factory(shards=True).glob("*.json"):
+        shutil.copy(path, jsons / path.name)
+    assert (jsons / "model.safetensors.index.json").is_file()
+    cache = tmp_path / "hub"
+    cache_repo(cache, "tiny-org/sharded", jsons, VLM_SHA)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    shown = CliRunner().invoke(main, ["inspect", "tiny-org/sharded"])
+    assert shown.exit_code == 0, shown.output
+    assert "layers 0-3 (4 layers): self_attn.o_proj, mlp.down_proj" in shown.output

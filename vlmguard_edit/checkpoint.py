@@ -234,6 +234,30 @@ def parse_header(path: Path) -> ShardHeader:
     return ShardHeader(path, base, tensors, metadata)
 
 
+def hub_keys(source: ModelSource) -> tuple[dict[str, Any], list[str]]:
+    """Config and tensor names of a Hub model fetched with ``config_only``: from its
+    safetensors index when it has one, else from the single file's header, read with HTTP
+    range requests (huggingface_hub's get_safetensors_metadata): no weights downloaded."""
+    if not (source.path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{source.id} is not a model checkpoint: it has no {CONFIG_NAME}")
+    config = json.loads((source.path / CONFIG_NAME).read_text("utf-8"))
+    refuse_quantized(config, source.path)
+    if (source.path / INDEX_NAME).is_file():
+        return config, sorted(
+            json.loads((source.path / INDEX_NAME).read_text("utf-8"))["weight_map"]
+        )
+    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
+
+    try:
+        metadata = get_safetensors_metadata(source.id, revision=source.revision)
+    except NotASafetensorsRepoError as exc:
+        raise CheckpointError(f"{source.id} has no {SINGLE_NAME} or {INDEX_NAME}") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise InputError(f"could not read the safetensors header of {source.id}: {exc}") from exc
+    return config, sorted(metadata.weight_map)
+
+
 def open_checkpoint(path: Path) -> Checkpoint:
     """Read config and safetensors headers of a checkpoint folder; no tensor data is read."""
     if not (path / CONFIG_NAME).is_file():
