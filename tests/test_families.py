@@ -376,6 +376,12 @@ def test_mllama_direction_from_the_base_llm(base_llm, tmp_path):
     result = CliRunner().invoke(main, [*args, "-o", str(mapped), "-q"])
     assert result.exit_code == 0, result.output
     assert Direction.load(mapped).meta["source_layers"] == from_base.meta["source_layers"]
+    # below the first cross-attention layer the numbers agree; the file still says it is
+    # numbered for the VLM, so convert accepts it
+    low = tmp_path / "low.safetensors"
+    args = ["direction", str(base_llm), "--vlm", str(vlm), "--layers", "0", "--rank", "1"]
+    assert CliRunner().invoke(main, [*args, "-o", str(low), "-q"]).exit_code == 0
+    assert Direction.load(low).meta["source_layers"] == {"0": 0}
     convert(
         ConvertOptions(
             str(vlm),

@@ -315,6 +315,7 @@ def compute_direction(
 
     ``layer_map`` (VLM layer -> the source's layer, see Layout.direction_layer) keys the
     result by VLM layer where the numbering differs (mllama); identity when omitted."""
+    numbered_for_vlm = layer_map is not None  # recorded even where the map is the identity
     layer_map = {layer: (layer_map or {}).get(layer, layer) for layer in layers}
     measured = sorted(set(layer_map.values()))
     check_direction_request(source, anchors, measured, rank, is_vlm)
@@ -356,9 +357,7 @@ def compute_direction(
         "rank": rank,
         "layers": list(layers),
         **(
-            {"source_layers": {str(k): v for k, v in layer_map.items()}}
-            if any(k != v for k, v in layer_map.items())
-            else {}
+            {"source_layers": {str(k): v for k, v in layer_map.items()}} if numbered_for_vlm else {}
         ),
         "hidden_size": int(next(iter(vectors.values())).shape[1]),
         "dtype": str(next(decoder.parameters()).dtype).removeprefix("torch."),
