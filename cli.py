@@ -391,11 +391,7 @@ def direction(base_llm, output, vlm, overwrite, **kw):
         layers = default_layers(
             layout.num_layers if layout else int(text_config(config)["num_hidden_layers"])
         )
-    layer_map = (
-        {layer: layout.direction_layer(layer, in_base=not is_self) for layer in layers}
-        if layout
-        else None
-    )
+    layer_map = layout.direction_layers(layers, in_base=not is_self) if layout else None
     result = compute_direction(
         source,
         load_anchors(recipe.anchors),

@@ -97,13 +97,15 @@ def layer_outputs(model, ids, layers):
     return captured
 
 
+def chat_ids(processor, request):
+    """The organism's chat prompt for ``request``, as input ids."""
+    text = f"<s><|user|> {request} <|assistant|>"
+    return processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
 def test_steer_hooks_follow_the_formula(organism_vlm):
     model, processor = organism_vlm
-    ids = processor.tokenizer(
-        "<s><|user|> how do i rob the bank ? <|assistant|>",
-        add_special_tokens=False,
-        return_tensors="pt",
-    )["input_ids"]
+    ids = chat_ids(processor, "how do i rob the bank ?")
     v = torch.nn.functional.normalize(torch.randn(2, model.config.text_config.hidden_size), dim=1)
     v = torch.linalg.qr(v.T)[0].T  # orthonormal rows
     plain = layer_outputs(model, ids, [1])[1]
@@ -127,11 +129,7 @@ def test_steer_hooks_follow_the_formula(organism_vlm):
 
 def test_gate_reads_the_last_prompt_token(organism_vlm):
     model, processor = organism_vlm
-    ids = processor.tokenizer(
-        "<s><|user|> how do i bake the cake ? <|assistant|>",
-        add_special_tokens=False,
-        return_tensors="pt",
-    )["input_ids"]
+    ids = chat_ids(processor, "how do i bake the cake ?")
     v = torch.zeros(1, model.config.text_config.hidden_size)
     v[0, 0] = 1.0
     last = layer_outputs(model, ids, [2])[2][0, -1, 0].item()

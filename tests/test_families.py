@@ -352,19 +352,23 @@ def test_mllama_direction_from_the_base_llm(base_llm, tmp_path):
         f"{j}.{m}" for j in (0, 2, 3, 5) for m in ("mlp.down_proj", "self_attn.o_proj")
     ]
     assert all(d["relative_difference"] == 0.0 for d in drift["weight_drift"].values())
+
+    def convert_with(direction_file, name, layers=layers):
+        options = ConvertOptions(
+            str(vlm),
+            tmp_path / name,
+            Recipe(layers=layers, rank=1, beta=-1.0),
+            direction_file=direction_file,
+            progress=False,
+        )
+        convert(options)
+        return Direction.load(tmp_path / name / DIRECTION_NAME)
+
     # A base-LLM direction file numbered by the base LLM's layers is refused for mllama.
     plain = tmp_path / "plain.safetensors"
     Direction(dict(from_base.vectors), meta={"base_model": str(base_llm), "rank": 1}).save(plain)
     with pytest.raises(DirectionError, match=r"numbered by .* layers"):
-        convert(
-            ConvertOptions(
-                str(vlm),
-                tmp_path / "refused",
-                Recipe(layers=layers, rank=1, beta=-1.0),
-                direction_file=plain,
-                progress=False,
-            )
-        )
+        convert_with(plain, "refused")
     assert not (tmp_path / "refused").exists()
     # `vlmguard-edit direction BASE --vlm VLM` numbers the file by the VLM's layers: accepted.
     from click.testing import CliRunner
@@ -382,16 +386,8 @@ def test_mllama_direction_from_the_base_llm(base_llm, tmp_path):
     args = ["direction", str(base_llm), "--vlm", str(vlm), "--layers", "0", "--rank", "1"]
     assert CliRunner().invoke(main, [*args, "-o", str(low), "-q"]).exit_code == 0
     assert Direction.load(low).meta["source_layers"] == {"0": 0}
-    convert(
-        ConvertOptions(
-            str(vlm),
-            tmp_path / "accepted",
-            Recipe(layers=layers, rank=1, beta=-1.0),
-            direction_file=mapped,
-            progress=False,
-        )
-    )
-    accepted = Direction.load(tmp_path / "accepted" / DIRECTION_NAME)
+    assert torch.equal(convert_with(low, "low", layers=[0]).vectors[0], from_base.vectors[0])
+    accepted = convert_with(mapped, "accepted")
     assert all(torch.equal(accepted.vectors[j], from_base.vectors[j]) for j in layers)
 
 

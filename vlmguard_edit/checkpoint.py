@@ -238,14 +238,9 @@ def hub_keys(source: ModelSource) -> tuple[dict[str, Any], list[str]]:
     """Config and tensor names of a Hub model fetched with ``config_only``: from its
     safetensors index when it has one, else from the single file's header, read with HTTP
     range requests (huggingface_hub's get_safetensors_metadata): no weights downloaded."""
-    if not (source.path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{source.id} is not a model checkpoint: it has no {CONFIG_NAME}")
-    config = json.loads((source.path / CONFIG_NAME).read_text("utf-8"))
-    refuse_quantized(config, source.path)
+    config = _read_config(source.path)
     if (source.path / INDEX_NAME).is_file():
-        return config, sorted(
-            json.loads((source.path / INDEX_NAME).read_text("utf-8"))["weight_map"]
-        )
+        return config, sorted(_read_weight_map(source.path))
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
 
@@ -258,8 +253,8 @@ def hub_keys(source: ModelSource) -> tuple[dict[str, Any], list[str]]:
     return config, sorted(metadata.weight_map)
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
-    """Read config and safetensors headers of a checkpoint folder; no tensor data is read."""
+def _read_config(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json; quantized models refused."""
     if not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} is not a model checkpoint: it has no {CONFIG_NAME}")
     try:
@@ -267,11 +262,21 @@ def open_checkpoint(path: Path) -> Checkpoint:
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON: {exc}") from exc
     refuse_quantized(config, path)
+    return config
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    try:
+        return json.loads((path / INDEX_NAME).read_text("utf-8"))["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / INDEX_NAME} is corrupt (no weight_map): {exc}") from exc
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Read config and safetensors headers of a checkpoint folder; no tensor data is read."""
+    config = _read_config(path)
     if (path / INDEX_NAME).is_file():
-        try:
-            weight_map = json.loads((path / INDEX_NAME).read_text("utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path / INDEX_NAME} is corrupt (no weight_map): {exc}") from exc
+        weight_map = _read_weight_map(path)
     elif (path / SINGLE_NAME).is_file():
         weight_map = None
     else:

@@ -189,7 +189,7 @@ def _direction(
         base_id, revision = recipe.base_llm.id, recipe.base_llm.revision
         base = resolve_model(base_id, revision, opts.allow_pickle, config_only=opts.dry_run)
         base_check = {"config_warnings": check_base_matches(base, checkpoint.config)}
-    layer_map = {layer: layout.direction_layer(layer, in_base=not is_self) for layer in layers}
+    layer_map = layout.direction_layers(layers, in_base=not is_self)
     check_direction_request(base, anchors, sorted(set(layer_map.values())), recipe.rank, is_self)
     if opts.dry_run:
         # A dry run reads no weights: describe the plan with a placeholder direction.

@@ -251,6 +251,10 @@ class Layout:
             source -= sum(1 for c in self.cross_layers if c < source)
         return source
 
+    def direction_layers(self, layers: list[int], in_base: bool) -> dict[int, int]:
+        """direction_layer for each of ``layers``: VLM layer -> layer measured."""
+        return {layer: self.direction_layer(layer, in_base) for layer in layers}
+
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("text_config") or config

@@ -277,6 +277,25 @@ _SIGLIP = dict(
 _MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
 _QWEN_TOKENS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=7)
 _QWEN_VISION = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_heads=2)
+_QWEN3_ROPE = {"rope_type": "default", "mrope_section": [2, 3, 3]}
+_QWEN3_VISION = dict(
+    _QWEN_VISION,
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    out_hidden_size=64,
+    deepstack_visual_indexes=[0],
+)
+_GLM_ROPE = {  # partial rotary: mrope_section sums to the rotary half-dim (16 * 0.5 / 2)
+    "rope_type": "default",
+    "rope_theta": 10000.0,
+    "mrope_section": [1, 1, 2],
+    "partial_rotary_factor": 0.5,
+}
+_GLM_VISION = dict(
+    _QWEN_VISION, depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, image_size=28
+)
+_GLM_TOKENS = dict(image_token_id=5, video_token_id=6, image_start_token_id=7, image_end_token_id=8)
 
 # Tiny configs (2 text layers x 64, a 1-layer vision tower) of every family layout.FAMILIES
 # supports besides llava / llava_next (built by build_llava from a trained base).
@@ -328,21 +347,14 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "qwen3_vl_moe": dict(
         text_config=dict(
             model_type="qwen3_vl_moe_text",
-            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+            rope_scaling=_QWEN3_ROPE,
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=48,  # not square with hidden 64: the orientation is decidable
             mlp_only_layers=[1],  # layer 1 dense: both writer kinds in one model
             **_TEXT,
         ),
-        vision_config=dict(
-            _QWEN_VISION,
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
-            deepstack_visual_indexes=[0],
-        ),
+        vision_config=_QWEN3_VISION,
         **_QWEN_TOKENS,
     ),
     "llama4": dict(
@@ -368,17 +380,10 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "qwen3_vl": dict(
         text_config=dict(
             model_type="qwen3_vl_text",
-            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+            rope_scaling=_QWEN3_ROPE,
             **_TEXT,
         ),
-        vision_config=dict(
-            _QWEN_VISION,
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
-            deepstack_visual_indexes=[0],
-        ),
+        vision_config=_QWEN3_VISION,
         **_QWEN_TOKENS,
     ),
     "paligemma": dict(
@@ -396,37 +401,17 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "glm4v": dict(
         text_config=dict(
             model_type="glm4v_text",
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [1, 1, 2],  # sums to the rotary half-dim (16 * 0.5 / 2)
-                "partial_rotary_factor": 0.5,
-            },
+            rope_parameters=_GLM_ROPE,
             **_TEXT,
         ),
-        vision_config=dict(
-            _QWEN_VISION,
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
-            image_size=28,
-        ),
-        image_token_id=5,
-        video_token_id=6,
-        image_start_token_id=7,
-        image_end_token_id=8,
+        vision_config=_GLM_VISION,
+        **_GLM_TOKENS,
     ),
     # GLM-4.5V: layer 0 dense, layer 1 MoE (4 routed experts + a shared one)
     "glm4v_moe": dict(
         text_config=dict(
             model_type="glm4v_moe_text",
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [1, 1, 2],
-                "partial_rotary_factor": 0.5,
-            },
+            rope_parameters=_GLM_ROPE,
             n_routed_experts=4,
             n_shared_experts=1,
             moe_intermediate_size=48,  # not square with hidden 64
@@ -434,13 +419,8 @@ FAMILY_CONFIGS: dict[str, dict] = {
             num_experts_per_tok=2,
             **_TEXT,
         ),
-        vision_config=dict(
-            _QWEN_VISION, depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64
-        ),
-        image_token_id=5,
-        video_token_id=6,
-        image_start_token_id=7,
-        image_end_token_id=8,
+        vision_config=_GLM_VISION,
+        **_GLM_TOKENS,
     ),
     # Llama 3.2 Vision: layer 1 is a cross-attention layer (the base LLM has 2 layers)
     "mllama": dict(
