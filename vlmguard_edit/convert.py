@@ -244,11 +244,6 @@ class GuardedWriter:
         )
         self.jobs: dict[str, Future] = {}
         self.copies: dict[str, Future] = {}  # edited shards: the copy around the holes
-        try:
-            self._start()
-        except BaseException:  # e.g. Ctrl-C while the jobs are queued: no copy may outlive us
-            self.close()
-            raise
 
     def _start(self) -> None:
         checkpoint, out = self.checkpoint, self.out
@@ -315,6 +310,13 @@ class GuardedWriter:
         return {rel: job.result() for rel, job in self.jobs.items()}  # re-raises a worker's error
 
     def __enter__(self) -> GuardedWriter:
+        # The copies start here, not in __init__: a Ctrl-C between the constructor and the
+        # with block would otherwise leave them running with no __exit__ to stop them.
+        try:
+            self._start()
+        except BaseException:  # e.g. Ctrl-C while the jobs are queued: no copy may outlive us
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
