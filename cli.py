@@ -179,9 +179,11 @@ def direction_options(func):
 )
 @click.option(
     "--mode",
-    type=click.Choice(["writers", "projector-shift"]),
+    type=click.Choice(["writers", "projector-shift", "image-gap"]),
     help="writers: fold (I + beta V^T V) into o_proj/down_proj. projector-shift: add gamma * u "
-    "to the projector's output bias (image tokens only). Default: writers.",
+    "to the projector's output bias (image tokens only). image-gap: project the image-gap "
+    "direction (measured on SOURCE with and without an image) out of attention o_proj. "
+    "Default: writers.",
 )
 @click.option("--gamma", type=float, help="projector-shift strength (default 1).")
 @click.option(
@@ -221,6 +223,7 @@ def convert(
     """
     from vlmguard_edit.convert import ConvertOptions
     from vlmguard_edit.convert import convert as run_convert
+    from vlmguard_edit.recipes import mode_problems
 
     if push_to_hub:
         from vlmguard_edit.hub import check_repo_id
@@ -231,8 +234,10 @@ def convert(
     recipe = _build_recipe(
         kw, base_llm, beta=beta, mode=mode, gamma=gamma, shift_direction=shift_direction
     )
-    if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
-        raise click.BadParameter("projector-shift takes exactly one layer", param_hint="--layers")
+    options = (("beta", beta), ("gamma", gamma), ("shift_direction", shift_direction))
+    problems = mode_problems(recipe, {name for name, value in options if value is not None})
+    if problems:
+        raise click.UsageError("; ".join(problems))
     source = source or recipe.model
     if not source:
         raise click.UsageError("give the SOURCE model (or a recipe with 'model')")

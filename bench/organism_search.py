@@ -4,6 +4,8 @@ Each edit is applied in memory with vlmguard_edit.fold.apply_map (the same math 
 into the checkpoint), then evaluated against the unedited VLM. Reproduce:
 
     python bench/organism_search.py [--limit 48] [--out docs/organism_search.json]
+    python bench/organism_search.py --limit 48 --only image-gap --out docs/organism_search.json
+                                    (re-runs only those rows and updates them in the file)
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ import random
 from pathlib import Path
 
 import torch
+from transformers import AutoProcessor
 from transformers.utils import logging as hf_logging
 
 from vlmguard_edit import evaluate as ev
+from vlmguard_edit import images as imgs
 from vlmguard_edit import organism
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.checkpoint import resolve_model
 from vlmguard_edit.direction import compute_direction
 from vlmguard_edit.fold import apply_map, attention_direction
+from vlmguard_edit.gap import attention_outputs, gap_vector
 from vlmguard_edit.runtime import SteerHooks, text_layers, writer_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 ORGANISM = ROOT / "examples" / "organism"
+ANCHORS = load_anchors(ORGANISM / "anchors.jsonl")
 
 
 def writers(model, layers, vectors, beta):
@@ -150,11 +156,35 @@ def attention_shift(v, gamma: float):
     return lambda m: projector_shift(m, attention_aware(m, v, 0), gamma)
 
 
+def image_gap(layers: list[int], orthogonal: bool = True):
+    """The image-gap projection folded into the layers' attention o_proj (vlmguard_edit.gap);
+    ``orthogonal=False``: the raw mean push delta_l, text-only mean not removed (control)."""
+
+    def edit(m):
+        processor = AutoProcessor.from_pretrained(ORGANISM / "vlm")
+        prompts = list(ANCHORS.harmful) + list(ANCHORS.harmless)
+        text = attention_outputs(m, processor, prompts, None, layers, 16, False)
+        image = attention_outputs(m, processor, prompts, imgs.blank(), layers, 16, False)
+        for layer in layers:
+            if orthogonal:
+                v = gap_vector(text[layer], image[layer])[0]
+            else:
+                delta = image[layer].mean(0) - text[layer].mean(0)
+                v = (delta / delta.norm())[None]
+            o_proj = text_layers(m)[layer].self_attn.o_proj
+            o_proj.weight.data = apply_map(o_proj.weight.data, v, -1.0)
+
+    return edit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=240)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, help="print the markdown table of a saved run")
+    parser.add_argument(
+        "--only", help="run only the edits whose name contains this; --out then updates its rows"
+    )
     args = parser.parse_args()
     if args.table:
         print(markdown(json.loads(args.table.read_text())))
@@ -164,7 +194,7 @@ def main() -> None:
     torch.manual_seed(0)
     direction = compute_direction(
         resolve_model(str(ORGANISM / "llm")),
-        load_anchors(ORGANISM / "anchors.jsonl"),
+        ANCHORS,
         [0, 1, 2, 3],
         2,
         progress=False,
@@ -182,7 +212,7 @@ def main() -> None:
     original = ev.Subject(ORGANISM / "vlm", "cpu", "auto")
     self_direction = compute_direction(
         resolve_model(str(ORGANISM / "vlm")),
-        load_anchors(ORGANISM / "anchors.jsonl"),
+        ANCHORS,
         [0],
         1,
         is_vlm=True,
@@ -234,6 +264,11 @@ def main() -> None:
             projector_shift(m, v0, 8.0),
             writers(m, [0, 1, 2, 3], v1, 2.0),
         ),
+        "control: raw image push delta projected, o_proj L0": image_gap([0], orthogonal=False),
+        "image-gap projection, o_proj L0": image_gap([0]),
+        "image-gap projection, o_proj L0-1 (default)": image_gap([0, 1]),
+        "image-gap projection, o_proj L0-3": image_gap([0, 1, 2, 3]),
+        "image-gap projection, o_proj L2": image_gap([2]),
     }
     runtime = {
         "runtime steer alpha=2 L2-3 (paper, midpoint gate)": (
@@ -247,8 +282,10 @@ def main() -> None:
         ),
         "runtime project L2-3": lambda m: SteerHooks(m, {i: v1[i] for i in (2, 3)}, "project"),
     }
-    rows = {}
+    rows = json.loads(args.out.read_text()) if args.only and args.out and args.out.exists() else {}
     for name, edit in list(edits.items()) + list(runtime.items()):
+        if args.only and args.only not in name:
+            continue
         subject = ev.Subject(ORGANISM / "vlm", "cpu", "auto")
         if name in runtime:
             subject.hooks = runtime[name]

@@ -18,7 +18,8 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_is_valid(path):
     recipe = load_recipe(path)
-    assert recipe.model and recipe.base_llm.id and recipe.layers
+    # Every recipe says where its direction comes from: a base LLM, or the VLM (image-gap).
+    assert recipe.model and (recipe.base_llm.id or recipe.mode == "image-gap") and recipe.layers
     first = path.read_text("utf-8").splitlines()[0]
     assert first.startswith("# vlmguard-edit convert"), "a recipe starts with its command line"
 
@@ -104,6 +105,21 @@ def test_projector_shift_recipe():
         recipe_from_dict({"mode": "steer"})
 
 
+def test_image_gap_recipe():
+    recipe = recipe_from_dict({"mode": "image-gap", "layers": "0-1"})
+    assert recipe.mode == "image-gap" and recipe.layers == [0, 1] and recipe.base_llm.id is None
+    assert recipe_from_dict({"mode": "image-gap", "base_llm": "self"}).base_llm.id == "self"
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(
+            {"mode": "image-gap", "base_llm": "org/llm", "rank": 2, "beta": 2, "gamma": 1}
+        )
+    problems = " ".join(info.value.problems)
+    assert all(
+        word in problems
+        for word in ("base_llm: image-gap", "rank: image-gap", "beta: image-gap", "gamma")
+    )
+
+
 def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "x.yaml").write_text("model: ../vlm\nbase_llm:\n  id: org/base\n")
@@ -113,8 +129,5 @@ def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
 
 def test_organism_recipe_points_at_the_shipped_organism():
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "organism.yaml")
-    assert (
-        Path(recipe.model, "config.json").is_file()
-        and Path(recipe.base_llm.id, "config.json").is_file()
-    )
-    assert Path(recipe.anchors).is_file() and recipe.mode == "projector-shift"
+    assert Path(recipe.model, "config.json").is_file() and recipe.base_llm.id is None
+    assert Path(recipe.anchors).is_file() and recipe.mode == "image-gap"

@@ -49,7 +49,22 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
         f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
     )
-    if recipe.get("mode") == "projector-shift":
+    if recipe.get("mode") == "image-gap":
+        what = (
+            f"Only the attention output projections (`o_proj`) of layers {span(layers)} of the "
+            "language model changed."
+        )
+        how = (
+            "For every edited layer l, an image-gap direction d_l was measured on the source "
+            f"model itself: the mean change that a blank image causes in layer l's attention "
+            f"output at the last prompt token, over {direction['num_anchor_pairs']} harmful "
+            "and harmless anchor prompt pairs, with its component along the text-only mean "
+            "removed. Each o_proj became\n\n"
+            "    W_o <- (I - d_l d_l^T) W_o\n\n"
+            "so the attention no longer writes along d_l: the image's push there is removed, "
+            "while text-only prompts, which carry nothing along d_l on average, barely change."
+        )
+    elif recipe.get("mode") == "projector-shift":
         what = (
             "Only the bias of the multimodal projector's output layer changed, so the edit acts "
             "only when an image is in the prompt: text-only behaviour is exactly the original's."

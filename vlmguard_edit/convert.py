@@ -163,6 +163,14 @@ def _direction(
                 f"direction {opts.direction_file} has hidden size {direction.hidden_size}, the "
                 f"VLM's text model has {layout.hidden_size}; it was computed for another model"
             )
+        is_gap = direction.meta.get("kind") == "image-gap"
+        if is_gap != (recipe.mode == "image-gap"):
+            raise DirectionError(
+                f"direction {opts.direction_file} is "
+                + ("an image-gap direction" if is_gap else "a safety steering direction")
+                + f", but the mode is {recipe.mode}; "
+                + ("use --mode image-gap" if is_gap else "image-gap needs an image-gap direction")
+            )
         base_model = direction.meta.get("base_model")
         if (
             layout.cross_layers
@@ -176,6 +184,8 @@ def _direction(
                 f"{base_model} --vlm {opts.source} ..."
             )
         return direction, None
+    if recipe.mode == "image-gap":
+        return _gap_direction(opts, source, layout, layers), None
     if recipe.base_llm.id is None:
         raise InputError(
             "say where the steering direction comes from: --base-llm ID (or 'self' for the "
@@ -225,6 +235,29 @@ def _direction(
                     median,
                 )
     return direction, base_check
+
+
+def _gap_direction(
+    opts: ConvertOptions, source: ModelSource, layout: Layout, layers: list[int]
+) -> Direction:
+    """The image-gap direction, measured on the source VLM itself (gap.py)."""
+    torch = import_torch()
+    from .direction import Direction
+    from .gap import compute_gap_direction
+
+    anchors = load_anchors(opts.recipe.anchors)
+    if opts.dry_run:  # reads no weights: a placeholder for the plan
+        return Direction(dict.fromkeys(layers, torch.eye(layout.hidden_size)[:1]))
+    return compute_gap_direction(
+        source,
+        anchors,
+        layers,
+        batch_size=opts.recipe.batch_size,
+        device=opts.device,
+        dtype=opts.dtype,
+        trust_remote_code=opts.trust_remote_code,
+        progress=opts.progress,
+    )
 
 
 class GuardedWriter:
@@ -454,10 +487,15 @@ def reproduce_command(opts: ConvertOptions) -> str:
     parts = ["vlmguard-edit", "convert", opts.source, "-o", str(opts.output)]
     if opts.direction_file:
         parts += ["--direction", str(opts.direction_file)]
+    elif recipe.mode == "image-gap":
+        parts += ["--anchors", recipe.anchors]
     else:
         parts += ["--base-llm", str(recipe.base_llm.id), "--anchors", recipe.anchors]
         if recipe.base_llm.template:
             parts += ["--template", recipe.base_llm.template]
+    if recipe.mode == "image-gap":
+        parts += ["--mode", recipe.mode, "--layers", ",".join(map(str, recipe.layers or []))]
+        return shlex.join(parts)
     if recipe.mode != "writers":
         parts += ["--mode", recipe.mode, "--gamma", f"{recipe.gamma:g}"]
         parts += ["--shift-direction", recipe.shift_direction]

@@ -243,13 +243,33 @@ def load_text_decoder(
     trust_remote_code: bool,
 ) -> tuple[torch.nn.Module, Any]:
     """Load layers 0..max_layer of a (V)LM's text decoder and its tokenizer; nothing above."""
-    import transformers
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoTokenizer,
+    from transformers import AutoTokenizer
+
+    model = load_truncated(
+        source, max_layer, is_vlm, device, dtype, allow_pickle, trust_remote_code
     )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DirectionError(
+            f"cannot load the tokenizer of {source.id} ({exc.__class__.__name__}); the model "
+            "folder needs its tokenizer files to wrap the anchor prompts"
+        ) from exc
+    return model.get_decoder(), tokenizer
+
+
+def load_truncated(
+    source: ModelSource,
+    max_layer: int,
+    is_vlm: bool,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+) -> torch.nn.Module:
+    """A (V)LM with text layers 0..max_layer only (the vision tower of a VLM whole)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     has_safetensors = any(source.path.glob("*.safetensors"))
     if not has_safetensors and not allow_pickle:
@@ -284,15 +304,7 @@ def load_text_decoder(
         transformers.logging.set_verbosity(verbosity)
     if not placement:
         model.to(device)
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise DirectionError(
-            f"cannot load the tokenizer of {source.id} ({exc.__class__.__name__}); the model "
-            "folder needs its tokenizer files to wrap the anchor prompts"
-        ) from exc
-    return model.get_decoder(), tokenizer
+    return model.eval()
 
 
 def compute_direction(

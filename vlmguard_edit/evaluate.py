@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import images as imgs
 from .card import CARD, RECORD, record_files
 from .errors import InputError
+from .gap import chat_batch
 from .judge import COMPLIANCE, NEITHER, REFUSAL, combine, judge
 
 log = logging.getLogger(__name__)
@@ -106,19 +107,7 @@ class Subject:
         self.outputs: dict[tuple[str, str, int], torch.Tensor] = {}
 
     def inputs(self, prompts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
-        conversations = []
-        for prompt, image in zip(prompts, images, strict=True):
-            content = [{"type": "image", "image": image}] if image is not None else []
-            content.append({"type": "text", "text": prompt})
-            conversations.append([{"role": "user", "content": content}])
-        batch = self.processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True},
-        )
+        batch = chat_batch(self.processor, prompts, images)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _hooks(self) -> Any:

@@ -53,6 +53,8 @@ class Plan:
             return (
                 f"b <- b + {self.gamma:g} * u on the projector output ({u}, layer {self.layers[0]})"
             )
+        if self.mode == "image-gap":
+            return "W_o <- (I - d_l d_l^T) W_o on attention o_proj   (d_l: image-gap direction)"
         text = f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
         if any(edit.norm for edit in self.edits):
             text += "; behind a post-norm with gain g, V_l -> orthonormal basis of g ⊙ V_l"
@@ -98,7 +100,17 @@ def build_plan(
         extra = (mode, gamma, shift_direction)
         return Plan(layout, list(layers), rank, beta, [edit], copied, dropped, *extra)
     edits = []
-    normed = [w for layer in layers for w in layout.writers[layer] if w.post_norm]
+    # image-gap: only the attention output projection (each layer's first writer).
+    chosen = {
+        layer: layout.writers[layer][:1] if mode == "image-gap" else layout.writers[layer]
+        for layer in layers
+    }
+    normed = [w for layer in layers for w in chosen[layer] if w.post_norm]
+    if normed and mode == "image-gap":
+        raise PlanError(
+            f"{layout.family.model_type} has a norm between {normed[0].module} and the residual "
+            "add; image-gap is measured at the writer's output and is not supported there"
+        )
     if normed and beta != -1.0:
         raise PlanError(
             f"{layout.family.model_type} has a norm between {normed[0].module} and the residual "
@@ -106,7 +118,7 @@ def build_plan(
             f"there; got beta {beta:g}"
         )
     for layer in layers:
-        for writer in layout.writers[layer]:
+        for writer in chosen[layer]:
             for key in (writer.weight, writer.bias):
                 if key is None:
                     continue
@@ -132,11 +144,13 @@ def build_plan(
                         norm=writer.post_norm,
                     )
                 )
-    expected = sum(len(layout.writers[layer]) for layer in layers)
+    expected = sum(len(chosen[layer]) for layer in layers)
     weights = sum(1 for e in edits if e.key.endswith(".weight") or e.kind == "experts")
     if weights != expected or not edits:
         raise PlanError(f"the plan edits {weights} writer weights, expected {expected}; refusing")
-    return Plan(layout, list(layers), rank, beta, edits, copied, dropped)
+    if mode == "image-gap" and any(not e.module.endswith("attn.o_proj") for e in edits):
+        raise PlanError(f"{layout.family.model_type}: the first writer is not an attention o_proj")
+    return Plan(layout, list(layers), rank, beta, edits, copied, dropped, mode)
 
 
 def _experts_edit(checkpoint: Checkpoint, layout: Layout, writer, key: str, info) -> PlannedEdit:

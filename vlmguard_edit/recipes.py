@@ -49,6 +49,8 @@ class Recipe:
     # "writers": W <- (I + beta V^T V) W on each selected layer's residual writers.
     # "projector-shift": the projector's output bias b <- b + gamma * u, u from the (single)
     # selected layer's direction: image tokens only, so text-only behaviour is unchanged.
+    # "image-gap": W_o <- (I - d d^T) W_o on each selected layer's attention output projection,
+    # d the image-gap direction measured on the VLM itself (gap.py); base_llm unused.
     mode: str = "writers"
     gamma: float = 1.0
     shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
@@ -61,7 +63,7 @@ class Recipe:
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction"}
-MODES = ("writers", "projector-shift")
+MODES = ("writers", "projector-shift", "image-gap")
 SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}
 
@@ -160,15 +162,35 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     shift = data.get("shift_direction")
     if check("shift_direction", shift in SHIFT_DIRECTIONS, f"one of {', '.join(SHIFT_DIRECTIONS)}"):
         recipe.shift_direction = shift
-    if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
-        problems.append("layers: projector-shift takes exactly one layer (whose direction is used)")
     if check("batch_size", _is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
         recipe.batch_size = data["batch_size"]
     if check("notes", isinstance(data.get("notes"), str), "text"):
         recipe.notes = data["notes"]
+    problems += mode_problems(recipe, explicit=set(data))
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
+    """What the recipe's mode rules out (shared by recipe files and command-line options).
+    ``explicit``: the keys the user gave (a default value is never a problem)."""
+    problems = []
+    if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
+        problems.append("layers: projector-shift takes exactly one layer (whose direction is used)")
+    if recipe.mode == "image-gap":
+        if recipe.base_llm.id not in (None, SELF):
+            problems.append(
+                "base_llm: image-gap measures its direction on the VLM itself (with and without "
+                "an image); leave base_llm out"
+            )
+        if recipe.rank != 1:
+            problems.append("rank: image-gap has rank 1")
+        if recipe.beta != -1.0:
+            problems.append("beta: image-gap folds the projection (beta -1) only")
+        if "shift_direction" in explicit or "gamma" in explicit:
+            problems.append("gamma / shift_direction: projector-shift options, not image-gap's")
+    return problems
 
 
 def _base_llm(value: Any, problems: list[str]) -> BaseLLM:

@@ -63,16 +63,23 @@ def writer_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
 class WriterHooks:
     """Context manager: while active, every writer of layer l maps its output by M_l."""
 
-    def __init__(self, model: torch.nn.Module, vectors: dict[int, torch.Tensor], beta: float):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vectors: dict[int, torch.Tensor],
+        beta: float,
+        attention_only: bool = False,  # image-gap: the attention output projection only
+    ):
         self.model = model
         self.vectors = vectors
         self.beta = beta
+        self.attention_only = attention_only
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> WriterHooks:
         modules = writer_modules(self.model)
         for layer, v in self.vectors.items():
-            for module in modules[layer]:
+            for module in modules[layer][:1] if self.attention_only else modules[layer]:
                 self.handles.append(module.register_forward_hook(self._hook(v)))
         return self
 
