@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -12,7 +13,9 @@ from pathlib import Path
 import click
 
 from vlmguard_edit import __version__
-from vlmguard_edit.errors import VlmguardError
+from vlmguard_edit.errors import Terminated, VlmguardError, raise_on_termination
+
+INTERRUPTED = "interrupted: nothing was written (temporary files removed)"
 
 EXAMPLES_CONVERT = """
 \b
@@ -67,8 +70,10 @@ class Main(click.Group):
             raise  # click's own control flow (--help, usage errors) is not a failure of ours
         except VlmguardError as exc:
             _fail(ctx, f"error: {exc}", exc.exit_code)
+        except Terminated as exc:  # SIGTERM / SIGHUP: the shell's code for the signal
+            _fail(ctx, INTERRUPTED.replace(":", f" by {exc}:", 1), 128 + exc.signum)
         except KeyboardInterrupt:
-            _fail(ctx, "interrupted: nothing was written (temporary files removed)", 130)
+            _fail(ctx, INTERRUPTED, 130)
         except (OSError, ValueError, RuntimeError) as exc:
             _fail(ctx, f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
 
@@ -362,6 +367,13 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 @direction_options
 def direction(base_llm, output, vlm, overwrite, **kw):
     """Compute the safety steering direction of BASE_LLM (a folder, Hub id, or 'self')."""
+    from vlmguard_edit.writes import output_lock
+
+    with output_lock(Path(output), "direction file"):  # from the check to the rename
+        _direction_command(base_llm, output, vlm, overwrite, **kw)
+
+
+def _direction_command(base_llm, output, vlm, overwrite, **kw):
     from vlmguard_edit.anchors import load_anchors
     from vlmguard_edit.checkpoint import resolve_model
     from vlmguard_edit.convert import default_layers
@@ -524,7 +536,16 @@ def eval_command(
     import torch
 
     from vlmguard_edit import evaluate as ev
+    from vlmguard_edit.writes import output_lock
 
+    if update_card:
+        ev.check_card_target(model)  # before hours of evaluation, not after
+    if image_folder:  # before any model is loaded
+        from vlmguard_edit.images import folder_images
+
+        if not Path(image_folder).is_dir():
+            raise click.BadParameter(f"{image_folder} is not a folder", param_hint="--image-folder")
+        folder_images(Path(image_folder))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = ev.EvalOptions(
         settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
@@ -547,8 +568,23 @@ def eval_command(
         from vlmguard_edit.judge import GuardJudge
 
         opts.guard = GuardJudge(_local_or_hub(judge_model), device)
+    with contextlib.ExitStack() as locks:  # held from the start: a second run fails at once
+        locks.enter_context(output_lock(Path(output), "report folder"))
+        if update_card:
+            locks.enter_context(output_lock(Path(model), "model folder"))
+        guard = (runtime_guard, guard_mode, alpha, gate, positions, guard_layers)
+        _evaluate(model, against, Path(output), opts, update_card, guard if runtime_guard else None)
+    click.echo(f"wrote {output}/eval.json, report.md, refusal.png")
+
+
+def _evaluate(model, against, output: Path, opts, update_card: bool, guard) -> None:
+    """Load the systems (``guard``: the runtime guard's options, or None), evaluate them,
+    write the report (and the card)."""
+    from vlmguard_edit import evaluate as ev
+
+    device, dtype, runtime_guard = opts.device, opts.dtype, guard is not None
     if runtime_guard:  # the direction is checked before any model is loaded
-        factory = _runtime_factory(runtime_guard, guard_mode, alpha, gate, positions, guard_layers)
+        factory = _runtime_factory(*guard)
     subject = ev.Subject(_local_or_hub(model), device, dtype)
     original = ev.Subject(_local_or_hub(against), device, dtype) if against else None
     systems = {"original": original} if original else {}
@@ -558,13 +594,13 @@ def eval_command(
     # Without --against, the runtime guard is compared with the unguarded model it wraps.
     report = ev.run_eval(systems, original or (subject if runtime_guard else None), opts)
     if runtime_guard:
-        note = f"{guard_mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
+        _, mode, alpha, gate, positions, _ = guard
+        note = f"{mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
         report["systems"]["runtime"]["note"] = note
-    ev.write_report(report, Path(output))
+    ev.write_report(report, output)
     if update_card:
         ev.update_card(Path(model), report)
     click.echo(ev.format_table(report))
-    click.echo(f"wrote {output}/eval.json, report.md, refusal.png")
 
 
 def _local_or_hub(name: str) -> str:
@@ -720,6 +756,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def run() -> None:
+    """The installed command: SIGTERM and SIGHUP end a run like Ctrl-C (everything cleaned
+    up, one line, exit 143 / 129); in-process callers keep their own signal handling."""
+    raise_on_termination()
+    main()
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run()

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .checkpoint import file_entry
 from .errors import InputError
 from .layout import span
+from .writes import remove_stale, replace_file
 
 TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
 _LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -120,7 +121,7 @@ The edit's effect on refusals must be measured for each model; see the vlmguard-
 for how the defaults were chosen. The license of the source model applies.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    card.save(out / CARD)
+    replace_file(out / CARD, str(card))
 
 
 def load_record(folder: Path) -> dict[str, Any]:
@@ -144,4 +145,5 @@ def record_files(folder: Path, names: list[str]) -> None:
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
-    (out / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
+    remove_stale(out / RECORD)
+    replace_file(out / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")

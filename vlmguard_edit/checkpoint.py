@@ -10,14 +10,12 @@ memory grows with the largest edited tensor, not with the shard or the model.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +26,7 @@ if TYPE_CHECKING:
 import blake3
 
 from .errors import CheckpointError, InputError
+from .writes import io_errors, temp_path
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -370,9 +369,9 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
     # Written beside the target and renamed, so an interrupted write leaves no partial file.
-    partial = path.with_name(f".{path.name}.vlmguard-tmp-{os.getpid()}")
+    partial = temp_path(path)
     try:
-        with _io_errors(path), open(partial, "wb") as handle:
+        with io_errors(path), open(partial, "wb") as handle:
             handle.write(len(raw).to_bytes(8, "little"))
             handle.write(raw)
             for blob in blobs:
@@ -421,14 +420,14 @@ def classify_files(source: Path, weight_files: set[str]) -> tuple[list[str], lis
 
 def copy_file(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _io_errors(target):
+    with io_errors(target):
         shutil.copyfile(source, target)  # follows Hub-cache symlinks; sendfile on Linux
 
 
 def allocate_like(source: Path, target: Path) -> None:
     """Create ``target`` with ``source``'s size, for copy_except and ShardPatcher to fill."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _io_errors(target), open(target, "wb") as handle:
+    with io_errors(target), open(target, "wb") as handle:
         handle.truncate(source.stat().st_size)
 
 
@@ -445,7 +444,7 @@ def copy_except(source: Path, target: Path, holes: list[tuple[int, int]]) -> Non
         position = max(position, end)
     if position < size:
         ranges.append((position, size))
-    with _io_errors(target), open(source, "rb") as src, open(target, "r+b") as dst:
+    with io_errors(target), open(source, "rb") as src, open(target, "r+b") as dst:
         for start, end in ranges:
             _copy_range(src.fileno(), dst.fileno(), start, end)
 
@@ -477,7 +476,7 @@ class ShardPatcher:
 
     def __init__(self, target: Path):
         self.target = target
-        with _io_errors(target):
+        with io_errors(target):
             self.handle = open(target, "r+b")  # noqa: SIM115 (closed in __exit__)
 
     def write(self, info: TensorInfo, tensor: torch.Tensor) -> None:
@@ -486,7 +485,7 @@ class ShardPatcher:
             raise CheckpointError(
                 f"internal error: {data.nbytes} bytes for a {info.nbytes}-byte slot"
             )
-        with _io_errors(self.target):
+        with io_errors(self.target):
             self.handle.seek(info.start)
             self.handle.write(data)
 
@@ -494,36 +493,8 @@ class ShardPatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with _io_errors(self.target):
+        with io_errors(self.target):
             self.handle.close()
-
-
-@contextlib.contextmanager
-def _io_errors(target: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"the disk filled up while writing {target.name}; free space where the output "
-                "goes (it needs about the size of the source checkpoint) and run again"
-            ) from exc
-        raise CheckpointError(f"could not write {target}: {exc.strerror or exc}") from exc
-
-
-def check_output_free(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless --overwrite, and never replace a foreign folder."""
-    out = output.expanduser().resolve()
-    if out.exists():
-        if not overwrite:
-            raise InputError(f"output {output} already exists; pass --overwrite to replace it")
-        if not out.is_dir():
-            raise InputError(f"output {output} exists and is a file; refusing to replace it")
-        if any(out.iterdir()) and not (out / "vlmguard.json").is_file():
-            raise InputError(
-                f"output {output} exists and is not a vlmguard-edit output (no vlmguard.json); "
-                "refusing to replace it even with --overwrite. Remove it yourself or pick another"
-            )
 
 
 def check_not_nested(output: Path, source: Path) -> None:
@@ -534,30 +505,3 @@ def check_not_nested(output: Path, source: Path) -> None:
         raise InputError(f"output {output} is inside the source {source}; choose a folder outside")
     if out in src.parents:
         raise InputError(f"output {output} contains the source {source}; choose another folder")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``output``; rename it into place only on success.
-
-    Any failure, Ctrl-C included, removes the temporary folder, so an interrupted run never
-    leaves something that looks like a checkpoint. An existing output (already checked by
-    check_output_free) is replaced only after the new one is complete.
-    """
-    out = output.expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.vlmguard-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.vlmguard-old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

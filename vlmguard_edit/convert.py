@@ -21,9 +21,7 @@ from .checkpoint import (
     ModelSource,
     ShardPatcher,
     allocate_like,
-    atomic_output_dir,
     check_not_nested,
-    check_output_free,
     copy_except,
     copy_file,
     digest_bytes,
@@ -39,6 +37,7 @@ from .errors import DirectionError, InputError
 from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
 from .recipes import SELF, Recipe
+from .writes import atomic_output_dir, check_output_free, output_lock
 
 if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
     import torch
@@ -81,6 +80,15 @@ def default_layers(num_layers: int) -> list[int]:
 
 
 def convert(opts: ConvertOptions) -> ConvertResult:
+    """Plan, then write the guarded checkpoint; the output is locked from its check to the
+    final rename, so two runs for one output cannot both write it."""
+    if opts.dry_run:
+        return _convert(opts)
+    with output_lock(opts.output):
+        return _convert(opts)
+
+
+def _convert(opts: ConvertOptions) -> ConvertResult:
     recipe = opts.recipe
     if not opts.dry_run:
         check_output_free(opts.output, opts.overwrite)  # before any download

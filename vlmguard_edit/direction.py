@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .anchors import AnchorSet
 from .checkpoint import ModelSource, write_safetensors
+from .compat import family_of, forward_errors
 from .errors import DirectionError, InputError, VlmguardError
 from .layout import text_config
 
@@ -207,7 +208,10 @@ def last_token_states(
             for row, ids in enumerate(batch):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
-            decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            with forward_errors(family_of(decoder)):
+                decoder(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
+                )
             last = torch.tensor([len(ids) - 1 for ids in batch], device=device)
             rows = torch.arange(len(batch), device=device)
             for layer in layers:

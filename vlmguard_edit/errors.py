@@ -40,3 +40,30 @@ class PlanError(VlmguardError):
 
 class DirectionError(VlmguardError):
     """The steering direction cannot be computed or does not fit the model."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (timeout, job schedulers, a closed terminal), raised in the main thread
+    like Ctrl-C, so every cleanup path that handles Ctrl-C handles these the same way."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_on_termination() -> None:
+    """Make SIGTERM and SIGHUP raise Terminated in the main thread (the CLI calls this)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, _frame):
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)

@@ -13,6 +13,7 @@ greedy agreement, and the perplexity of the original's answers under the evaluat
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -26,9 +27,11 @@ from tqdm.auto import tqdm
 
 from . import images as imgs
 from .card import CARD, RECORD, record_files
+from .compat import family_of, forward_errors
 from .errors import InputError
 from .gap import chat_batch
 from .judge import COMPLIANCE, NEITHER, REFUSAL, combine, judge
+from .writes import ensure_parent, remove_stale, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ class Subject:
         if key not in self.outputs:
             pad = self.processor.tokenizer.pad_token_id
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            with self._hooks():
+            with self._hooks(), forward_errors(family_of(self.model)):
                 self.outputs[key] = self.model.generate(**batch, **kwargs)
         return self.outputs[key]
 
@@ -129,7 +132,7 @@ class Subject:
         self, batch: dict[str, torch.Tensor], sequences: torch.Tensor, attention: torch.Tensor
     ) -> torch.Tensor:
         extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-        with self._hooks():
+        with self._hooks(), forward_errors(family_of(self.model)):
             return self.model(input_ids=sequences, attention_mask=attention, **extra).logits.float()
 
 
@@ -331,11 +334,14 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    """eval.json, report.md and refusal.png in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """eval.json, report.md and refusal.png in ``out``, each written beside and renamed
+    (the caller holds ``out``'s lock)."""
+    ensure_parent(out / REPORT_FILES[0], "report folder")
+    for name in REPORT_FILES:
+        remove_stale(out / name)
     main = report["systems"].get("model") or next(iter(report["systems"].values()))
     report["settings"] = main["settings"]  # the evaluated model's numbers, per setting
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+    replace_file(out / "eval.json", json.dumps(report, indent=2) + "\n")
     lines = ["# vlmguard-edit evaluation", ""]
     for name, system in report["systems"].items():
         lines.append(
@@ -343,7 +349,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             + (f" ({system['note']})" if system.get("note") else "")
         )
     lines += ["", markdown_table(report), "", "![harmful refusal by setting](refusal.png)", ""]
-    (out / "report.md").write_text("\n".join(lines), "utf-8")
+    replace_file(out / "report.md", "\n".join(lines))
     draw_chart(report, out / "refusal.png")
 
 
@@ -379,19 +385,35 @@ def draw_chart(report: dict[str, Any], path: Path) -> None:
         x = left + 140 * j
         draw.rectangle([x, height - 24, x + 12, height - 12], fill=palette[j % len(palette)])
         draw.text((x + 16, height - 26), name, fill="black", font=font)
-    image.save(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    replace_file(path, buffer.getvalue())
 
 
 REPORT_DIR, REPORT_FILES = "eval", ("eval.json", "report.md", "refusal.png")
 CARD_START, CARD_END = "<!-- vlmguard-eval-start -->", "<!-- vlmguard-eval-end -->"
 
 
+def check_card_target(model: str) -> Path:
+    """The local guarded folder whose card --update-card rewrites; checked before any
+    evaluation. A Hub id is refused: its files live in the Hub cache, which is not ours."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"--update-card rewrites a local guarded folder's card; {model} is not a local "
+            f"folder. Download it first (hf download {model} --local-dir DIR) and pass DIR"
+        )
+    if not (path / RECORD).is_file() or not (path / CARD).is_file():
+        raise InputError(f"{model} is not a vlmguard-edit output; --update-card needs one")
+    return path
+
+
 def update_card(model_dir: Path, report: dict[str, Any]) -> None:
     """Put (or replace) the evaluation table in a guarded checkpoint's model card, keep the
-    report beside it (``eval/``, uploaded by `push`), and re-hash both into vlmguard.json."""
-    card = model_dir / CARD
-    if not (model_dir / RECORD).is_file() or not card.is_file():
-        raise InputError(f"{model_dir} is not a vlmguard-edit output; --update-card needs one")
+    report beside it (``eval/``, uploaded by `push`), and re-hash both into vlmguard.json.
+    Every file is replaced, never written through (a symlink into a cache, a hard link)."""
+    card = check_card_target(str(model_dir)) / CARD
+    remove_stale(card)
     text = card.read_text("utf-8")
     if CARD_START in text:
         text = text[: text.index(CARD_START)] + text[text.index(CARD_END) + len(CARD_END) :]
@@ -400,7 +422,7 @@ def update_card(model_dir: Path, report: dict[str, Any]) -> None:
         f"{CARD_START}\n## Evaluation (vlmguard-edit eval)\n\n{table}\n\n"
         f"Full report: [eval/report.md](eval/report.md), numbers in `eval/eval.json`.\n{CARD_END}\n"
     )
-    card.write_text(text.rstrip() + "\n\n" + section, "utf-8")
+    replace_file(card, text.rstrip() + "\n\n" + section)
     write_report(report, model_dir / REPORT_DIR)
     names = [f"{REPORT_DIR}/{name}" for name in REPORT_FILES]
     record_files(model_dir, [CARD, *names])

@@ -31,6 +31,7 @@ from . import __version__
 from . import images as imgs
 from .anchors import AnchorSet
 from .checkpoint import ModelSource
+from .compat import family_of, forward_errors
 from .direction import Direction, load_truncated, weights_sha256
 from .errors import DirectionError
 from .runtime import writer_modules
@@ -92,7 +93,8 @@ def attention_outputs(
             batch = chat_batch(processor, chunk, [image] * len(chunk))
             batch = {k: v.to(device) for k, v in batch.items()}
             captured.clear()
-            model(**batch, use_cache=False)
+            with forward_errors(family_of(model)):
+                model(**batch, use_cache=False)
             last = batch["attention_mask"].sum(1) - 1
             rows = torch.arange(len(chunk), device=device)
             for layer in layers:

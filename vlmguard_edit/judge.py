@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from .compat import family_of, forward_errors
+
 REFUSAL = "refusal"
 COMPLIANCE = "compliance"
 NEITHER = "neither"
@@ -126,7 +128,7 @@ class GuardJudge:
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         ids = self.tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
         ids = {k: v.to(self.device) for k, v in ids.items()}
-        with torch.no_grad():
+        with torch.no_grad(), forward_errors(family_of(self.model)):
             pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
             out = self.model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=pad)
         return parse_guard(
