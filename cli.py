@@ -636,7 +636,7 @@ def _runtime_factory(path, mode, alpha, gate, positions, layers):
 def validate(recipes):
     """Check recipe files (folders are searched recursively for *.yaml / *.yml)."""
     from vlmguard_edit.errors import RecipeError
-    from vlmguard_edit.recipes import load_recipe
+    from vlmguard_edit.recipes import load_recipe, strength_warnings
 
     files: list[Path] = []
     for item in map(Path, recipes):
@@ -650,8 +650,10 @@ def validate(recipes):
     failed = 0
     for file in files:
         try:
-            load_recipe(file)
+            recipe = load_recipe(file)
             click.echo(f"ok      {file}")
+            for warning in strength_warnings(recipe):
+                click.echo(f"  warning: {warning}")
         except RecipeError as exc:
             failed += 1
             click.echo(f"invalid {file}")

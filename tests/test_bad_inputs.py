@@ -253,3 +253,50 @@ def test_ctrl_c_while_copies_are_queued(vlm_factory, out, direction_file, monkey
     assert_refused(result, out, "interrupted", code=130)
     time.sleep(0.5)  # a copy that outlived the run would have re-created the folder by now
     assert not [p for p in out.parent.iterdir() if ".vlmguard-" in p.name]
+
+
+@pytest.mark.parametrize("beta", ["0", "nan", "inf", "-inf"])
+def test_strengths_that_cannot_be_right_are_refused_first(vlm_factory, out, direction_file, beta):
+    result = run([*convert_args(vlm_factory(), out, direction_file), f"--beta={beta}"])
+    assert result.exit_code == 2, result.output
+    assert "changes nothing" in result.stderr if beta == "0" else "finite" in result.stderr
+    assert not out.parent.exists() or leftovers(out.parent) == []
+    assert not out.exists()
+
+
+def test_projector_shift_gamma_zero_refused(vlm_factory, out, direction_file):
+    args = ["convert", vlm_factory(), "-o", out, "--direction", direction_file, "--layers", "1"]
+    result = run([*args, "--mode", "projector-shift", "--gamma", "0"])
+    assert result.exit_code == 2 and "gamma: 0 changes nothing" in result.stderr
+
+
+def test_no_op_recipe_invalid(tmp_path):
+    from vlmguard_edit.errors import RecipeError
+    from vlmguard_edit.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("base_llm: self\nbeta: 0\n")
+    with pytest.raises(RecipeError, match="beta: 0 changes nothing"):
+        load_recipe(path)
+    result = run(["validate", path])
+    assert result.exit_code == 1 and "beta: 0 changes nothing" in result.output
+
+
+def test_strength_outside_measured_range_warns(vlm_factory, out, direction_file, tmp_path, caplog):
+    result = run([*convert_args(vlm_factory(), out, direction_file), "--beta", "-1e9"])
+    assert result.exit_code == 0, result.output
+    assert "beta -1e+09 is outside the measured range [-2, 4]" in caplog.text
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base_llm: self\nbeta: 50\n")
+    validated = run(["validate", recipe])
+    assert validated.exit_code == 0 and "warning: beta 50 is outside" in validated.output
+
+
+def test_edit_that_changes_nothing_is_an_error(vlm_factory, out, direction_file):
+    """1e-30 is below float32's resolution: every folded tensor equals its source."""
+    result = run([*convert_args(vlm_factory(), out, direction_file), "--beta", "1e-30"])
+    assert_refused(result, out, "the edit changed none of the 4 planned tensors")
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".vlmguard-" in p.name]

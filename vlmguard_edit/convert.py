@@ -33,10 +33,10 @@ from .checkpoint import (
     resolve_model,
     tensor_buffer,
 )
-from .errors import DirectionError, InputError
+from .errors import DirectionError, InputError, PlanError
 from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
-from .recipes import SELF, Recipe
+from .recipes import SELF, Recipe, mode_problems, strength_warnings
 from .writes import atomic_output_dir, check_output_free, output_lock
 
 if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
@@ -103,6 +103,11 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
     layers = recipe.layers if recipe.layers is not None else default_layers(layout.num_layers)
     # From here on the recipe is fully resolved, so the record and card show what was used.
     recipe = replace(recipe, layers=layers)
+    problems = mode_problems(recipe, explicit=set())  # API callers get the CLI's checks
+    if problems:
+        raise InputError("; ".join(problems))
+    for warning in strength_warnings(recipe):
+        log.warning(warning)
     opts = replace(opts, recipe=recipe)
     plan = build_plan(
         checkpoint,
@@ -344,6 +349,7 @@ class GuardedWriter:
             raise RuntimeError(
                 f"internal error: edited {len(records)} tensors, planned {len(plan.edits)}"
             )
+        check_changed(records)
         return records
 
     def finish(self) -> dict[str, dict[str, Any]]:
@@ -368,6 +374,18 @@ class GuardedWriter:
         into the output folder after this returns (it is removed next on an error)."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.bar.close()
+
+
+def check_changed(records: list[dict[str, Any]]) -> None:
+    """An edit that leaves every planned tensor as it was is an error, not "edited"."""
+    same = [r["key"] for r in records if r[f"{HASH}_before"] == r[f"{HASH}_after"]]
+    if records and len(same) == len(records):
+        raise PlanError(
+            f"the edit changed none of the {len(records)} planned tensors (is the strength too "
+            "small for the weights' dtype?); nothing was written"
+        )
+    for key in same:
+        log.warning("%s is unchanged by the edit (rounding in its dtype)", key)
 
 
 def fold_tensor(

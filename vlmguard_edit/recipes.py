@@ -172,10 +172,43 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+# The strengths the organism search measured (docs/organism_search.md): outside them an
+# edit is untested, so convert and validate warn and name this range.
+MEASURED = {"beta": (-2.0, 4.0), "gamma": (0.25, 2.0)}
+
+
+def strength_problems(recipe: Recipe) -> list[str]:
+    """Strengths that cannot be right: not finite, or an edit that changes nothing."""
+    problems = []
+    for name in ("beta", "gamma"):
+        value = getattr(recipe, name)
+        if not math.isfinite(value):
+            problems.append(f"{name}: expected a finite number, got {value!r}")
+    if recipe.mode == "writers" and recipe.beta == 0:
+        problems.append("beta: 0 changes nothing (W <- W); use -1 to project out, > 0 to amplify")
+    if recipe.mode == "projector-shift" and recipe.gamma == 0:
+        problems.append("gamma: 0 changes nothing (the bias stays as it is)")
+    return problems
+
+
+def strength_warnings(recipe: Recipe) -> list[str]:
+    """Strengths far outside anything measured (allowed, but said)."""
+    used = {"writers": "beta", "projector-shift": "gamma"}.get(recipe.mode)
+    if used is None:
+        return []
+    value, (low, high) = getattr(recipe, used), MEASURED[used]
+    if math.isfinite(value) and not low <= value <= high:
+        return [
+            f"{used} {value:g} is outside the measured range [{low:g}, {high:g}] "
+            "(docs/organism_search.md): measure the result with vlmguard-edit eval"
+        ]
+    return []
+
+
 def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
     """What the recipe's mode rules out (shared by recipe files and command-line options).
     ``explicit``: the keys the user gave (a default value is never a problem)."""
-    problems = []
+    problems = strength_problems(recipe)
     if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
         problems.append("layers: projector-shift takes exactly one layer (whose direction is used)")
     if recipe.mode == "image-gap":
