@@ -231,9 +231,10 @@ def convert(
     from vlmguard_edit.recipes import mode_problems
 
     if push_to_hub:
-        from vlmguard_edit.hub import check_repo_id
+        from vlmguard_edit.hub import check_repo_id, preflight
 
-        check_repo_id(push_to_hub)  # before hours of work, not after
+        # offline, reachable, token, write access: before hours of work, not after
+        check_repo_id(push_to_hub) if dry_run else preflight(push_to_hub)
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
     recipe = _build_recipe(

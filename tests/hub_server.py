@@ -133,6 +133,8 @@ class FakeHub:
                 hub.requests.append(f"GET {path}" + (" (range)" if "Range" in self.headers else ""))
                 if "/resolve/" in path:
                     return self._resolve(path, body=True)
+                if path == "/api/whoami-v2":
+                    return self._whoami()
                 tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
                 if tree and tree[1] in hub.repos and self._auth(write=False):
                     files = hub.repos[tree[1]][hub.branch(tree[1], tree[2])]
@@ -205,6 +207,20 @@ class FakeHub:
                 if action == "preupload":
                     return self._preupload(hub.repos[repo_id][revision], json.loads(body))
                 return self._commit(repo_id, revision, body)
+
+            def _whoami(self):
+                if not self._auth(write=False):
+                    return None
+                role = "write" if self._token() == WRITE_TOKEN else "read"
+                return self._reply(
+                    200,
+                    {
+                        "type": "user",
+                        "name": "user",
+                        "orgs": [{"name": "my-org"}],
+                        "auth": {"type": "access_token", "accessToken": {"role": role}},
+                    },
+                )
 
             def _create(self, payload: dict):
                 if not self._auth(write=True):

@@ -125,10 +125,11 @@ def test_verify_against_the_source_recomputes_the_fold(guarded, damaged, tmp_pat
     assert f"{key}: differs from the source" in result.output
 
 
-def online(args, hub_url, home: Path, token=WRITE_TOKEN):
+def online(args, hub_url, home: Path, token=WRITE_TOKEN, extra_env=None):
     """Run the installed command with the Hub at ``hub_url`` (and no offline switch)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home / "hf"))
+    env.update(extra_env or {})
     if token:
         env["HF_TOKEN"] = token
     return subprocess.run(
@@ -197,7 +198,76 @@ def test_push_errors_are_one_line(guarded, token, repo_id, message):
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-    assert (token or "hf_") not in done.stderr or token is None
+    for secret in (WRITE_TOKEN, READ_TOKEN, "hf_wrong"):
+        assert secret not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("token", "repo_id", "env", "message"),
+    [
+        (WRITE_TOKEN, "my-org/c", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+        (READ_TOKEN, "my-org/c", {}, "the token of user is read-only"),
+        (None, "my-org/c", {}, "no Hugging Face token: set HF_TOKEN"),
+        (WRITE_TOKEN, "other-org/c", {}, "user cannot create repos in other-org"),
+    ],
+    ids=["offline", "read-only-token", "no-token", "foreign-namespace"],
+)
+def test_convert_push_to_hub_checks_before_converting(
+    vlm_factory, direction_file, tmp_path, token, repo_id, env, message
+):
+    out = tmp_path / "out"
+    args = ["convert", vlm_factory(), "-o", out, "--direction", direction_file, "--layers", "2"]
+    with FakeHub() as hub:
+        done = online([*args, "--push-to-hub", repo_id], hub.url, tmp_path, token, env)
+        assert hub.repos == {} and hub.commits == []
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not out.exists()  # refused before converting
+
+
+def silent_server():
+    """A loopback TCP server that accepts connections and never answers (bounded: closed by
+    the caller; it only holds what it accepted)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, held
+
+
+def test_a_hub_that_never_answers_times_out(guarded, vlm_factory, direction_file, tmp_path):
+    _, out = guarded
+    server, held = silent_server()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = {"VLMGUARD_HUB_READ_TIMEOUT": "1"}
+    try:
+        pushed = online(["push", out, "--repo-id", "my-org/x"], url, tmp_path, WRITE_TOKEN, env)
+        target = tmp_path / "never"
+        args = ["convert", vlm_factory(), "-o", target, "--direction", direction_file]
+        converted = online([*args, "--push-to-hub", "my-org/x"], url, tmp_path, WRITE_TOKEN, env)
+    finally:
+        server.close()
+        for connection in held:
+            connection.close()
+    expected = f"error: the Hub at {url} did not answer within 1 s (read timeout; "
+    for done in (pushed, converted):
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
+    assert not target.exists()
 
 
 def test_push_unreachable_hub(guarded):

@@ -156,6 +156,9 @@ def resolve_model(
         RevisionNotFoundError,
     )
 
+    from .hub import bound_hub_calls
+
+    bound_hub_calls()
     try:
         folder = snapshot_download(
             text,
@@ -242,6 +245,10 @@ def hub_keys(source: ModelSource) -> tuple[dict[str, Any], list[str]]:
         return config, sorted(_read_weight_map(source.path))
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
+
+    from .hub import bound_hub_calls
+
+    bound_hub_calls()
 
     try:
         metadata = get_safetensors_metadata(source.id, revision=source.revision)

@@ -7,6 +7,7 @@ never reads, prints, logs or writes it.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,42 @@ class PushResult:
     revision: str
     commit_url: str
     changed: bool  # False when the Hub already had every file
+
+
+# Every Hub call is bounded (huggingface_hub's own client waits forever on a server that
+# accepts the connection and never answers). Seconds; the environment overrides them.
+CONNECT_TIMEOUT, READ_TIMEOUT = 10.0, 60.0
+_CONNECT_ENV, _READ_ENV = "VLMGUARD_HUB_CONNECT_TIMEOUT", "VLMGUARD_HUB_READ_TIMEOUT"
+
+
+def timeouts() -> tuple[float, float]:
+    """(connect, read) seconds: the defaults, or the environment's."""
+    values = []
+    for name, default in ((_CONNECT_ENV, CONNECT_TIMEOUT), (_READ_ENV, READ_TIMEOUT)):
+        try:
+            value = float(os.environ.get(name, default))
+        except ValueError as exc:
+            raise InputError(f"{name} must be a number of seconds") from exc
+        if not value > 0:
+            raise InputError(f"{name} must be a positive number of seconds")
+        values.append(value)
+    return values[0], values[1]
+
+
+def bound_hub_calls() -> None:
+    """Give huggingface_hub's shared HTTP client connect/read timeouts (every call after this;
+    a call with its own timeout, such as a download, keeps it)."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    connect, read = timeouts()
+
+    def factory():
+        client = _http.default_client_factory()
+        client.timeout = type(client.timeout)(read, connect=connect)
+        return client
+
+    set_client_factory(factory)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -57,6 +94,7 @@ def push(
         )
     from huggingface_hub import HfApi, constants
 
+    bound_hub_calls()
     api = HfApi()
     branch = revision or "main"
     message = commit_message or f"Upload VLM-Guard guarded checkpoint ({report.summary})"
@@ -74,6 +112,36 @@ def push(
     return PushResult(repo_id, branch, info.commit_url, changed)
 
 
+def preflight(repo_id: str) -> str:
+    """What --push-to-hub checks before converting: offline mode, that the Hub answers, that
+    the token is valid and may write, and that its owner may create repos in the namespace.
+    Returns the account name."""
+    from huggingface_hub import HfApi, constants
+
+    check_repo_id(repo_id)
+    if constants.HF_HUB_OFFLINE:
+        raise PushError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it to push")
+    bound_hub_calls()
+    try:
+        me = HfApi().whoami()
+    except Exception as exc:
+        raise PushError(_explain(exc, repo_id, constants.ENDPOINT)) from exc
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PushError(
+            f"the token of {me.get('name')} is read-only: use a token with write access to "
+            f"push to {repo_id}"
+        )
+    namespace = repo_id.split("/")[0]
+    names = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
+    if role != "fineGrained" and namespace not in names:
+        raise PushError(
+            f"{me.get('name')} cannot create repos in {namespace} (the token's account is in "
+            f"{', '.join(sorted(n for n in names if n))}); choose a namespace of yours"
+        )
+    return str(me.get("name"))
+
+
 def _head(api, repo_id: str, branch: str) -> str | None:
     try:
         return api.repo_info(repo_id, revision=branch).sha
@@ -83,10 +151,27 @@ def _head(api, repo_id: str, branch: str) -> str | None:
 
 def _explain(exc: Exception, repo_id: str, endpoint: str) -> str:
     """One clear line for the failures users meet (auth, permission, missing, offline)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     if isinstance(exc, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it to push"
+    if isinstance(exc, LocalTokenNotFoundError):
+        return (
+            "no Hugging Face token: set HF_TOKEN to a token with write access or run "
+            "`hf auth login`"
+        )
+    timeout = _timeout_kind(exc)
+    if timeout:
+        connect, read = timeouts()
+        if timeout == "connect":
+            return (
+                f"could not connect to the Hub at {endpoint} within {connect:g} s (connect "
+                f"timeout; {_CONNECT_ENV} sets it): check the network (or HF_ENDPOINT)"
+            )
+        return (
+            f"the Hub at {endpoint} did not answer within {read:g} s (read timeout; "
+            f"{_READ_ENV} sets it)"
+        )
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status == 401:
@@ -106,6 +191,19 @@ def _explain(exc: Exception, repo_id: str, endpoint: str) -> str:
     if _is_connection_error(exc):
         return f"cannot reach the Hub at {endpoint}: check the network (or HF_ENDPOINT)"
     return f"push failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _timeout_kind(exc: BaseException) -> str | None:
+    """'connect' or 'read' when a client timeout is in the exception's chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        name = type(seen).__name__
+        if name == "ConnectTimeout":
+            return "connect"
+        if name.endswith("Timeout") or isinstance(seen, TimeoutError):
+            return "read"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _is_connection_error(exc: BaseException) -> bool:
