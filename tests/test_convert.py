@@ -6,6 +6,7 @@ clearly from the unedited model, and leave every other byte of the source untouc
 
 import json
 import re
+from pathlib import Path
 
 import blake3
 import pytest
@@ -194,7 +195,7 @@ def test_provenance_and_card(vlm_factory, base_llm, tmp_path):
         record["direction"]["blake3"]
         == blake3.blake3((out / "vlmguard_direction.safetensors").read_bytes()).hexdigest()
     )
-    assert record["direction"]["base_model"] == str(base_llm)
+    assert record["direction"]["base_model"] == base_llm.name  # its own name, not the path
     assert record["versions"]["torch"] == torch.__version__
     assert (
         record["dropped_files"] == ["pytorch_model.bin"]
@@ -371,3 +372,39 @@ def test_base_llm_weight_drift_is_reported(vlm_factory, base_llm, tmp_path, capl
     assert "has drifted far from" in caplog.text
     saved = json.loads((tmp_path / "other" / "vlmguard.json").read_text())
     assert saved["base_llm_check"]["median_relative_difference"] > 0.5
+
+
+def test_no_absolute_path_is_published_and_the_command_reproduces(vlm_factory, base_llm, tmp_path):
+    """Card, record and shipped direction name local sources by their own names; the recorded
+    command, run from the folder that holds the output, writes the same checkpoint."""
+    import shlex
+    import subprocess
+    import sys
+
+    from vlmguard_edit.anchors import load_anchors
+
+    anchors = tmp_path / "inputs" / "my-anchors.jsonl"
+    anchors.parent.mkdir()
+    pairs = zip(load_anchors().harmful[:6], load_anchors().harmless[:6], strict=True)
+    anchors.write_text("".join(json.dumps({"harmful": a, "harmless": b}) + "\n" for a, b in pairs))
+    work = tmp_path / "work"
+    out = work / "guarded"
+    recipe = Recipe(base_llm=BaseLLM(id=str(base_llm)), anchors=str(anchors), layers=[1, 2])
+    convert(ConvertOptions(source=str(vlm_factory()), output=out, recipe=recipe, progress=False))
+    published = [out / "README.md", out / "vlmguard.json", out / "vlmguard_direction.safetensors"]
+    for path in published:
+        text = path.read_bytes().decode("utf-8", "replace")
+        for private in (str(tmp_path), str(base_llm.parent), "/tmp/"):
+            assert private not in text, (path.name, private)
+    record = json.loads((out / "vlmguard.json").read_text())
+    assert record["source"]["id"] == vlm_factory().name
+    assert record["recipe"]["anchors"] == "my-anchors.jsonl"
+    assert "--batch-size 8" in record["command"] and "--dtype auto" in record["command"]
+    first = out.rename(tmp_path / "first")
+    exe = Path(sys.executable).parent / "vlmguard-edit"
+    args = [str(exe), *shlex.split(record["command"])[1:], "-q"]
+    again = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (record["command"], again.stderr)
+    redone = json.loads((out / "vlmguard.json").read_text())
+    assert redone["edits"] == record["edits"] and redone["files"] == record["files"]
+    assert (first / "vlmguard.json").is_file()

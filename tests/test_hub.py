@@ -296,8 +296,11 @@ def test_card_metadata_parses_back(guarded):
     _, out = guarded
     card = ModelCard.load(out / "README.md")
     record = json.loads((out / RECORD).read_text())
-    assert card.data.base_model_relation == "finetune"
-    assert card.data.base_model == record["source"]["hub_id"]
+    # A local source without a Hub id: no base_model to link, so no relation claimed either
+    # (test_convert's provenance test checks the Hub-id case: both present).
+    assert record["source"]["hub_id"] is None
+    assert "base_model" not in card.data.to_dict()
+    assert "base_model_relation" not in card.data.to_dict()
     assert "from_pretrained" in card.text and "vlmguard.json" in card.text
 
 

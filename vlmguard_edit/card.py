@@ -36,9 +36,11 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
     source_id = record["source"]["id"]
     direction = record["direction"]
     recipe = record["recipe"]
+    hub_id = record["source"]["hub_id"]
     data = ModelCardData(
-        base_model=record["source"]["hub_id"],
-        base_model_relation="finetune",
+        # The Hub links base_model; a local source has no Hub id to link to.
+        base_model=hub_id,
+        base_model_relation="finetune" if hub_id else None,
         pipeline_tag="image-text-to-text",
         library_name="transformers",
         tags=TAGS,
@@ -87,7 +89,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         )
         how = (
             f"For every edited layer l, {source_of_v}, and each writer W of layer l became\n\n"
-            f"    W <- (I + beta * V_l^T V_l) W        beta = {recipe['beta']:g}\n\n"
+            f"    {record['map']}\n\n"
             "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
         )
     body = f"""
@@ -104,6 +106,7 @@ the source.
 and after, and `vlmguard_direction.safetensors` holds the directions with their provenance.
 
 ## Reproduce
+From the folder that holds this one (local paths are relative to it):
 ```
 {record["command"]}
 ```

@@ -36,6 +36,7 @@ from .checkpoint import (
 from .errors import DirectionError, InputError, PlanError
 from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
+from .public import public_name, runnable_path, scrub
 from .recipes import SELF, Recipe, mode_problems, strength_warnings
 from .writes import atomic_output_dir, check_output_free, output_lock
 
@@ -135,7 +136,8 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         for layer, v in vectors.items():
             check_orthonormal(v, f"direction layer {layer}")
         edits = writer.fold(vectors)
-        direction.save(tmp / DIRECTION_NAME)
+        # The shipped copy of the direction names sources without the user's paths.
+        replace(direction, meta=scrub(direction.meta)).save(tmp / DIRECTION_NAME)
         record = _record(opts, source, plan, direction, edits, tmp / DIRECTION_NAME)
         if base_check is not None:
             record["base_llm_check"] = base_check
@@ -466,21 +468,21 @@ def _record(
             "python": sys.version.split()[0],
         },
         "source": {
-            "id": source.id,
+            "id": public_name(source.id),
             "revision": source.revision,
             "from_hub": source.from_hub,
             "hub_id": hub_id,
         },
-        "recipe": {**recipe.to_dict(), "layers": plan.layers},
+        "recipe": _public_recipe(recipe, plan.layers),
         "map": plan.map_text,
         "family": plan.layout.family.model_type,
         "layer_prefix": plan.layout.layer_prefix,
         "direction": {
             "file": DIRECTION_NAME,
             HASH: digest_file(direction_path),
-            "from_file": str(opts.direction_file) if opts.direction_file else None,
+            "from_file": public_name(str(opts.direction_file)) if opts.direction_file else None,
             **{
-                k: direction.meta.get(k)
+                k: scrub(direction.meta).get(k)
                 for k in (
                     "base_model",
                     "base_revision",
@@ -500,6 +502,12 @@ def _record(
     }
 
 
+def _public_recipe(recipe: Recipe, layers: list[int]) -> dict[str, Any]:
+    data = {**recipe.to_dict(), "layers": layers}
+    data["base_llm"] = scrub(data["base_llm"])
+    return scrub(data)
+
+
 def _version(package: str) -> str | None:
     # From package metadata, so recording it does not import transformers (seconds).
     try:
@@ -509,28 +517,34 @@ def _version(package: str) -> str | None:
 
 
 def reproduce_command(opts: ConvertOptions) -> str:
-    recipe = opts.recipe
-    parts = ["vlmguard-edit", "convert", opts.source, "-o", str(opts.output)]
+    """The command that reproduces this run, from the folder that holds the output: every
+    choice that shapes the result (revisions, batch size, dtype included), local paths
+    relative to that folder."""
+    recipe, out = opts.recipe, opts.output
+
+    def path(value: str) -> str:
+        return runnable_path(value, out)
+
+    parts = ["vlmguard-edit", "convert", path(opts.source), "-o", out.name]
+    if opts.revision:
+        parts += ["--revision", opts.revision]
     if opts.direction_file:
-        parts += ["--direction", str(opts.direction_file)]
-    elif recipe.mode == "image-gap":
-        parts += ["--anchors", recipe.anchors]
+        parts += ["--direction", path(str(opts.direction_file))]
     else:
-        parts += ["--base-llm", str(recipe.base_llm.id), "--anchors", recipe.anchors]
-        if recipe.base_llm.template:
-            parts += ["--template", recipe.base_llm.template]
-    if recipe.mode == "image-gap":
-        parts += ["--mode", recipe.mode, "--layers", ",".join(map(str, recipe.layers or []))]
-        return shlex.join(parts)
-    if recipe.mode != "writers":
-        parts += ["--mode", recipe.mode, "--gamma", f"{recipe.gamma:g}"]
-        parts += ["--shift-direction", recipe.shift_direction]
-    parts += [
-        "--layers",
-        ",".join(map(str, recipe.layers or [])),
-        "--rank",
-        str(recipe.rank),
-        "--beta",
-        f"{recipe.beta:g}",
-    ]
+        if recipe.mode != "image-gap":
+            parts += ["--base-llm", path(str(recipe.base_llm.id))]
+            if recipe.base_llm.revision:
+                parts += ["--base-revision", recipe.base_llm.revision]
+            if recipe.base_llm.template:
+                parts += ["--template", recipe.base_llm.template]
+        parts += ["--anchors", path(recipe.anchors), "--batch-size", str(recipe.batch_size)]
+        parts += ["--dtype", opts.dtype]
+    parts += ["--mode", recipe.mode]
+    if recipe.mode == "projector-shift":
+        parts += ["--gamma", f"{recipe.gamma:g}", "--shift-direction", recipe.shift_direction]
+    parts += ["--layers", ",".join(map(str, recipe.layers or []))]
+    if recipe.mode != "image-gap":
+        parts += ["--rank", str(recipe.rank)]
+    if recipe.mode == "writers":
+        parts += ["--beta", f"{recipe.beta:g}"]
     return shlex.join(parts)
