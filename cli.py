@@ -33,8 +33,28 @@ Examples:
   vlmguard-edit direction lmsys/vicuna-7b-v1.5 --layers 16-31 -o vicuna-ssd.safetensors \\
       --template "A chat between ... USER: {request} ASSISTANT:"
   vlmguard-edit direction self --vlm ./my-llava --layers 8-15 --rank 2 -o ssd.safetensors
-  vlmguard-edit direction meta-llama/Llama-3.1-8B-Instruct \
+  vlmguard-edit direction meta-llama/Llama-3.1-8B-Instruct \\
       --vlm meta-llama/Llama-3.2-11B-Vision-Instruct --layers 20-39 -o mllama-ssd.safetensors
+"""
+
+EXAMPLES_VALIDATE = """
+\b
+Examples:
+  vlmguard-edit validate recipes/
+  vlmguard-edit validate recipes/llava-1.5-7b.yaml my-recipe.yaml
+"""
+
+EXAMPLES_ORGANISM = """
+\b
+Examples:
+  vlmguard-edit organism build ./organism
+  vlmguard-edit organism build ./organism-seed1 --seed 1
+"""
+
+EXAMPLES_DEMO = """
+\b
+Example:
+  vlmguard-edit demo ./vlmguard-demo
 """
 
 
@@ -87,14 +107,15 @@ def _fail(ctx: click.Context, message: str, code: int) -> None:
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log details and show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (also after the command).")
 @click.version_option(__version__, prog_name="vlmguard-edit")
 @click.pass_context
-def main(ctx: click.Context, verbose: bool) -> None:
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """Fold a VLM-Guard safety edit into a vision-language model's weights.
 
     The result is a standalone checkpoint that loads with plain transformers.
     """
-    ctx.ensure_object(dict)["verbose"] = verbose
+    ctx.ensure_object(dict).update(verbose=verbose, quiet=quiet)
     if not verbose:  # transformers' advisory warnings (e.g. the torchvision fallback) only with -v
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(
@@ -103,9 +124,15 @@ def main(ctx: click.Context, verbose: bool) -> None:
     )
 
 
+def quiet_option(func):
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(func)
+
+
 def _progress(quiet: bool) -> bool:
-    """Our progress bars only on a terminal and without --quiet; when they are off, so are
-    transformers' and huggingface_hub's (weight loading, downloads)."""
+    """Our progress bars only on a terminal and without -q (before or after the command);
+    when they are off, so are transformers' and huggingface_hub's (loading, downloads)."""
+    context = click.get_current_context(silent=True)
+    quiet = quiet or bool(context and (context.find_root().obj or {}).get("quiet"))
     show = not quiet and sys.stderr.isatty()
     if not show:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are imported
@@ -278,13 +305,16 @@ def convert(
 @main.command(epilog=EXAMPLES_INSPECT)
 @click.argument("model")
 @click.option("--revision", help="Hub revision.")
-def inspect(model, revision):
+@quiet_option
+def inspect(model, revision, quiet):
     """Show how vlmguard-edit sees MODEL (folder or Hub id): family, key layout, text
     layers, the residual writers per layer, what is not a plain writer, and whether and how
     convert supports it. Reads the config and the tensor names only: for a Hub id, its JSON
     files and the safetensors headers (HTTP range requests), never the weights."""
     from vlmguard_edit.checkpoint import hub_keys, open_checkpoint, resolve_model
     from vlmguard_edit.layout import describe
+
+    _progress(quiet)  # the Hub's download bars
 
     if Path(model).expanduser().exists():
         checkpoint = open_checkpoint(resolve_model(model, revision).path)
@@ -330,12 +360,14 @@ def verify(folder, source, quiet):
 @click.option("--private", is_flag=True, help="Create the repository private.")
 @click.option("--revision", help="Branch to push to (created if needed). Default: main.")
 @click.option("--commit-message", help="Commit message.")
-def push(folder, repo_id, private, revision, commit_message):
+@quiet_option
+def push(folder, repo_id, private, revision, commit_message, quiet):
     """Verify a guarded FOLDER and upload all of it to the Hugging Face Hub.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or stored.
     Pushing an unchanged folder again changes nothing on the Hub.
     """
+    _progress(quiet)  # the upload bars
     _push(Path(folder), repo_id, private, revision, commit_message)
 
 
@@ -632,9 +664,10 @@ def _runtime_factory(path, mode, alpha, gate, positions, layers):
     return lambda model: SteerHooks(model, vectors, mode, alpha, thresholds, positions)
 
 
-@main.command()
+@main.command(epilog=EXAMPLES_VALIDATE)
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(exists=True))
-def validate(recipes):
+@quiet_option
+def validate(recipes, quiet):
     """Check recipe files (folders are searched recursively for *.yaml / *.yml)."""
     from vlmguard_edit.errors import RecipeError
     from vlmguard_edit.recipes import load_recipe, strength_warnings
@@ -664,7 +697,7 @@ def validate(recipes):
         raise click.exceptions.Exit(1)
 
 
-@main.group()
+@main.group(epilog=EXAMPLES_ORGANISM)
 def organism():
     """The offline model organism with a built-in safety alignment gap."""
 
@@ -698,16 +731,18 @@ def organism_build(output, seed, overwrite, quiet):
     click.echo(f"wrote {out}/llm, {out}/vlm, anchors.jsonl, eval_harmful.jsonl, eval_benign.jsonl")
 
 
-@main.command()
+@main.command(epilog=EXAMPLES_DEMO)
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier demo folder.")
-def demo(output, overwrite):
+@quiet_option
+def demo(output, overwrite, quiet):
     """Offline demo: build a tiny base LLM + LLaVA pair, convert it, check the fold.
 
     Needs no network: the models are built from configs in seconds.
     """
     from vlmguard_edit.demo import run_demo
 
+    _progress(quiet)
     for line in run_demo(Path(output), overwrite=overwrite):
         click.echo(line)
 

@@ -2,8 +2,10 @@
 
 import errno
 import json
+import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,3 +302,57 @@ def test_edit_that_changes_nothing_is_an_error(vlm_factory, out, direction_file)
 
 def leftovers(folder):
     return [p.name for p in folder.iterdir() if ".vlmguard-" in p.name]
+
+
+def test_unwritable_output_parent_is_one_line(vlm_factory, direction_file, tmp_path, monkeypatch):
+    """A parent that cannot hold files (here /proc), and one without write permission (root
+    ignores permission bits, so os.access answers as for a normal user): one line naming the
+    parent, before any work; nothing written."""
+    special = run(convert_args(vlm_factory(), Path("/proc/guarded"), direction_file))
+    assert special.exit_code == 1
+    assert special.stderr.strip().splitlines() == [special.stderr.strip()]
+    assert special.stderr.startswith("error: cannot write in /proc (for output guarded)")
+    import vlmguard_edit.writes as writes
+
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(writes.os, "access", lambda p, m: Path(p) != locked and real(p, m))
+    result = run(convert_args(vlm_factory(), locked / "guarded", direction_file))
+    assert_refused(result, locked / "guarded", f"cannot write in {locked} (permission denied)")
+
+
+def test_mount_point_output_refused_before_work(vlm_factory, direction_file, tmp_path, monkeypatch):
+    import vlmguard_edit.writes as writes
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(writes.os.path, "ismount", lambda p: Path(p) == mount)
+    result = run([*convert_args(vlm_factory(), mount, direction_file), "--overwrite"])
+    assert result.exit_code == 1 and "is a mount point" in result.stderr
+    assert list(mount.iterdir()) == [] and leftovers(tmp_path) == []
+
+
+def test_config_without_text_config_says_what_is_missing(vlm_copy, out, direction_file):
+    src = vlm_copy()
+    config = json.loads((src / "config.json").read_text())
+    del config["text_config"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert_refused(run(convert_args(src, out, direction_file)), out, "has no text_config")
+
+
+def test_eval_checks_before_loading(tmp_path):
+    organism = Path(__file__).parent.parent / "examples" / "organism" / "vlm"
+    missing = run(["eval", organism, "-o", tmp_path / "r", "--image-folder", tmp_path / "nope"])
+    assert missing.exit_code == 2 and "is not a folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run(["eval", organism, "-o", tmp_path / "r", "--image-folder", tmp_path / "empty"])
+    assert empty.exit_code == 1 and "has no images" in empty.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_on_a_folder_without_processor_files(vlm_factory, tmp_path):
+    result = run(["eval", vlm_factory(), "-o", tmp_path / "r", "--limit", "1"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has no usable processor files" in lines[0], result.stderr

@@ -1,35 +1,70 @@
 """The CLI through click's CliRunner, and once as the installed command."""
 
 import json
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_help_has_examples():
-    result = run(["convert", "--help"])
-    assert result.exit_code == 0
-    assert (
-        "Examples:" in result.output
-        and "--dry-run" in result.output
-        and "--overwrite" in result.output
-    )
-    assert "vlmguard-edit direction" in run(["direction", "--help"]).output
+def commands():
+    """(path, command) for every command and subcommand."""
+    out = []
+    for name, command in main.commands.items():
+        out.append(([name], command))
+        for sub, inner in getattr(command, "commands", {}).items():
+            out.append(([name, sub], inner))
+    return out
+
+
+def examples(help_text: str) -> list[list[str]]:
+    """The example command lines of a --help text, continuation lines joined."""
+    lines, joined = help_text.split("Example")[1].splitlines()[1:], []
+    for line in lines:
+        line = line.strip()
+        if joined and joined[-1].endswith("\\"):
+            joined[-1] = joined[-1][:-1] + " " + line
+        elif line.startswith("vlmguard-edit "):
+            joined.append(line)
+    return [shlex.split(line) for line in joined]
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_every_help_has_runnable_examples(path, command):
+    """Every command shows examples; each names its own command and only options it has."""
+    result = run([*path, "--help"])
+    assert result.exit_code == 0 and "Example" in result.output, result.output
+    found = examples(result.output)
+    assert found, result.output
+    for words in found:
+        assert words.count("vlmguard-edit") == 1, words  # no two examples run together
+        if words[1 : 1 + len(path)] != path:
+            continue  # e.g. the group's help names its subcommands
+        target = command.commands[words[2]] if hasattr(command, "commands") else command
+        known = {o for p in target.params for o in (*p.opts, *p.secondary_opts)}
+        options = [w.split("=")[0] for w in words if w.startswith("-") and not w[1:2].isdigit()]
+        unknown = [w for w in options if w not in known]
+        assert not unknown, (words, unknown)
     assert run(["--version"]).output.startswith("vlmguard-edit, version")
 
 
 def test_validate_recipes_folder():
-    result = run(["validate", "recipes"])
+    result = run(["validate", ROOT / "recipes"])  # from any working directory
     assert result.exit_code == 0, result.output
-    assert "ok      recipes/llava-1.5-7b.yaml" in result.output
+    assert f"ok      {ROOT / 'recipes' / 'llava-1.5-7b.yaml'}" in result.output
 
 
 def test_validate_reports_every_problem(tmp_path):
@@ -158,9 +193,19 @@ def test_quiet_silences_library_progress_bars(base_llm, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     try:
         out = tmp_path / "ssd.safetensors"
-        result = run(["direction", base_llm, "-o", out, "--layers", "1", "-q"])
+        result = run(["-q", "direction", base_llm, "-o", out, "--layers", "1"])  # -q first
         assert result.exit_code == 0, result.output
         assert are_progress_bars_disabled()
         assert "Loading weights" not in result.output and "it/s" not in result.output
     finally:
         hf_logging.disable_progress_bar()
+
+
+@pytest.mark.parametrize(
+    ("path", "command"), commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else ""
+)
+def test_quiet_is_accepted_everywhere(path, command):
+    """-q after every command that runs something, and before any command."""
+    if not hasattr(command, "commands"):
+        assert "-q, --quiet" in run([*path, "--help"]).output
+    assert run(["-q", *path, "--help"]).exit_code == 0

@@ -321,3 +321,17 @@ def test_inspect_a_hub_model_reads_headers_only(vlm_factory, tmp_path):
     assert not weights, weights  # no whole-file download
     assert any(r.endswith("/model.safetensors (range)") for r in requests), requests
     assert not list((tmp_path / "hf").rglob("*.safetensors"))
+
+
+def test_verify_a_folder_made_by_hf_download(damaged):
+    """`hf download REPO --local-dir DIR` adds the Hub's bookkeeping; verify ignores it and
+    says so, and still reports a file that is really extra."""
+    (damaged / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    meta = damaged / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    (meta / "model.safetensors.metadata").write_text("abc\n")
+    result = run(["verify", damaged])
+    assert result.exit_code == 0, result.output
+    assert "ignored 2 Hub download file(s) (.cache/huggingface/download/" in result.output
+    (damaged / "notes.txt").write_text("x")
+    assert run(["verify", damaged]).exit_code == 1

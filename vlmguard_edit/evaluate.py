@@ -86,20 +86,42 @@ def load_prompts(source: str | Path | None, kind: str) -> list[str]:
     return prompts
 
 
+def load_processor(path: str | Path) -> Any:
+    """The model's processor (tokenizer, image processor, chat template), or one line that
+    says what is missing instead of transformers' message."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(
+            f"{path} has no usable processor files (tokenizer, image processor, "
+            f"processor_config.json / chat template): eval needs them to build prompts with "
+            f"images; copy them from the source model ({type(exc).__name__})"
+        ) from exc
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise InputError(
+            f"{path} has a tokenizer but no image processor: eval needs the VLM's processor "
+            "files (preprocessor_config.json / processor_config.json); copy them from the "
+            "source model"
+        )
+    return processor
+
+
 class Subject:
     """A model and its processor, loaded once, possibly with runtime hooks around generate."""
 
     def __init__(self, path: str | Path, device: str, dtype: str):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         torch_dtype = torch.float32 if dtype == "auto" and device == "cpu" else dtype
         if isinstance(torch_dtype, str) and torch_dtype != "auto":
             torch_dtype = getattr(torch, torch_dtype)
         self.path = str(path)
+        self.processor = load_processor(path)  # first: a folder without one fails at once
         self.model = (
             AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(device).eval()
         )
-        self.processor = AutoProcessor.from_pretrained(path)
         self.processor.tokenizer.padding_side = "left"
         if self.processor.tokenizer.pad_token is None:
             self.processor.tokenizer.pad_token = self.processor.tokenizer.eos_token

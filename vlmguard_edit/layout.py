@@ -273,6 +273,12 @@ def detect_family(config: dict[str, Any]) -> Family:
         )
     family = FAMILIES[model_type]
     text_type = text_config(config).get("model_type")
+    if not isinstance(config.get("text_config"), dict):
+        raise UnsupportedModelError(
+            f"this {model_type} config.json has no text_config: vlmguard-edit reads the text "
+            "model's type, depth and width from it (expected text_config with model_type one "
+            f"of {', '.join(family.text_model_types)}); the config looks incomplete"
+        )
     if text_type not in family.text_model_types:
         raise UnsupportedModelError(
             f"{model_type} with a {text_type!r} text model is not supported "

@@ -9,6 +9,7 @@ the direction file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,26 @@ def recorded_plan(checkpoint: Checkpoint, recipe: dict[str, Any]) -> Plan:
     )
 
 
+# What `hf download --local-dir` (and git) add to a downloaded repository: the Hub's own
+# bookkeeping, not part of the checkpoint. Ignored, and the report says so.
+_DOWNLOAD_ARTEFACTS = re.compile(r"\.gitattributes|\.cache/huggingface/.*|\.git/.*")
+
+
+def _present(folder: Path, recorded: dict[str, Any], report: VerifyReport) -> set[str]:
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    ignored = sorted(f for f in files if _DOWNLOAD_ARTEFACTS.fullmatch(f) and f not in recorded)
+    if ignored:
+        report.checked.append(
+            f"ignored {len(ignored)} Hub download file(s) ({', '.join(ignored[:3])}"
+            + (", ..." if len(ignored) > 3 else "")
+            + ")"
+        )
+    return files - set(ignored) - {RECORD}
+
+
 def _check_files(folder: Path, record: dict, report: VerifyReport, progress: bool) -> None:
     files: dict[str, dict] = record["files"]
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {
-        RECORD
-    }
+    present = _present(folder, files, report)
     for rel in sorted(present - set(files)):
         report.problems.append(f"{rel}: not in {RECORD} (added after the conversion?)")
     for rel in sorted(set(files) - present):

@@ -89,8 +89,11 @@ def output_lock(target: Path, what: str = "output") -> Iterator[None]:
             f"{what} {target} is being written by another vlmguard-edit run ({held.holder}); "
             "wait for it to finish or choose another path"
         ) from None
-    except OSError as exc:
-        raise InputError(f"cannot lock {what} {target}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # e.g. a read-only or special file system
+        raise InputError(
+            f"cannot write in {target.parent} (for {what} {target.name}): "
+            f"{exc.strerror or exc}; choose a folder you can write to"
+        ) from exc
     try:
         handle.seek(0)
         handle.truncate()
