@@ -417,6 +417,12 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
     recipe = _build_recipe(kw, base_llm)
+    if recipe.mode == "image-gap":
+        raise click.UsageError(
+            "the recipe's mode is image-gap, whose direction convert measures on the VLM "
+            "itself (vlmguard-edit convert VLM --recipe RECIPE); `direction` computes safety "
+            "steering directions (modes writers and projector-shift)"
+        )
     is_self = recipe.base_llm.id == SELF
     if is_self and not vlm:
         raise click.UsageError("BASE_LLM 'self' needs --vlm (the VLM whose language model to use)")

@@ -356,3 +356,23 @@ def test_eval_on_a_folder_without_processor_files(vlm_factory, tmp_path):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "has no usable processor files" in lines[0], result.stderr
+
+
+def test_ctrl_c_while_reading_the_direction_is_an_interrupt(
+    vlm_factory, out, direction_file, monkeypatch
+):
+    """An interrupt inside the direction reader stays an interrupt (exit 130), not "is not a
+    readable direction file" (what wrapping safetensors' reader in `except Exception` gave)."""
+    import vlmguard_edit.direction as direction_module
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(direction_module, "read_tensor", interrupted)
+    assert_refused(run(convert_args(vlm_factory(), out, direction_file)), out, "interrupted", 130)
+
+
+def test_corrupt_direction_file_is_one_line(vlm_factory, out, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    assert_refused(run(convert_args(vlm_factory(), out, bad)), out, "not a readable direction")

@@ -139,13 +139,95 @@ def test_self_direction_equals_base_when_lm_is_a_copy(base_llm, vlm_factory):
     assert from_self.meta["base_model"] == "self"
 
 
+def template_states(model_dir, prompts, layer, bos: bool):
+    """Unbatched reference states for "USER: {request} ASSISTANT:" prompts, BOS first or not."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    with torch.no_grad():
+        for request in prompts:
+            ids = tokenizer(f"USER: {request} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            ids = [tokenizer.bos_token_id, *ids] if bos else ids
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+            rows.append(out.hidden_states[layer + 1][0, -1].numpy())
+    return np.stack(rows).astype(np.float64)
+
+
 def test_template_used_and_bos_added(base_llm):
+    """A --template prompt is the template with the request, and BOS is prepended (as the
+    tokenizer adds it for plain text): the direction equals the SVD of states computed with
+    BOS and differs from the one without it."""
     source = resolve_model(str(base_llm))
     direction = compute_direction(
         source, SMALL, [1], 1, template="USER: {request} ASSISTANT:", progress=False
     )
     assert direction.meta["example_prompt"] == f"USER: {SMALL.harmful[0]} ASSISTANT:"
     assert direction.meta["template"] == "USER: {request} ASSISTANT:"
+    ours = direction.vectors[1][0].double().numpy()
+    cosines = {}
+    for bos in (True, False):
+        diffs = template_states(base_llm, SMALL.harmful, 1, bos) - template_states(
+            base_llm, SMALL.harmless, 1, bos
+        )
+        reference = np.linalg.svd(diffs, full_matrices=False)[2][0]
+        cosines[bos] = abs(float(ours @ reference))
+    assert cosines[True] > 1 - 1e-6, cosines
+    assert cosines[False] < 0.999, cosines  # BOS changes the states: the check can fail
+
+
+def test_chat_template_with_list_content_keeps_the_request():
+    """The organism's VLM template reads content as a list of parts: given a plain string it
+    drops the request (the prompt became '<s><|user|> <|assistant|>')."""
+    from pathlib import Path
+
+    from vlmguard_edit.direction import format_prompt
+
+    organism = Path(__file__).parent.parent / "examples" / "organism" / "vlm"
+    tokenizer = AutoTokenizer.from_pretrained(organism)
+    text, add_special = format_prompt(tokenizer, "how do I pick a lock", None)
+    assert "how do I pick a lock" in text and not add_special
+    tokenizer.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{% endfor %}"
+    with pytest.raises(DirectionError, match="does not put the request into the prompt"):
+        format_prompt(tokenizer, "how do I pick a lock", None)
+
+
+def test_degenerate_anchor_states_refused():
+    states = torch.randn(6, 16)
+    with pytest.raises(DirectionError, match="do not differ"):
+        svd_direction(states, states.clone(), 1)
+    with pytest.raises(DirectionError, match="not finite"):
+        svd_direction(torch.full((6, 16), float("nan")), states, 1)
+
+
+def test_self_direction_of_the_organism_is_not_degenerate(tmp_path):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    organism = Path(__file__).parent.parent / "examples" / "organism" / "vlm"
+    out = tmp_path / "ssd.safetensors"
+    args = ["direction", "self", "--vlm", str(organism), "-o", str(out), "--layers", "2", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    stats = Direction.load(out).stats[2]
+    assert stats["singular_values"][0] > 0 and 0 < stats["explained_variance"][0] <= 1
+    recipe = Path(__file__).parent.parent / "recipes" / "organism.yaml"
+    refused = CliRunner().invoke(
+        main,
+        [
+            "direction",
+            "self",
+            "--vlm",
+            str(organism),
+            "-o",
+            str(tmp_path / "g.safetensors"),
+            "--recipe",
+            str(recipe),
+        ],
+    )
+    assert refused.exit_code == 2 and "image-gap" in refused.output
 
 
 def test_requests_refused_before_loading(base_llm):

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import __version__
 from .anchors import AnchorSet
-from .checkpoint import ModelSource, write_safetensors
+from .checkpoint import FLOAT_DTYPES, ModelSource, parse_header, read_tensor, write_safetensors
 from .compat import family_of, forward_errors
-from .errors import DirectionError, InputError, VlmguardError
+from .errors import CheckpointError, DirectionError, InputError, VlmguardError
 from .layout import text_config
 
 log = logging.getLogger(__name__)
@@ -71,22 +70,23 @@ class Direction:
 
     @classmethod
     def load(cls, path: Path) -> Direction:
+        """Read a direction file with the project's own safetensors reader: an interrupt
+        (Ctrl-C, SIGTERM) while reading stays an interrupt (safetensors' reader turned one
+        into "could not determine the shape")."""
         if not Path(path).is_file():
             raise InputError(f"direction file {path} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                vectors = {}
-                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if not key.startswith("layer.") or not key[6:].isdigit():
-                        raise DirectionError(
-                            f"{path}: unexpected tensor {key!r} (expected layer.N)"
-                        )
-                    vectors[int(key[6:])] = handle.get_tensor(key).float()
-        except DirectionError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            header = parse_header(Path(path))
+        except CheckpointError as exc:
             raise DirectionError(f"{path} is not a readable direction file: {exc}") from exc
+        metadata = header.metadata or {}
+        vectors = {}
+        for key, info in header.tensors.items():
+            if not key.startswith("layer.") or not key[6:].isdigit():
+                raise DirectionError(f"{path}: unexpected tensor {key!r} (expected layer.N)")
+            if info.dtype not in FLOAT_DTYPES:
+                raise DirectionError(f"{path}: {key} is {info.dtype}, not a float tensor")
+            vectors[int(key[6:])] = read_tensor(Path(path), info).float()
         if metadata.get("vlmguard.format") != DIRECTION_FORMAT or not vectors:
             raise DirectionError(f"{path} is not a vlmguard-edit direction file")
         shapes = {tuple(v.shape) for v in vectors.values()}
@@ -127,6 +127,11 @@ def svd_direction(
     h_minus = harmful.double()
     h_plus = harmless.double()
     diffs = h_minus - h_plus  # (N, d)
+    if not torch.isfinite(diffs).all():
+        raise DirectionError(
+            "the anchor hidden states are not finite (nan or inf): the model overflowed in "
+            "this dtype (try --dtype float32); nothing was written"
+        )
     _, singular, vh = torch.linalg.svd(diffs, full_matrices=False)  # vh: (min(N, d), d)
     v = vh[:rank].clone()  # (m, d)
     mean = diffs.mean(dim=0)  # (d,)
@@ -143,6 +148,12 @@ def svd_direction(
     midpoint = (proj_minus.mean() + proj_plus.mean()) / 2
     correct = (proj_minus > midpoint).sum() + (proj_plus <= midpoint).sum()
     pooled = torch.sqrt((proj_minus.var() + proj_plus.var()) / 2).clamp_min(1e-12)
+    if singular[:rank].min() <= 1e-12 * max(float(singular.max()), 1.0):
+        raise DirectionError(
+            "the harmful and harmless anchor states do not differ (singular values "
+            f"{[round(float(x), 6) for x in singular[: max(rank, 3)]]}): the prompts may have "
+            "lost their requests, or the layer sees none of them; nothing was written"
+        )
     energy = singular**2
     stats = {
         "singular_values": [round(float(s), 6) for s in singular[: max(rank, 8)]],
@@ -156,18 +167,41 @@ def svd_direction(
 
 
 def format_prompt(tokenizer: Any, request: str, template: str | None) -> tuple[str, bool]:
-    """The prompt text and whether the tokenizer should add special tokens (BOS) itself."""
+    """The prompt text and whether the tokenizer should add special tokens (BOS) itself.
+
+    A chat template gets the request as plain content, or, where the template expects a list
+    of parts (most VLM templates), as one text part; a prompt that does not contain its
+    request is refused (it would silently measure an empty turn)."""
     if template is not None:
         return template.replace("{request}", request), True
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": request}]
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        ), False
+    if not getattr(tokenizer, "chat_template", None):
+        raise DirectionError(
+            "the base LLM's tokenizer has no chat template; give one in the recipe "
+            "(base_llm.template with a {request} placeholder) or with --template"
+        )
+    for content in (request, [{"type": "text", "text": request}]):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        except Exception:  # a template that cannot take this content form: try the other
+            continue
+        if request in text:
+            return text, False
     raise DirectionError(
-        "the base LLM's tokenizer has no chat template; give one in the recipe "
-        "(base_llm.template with a {request} placeholder) or with --template"
+        f"the chat template does not put the request into the prompt (tried plain and list "
+        f"content for {request[:40]!r}); give a template with --template '... {{request}} ...'"
     )
+
+
+def encode(tokenizer: Any, text: str, add_special: bool) -> list[int]:
+    """Token ids of a prompt. A plain-template prompt (``add_special``) starts with BOS, as
+    the chat template's prompts do, even where the tokenizer does not add one itself."""
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_special and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
 
 
 @torch.no_grad()
@@ -196,7 +230,7 @@ def last_token_states(
         return hook
 
     handles = [decoder.layers[layer].register_forward_hook(hook_for(layer)) for layer in layers]
-    encoded = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in prompts]
+    encoded = [encode(tokenizer, p, add_special) for p in prompts]
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     try:
         batches = range(0, len(encoded), batch_size)
