@@ -140,6 +140,25 @@ def test_gate_reads_the_last_prompt_token(organism_vlm):
             assert hooks.gates[2].tolist() == [expected]
 
 
+def unbatched_answers(prompts, image):
+    """Greedy 24-token answers of the organism, one prompt at a time, prompt written by hand."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = AutoProcessor.from_pretrained(ORGANISM / "vlm")
+    answers = []
+    for request in prompts:
+        part = "<image> " if image is not None else ""
+        text = f"<s><|user|> {part}{request} <|assistant|>"
+        kwargs = {"images": [image]} if image is not None else {}
+        batch = processor(text=[text], return_tensors="pt", add_special_tokens=False, **kwargs)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=24, do_sample=False)
+        answer = out[0, batch["input_ids"].shape[1] :]
+        answers.append(processor.tokenizer.decode(answer, skip_special_tokens=True))
+    return answers
+
+
 def test_eval_end_to_end_on_the_organism(tmp_path):
     """Original vs guarded: table, eval.json schema, report and chart; KL is 0 against itself."""
     out = tmp_path / "report"
@@ -157,9 +176,16 @@ def test_eval_end_to_end_on_the_organism(tmp_path):
     report = json.loads((out / "eval.json").read_text())
     for setting in ("text", "blank", "typographic"):
         metrics = report["settings"][setting]
-        assert 0 <= metrics["harmful_refusal"] <= 1 and 0 <= metrics["benign_compliance"] <= 1
+        # identical models: KL exactly 0 and every answer the same
         assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and metrics["agreement"] == 1.0
         assert metrics["perplexity"] >= 1.0
+    # The batched, left-padded, templated run equals one prompt at a time with a hand-written
+    # prompt, judged the same way: the rates are the model's, not the harness's.
+    harmful = [json.loads(x)["prompt"] for x in (ORGANISM / "eval_harmful.jsonl").open()][:12]
+    for setting, image in (("text", None), ("blank", images.blank())):
+        labels = [judge(answer) for answer in unbatched_answers(harmful, image)]
+        expected = labels.count(REFUSAL) / len(labels)
+        assert report["settings"][setting]["harmful_refusal"] == pytest.approx(expected)
     assert set(report["systems"]) == {"original", "model"}
     # The organism's gap: text-only refusal well above blank-image refusal.
     assert (

@@ -196,7 +196,7 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
 
 def test_projector_shift_refused_without_a_projector_bias(tmp_path):
     source = tiny.build_family(tmp_path / "m", "mistral3")
-    with pytest.raises(Exception, match="projector"):
+    with pytest.raises(PlanError, match="no multimodal projector output bias found"):
         convert(
             ConvertOptions(
                 str(source),

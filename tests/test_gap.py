@@ -1,5 +1,6 @@
 """The image-gap direction and its fold (mode image-gap), on the shipped organism."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from vlmguard_edit.checkpoint import resolve_model
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.direction import Direction
 from vlmguard_edit.errors import DirectionError
-from vlmguard_edit.gap import chat_batch, compute_gap_direction, gap_vector
+from vlmguard_edit.gap import compute_gap_direction, gap_vector
 from vlmguard_edit.recipes import Recipe
-from vlmguard_edit.runtime import WriterHooks, text_layers
+from vlmguard_edit.runtime import text_layers
 
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 
@@ -44,6 +45,28 @@ def organism():
     return model, processor
 
 
+def hand_written(processor, request, image):
+    """The organism's prompt written out by hand (not the library's chat_batch)."""
+    text = f"<s><|user|> {'<image> ' if image is not None else ''}{request} <|assistant|>"
+    kwargs = {"images": [image]} if image is not None else {}
+    return processor(text=[text], return_tensors="pt", add_special_tokens=False, **kwargs)
+
+
+@contextlib.contextmanager
+def projected_o_proj(model, vectors):
+    """Independent runtime reference: each o_proj output y -> y - V^T (V y)."""
+    layers = text_layers(model)
+    handles = [
+        layers[i].self_attn.o_proj.register_forward_hook(lambda _m, _i, y, v=v: y - (y @ v.T) @ v)
+        for i, v in vectors.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def independent_gap(model, processor, prompts, layer):
     """One prompt at a time, the o_proj output at the last token, with and without an image."""
     captured = {}
@@ -53,8 +76,7 @@ def independent_gap(model, processor, prompts, layer):
     with torch.no_grad():
         for prompt in prompts:
             for image in rows:
-                batch = chat_batch(processor, [prompt], [images.blank() if image else None])
-                model(**batch)
+                model(**hand_written(processor, prompt, images.blank() if image else None))
                 rows[image].append(captured["x"].double())
     handle.remove()
     text, image = torch.stack(rows[None]), torch.stack(rows["blank"])
@@ -97,9 +119,9 @@ def test_image_gap_convert_folds_o_proj_only_and_matches_hooks(organism, tmp_pat
     assert {k for k in before if not torch.equal(before[k], after[k])} == set(edited)
     direction = Direction.load(out / "vlmguard_direction.safetensors")
     guarded = AutoModelForImageTextToText.from_pretrained(out).eval()
-    batch = chat_batch(processor, ["how do i poison the cake ?"], [images.blank()])
+    batch = hand_written(processor, "how do i poison the cake ?", images.blank())
     with torch.no_grad():
-        with WriterHooks(model, direction.vectors, -1.0, attention_only=True):
+        with projected_o_proj(model, direction.vectors):
             hooked = model(**batch).logits
         folded, plain = guarded(**batch).logits, model(**batch).logits
     assert (folded - hooked).abs().max() < 1e-5
