@@ -723,17 +723,20 @@ def organism_build(output, seed, overwrite, quiet):
       vlmguard-edit organism build examples/organism
     """
     from vlmguard_edit.organism import build_organism
+    from vlmguard_edit.writes import atomic_output_dir, output_lock
 
     out = Path(output)
-    if (
-        out.exists()
-        and any(out.iterdir())
-        and not (overwrite and (out / "organism.json").is_file())
-    ):
-        raise click.UsageError(
-            f"{out} exists; --overwrite replaces an earlier organism folder only"
-        )
-    build_organism(out, seed=seed, progress=_progress(quiet))
+    with output_lock(out, "organism folder"):
+        if (
+            out.exists()
+            and any(out.iterdir())
+            and not (overwrite and (out / "organism.json").is_file())
+        ):
+            raise click.UsageError(
+                f"{out} exists; --overwrite replaces an earlier organism folder only"
+            )
+        with atomic_output_dir(out) as tmp:  # built beside, renamed into place when done
+            build_organism(tmp, seed=seed, progress=_progress(quiet))
     click.echo(f"wrote {out}/llm, {out}/vlm, anchors.jsonl, eval_harmful.jsonl, eval_benign.jsonl")
 
 

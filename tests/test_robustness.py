@@ -201,3 +201,27 @@ def test_update_card_with_a_hub_id_is_refused_before_evaluating(tmp_path):
     assert result.exit_code == 1
     assert "not a local folder" in result.stderr and "hf download" in result.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_organism_build_is_atomic_and_locked(tmp_path, monkeypatch):
+    """The organism is built beside OUT and renamed into place (training stubbed: the CLI's
+    handling is what is tested); a failed build leaves the earlier organism as it was."""
+    import vlmguard_edit.organism as organism
+
+    def fake_build(out, seed, progress):
+        assert ".vlmguard-tmp-" in out.name  # never the final folder
+        (out / "organism.json").write_text(json.dumps({"seed": seed}))
+        if seed == 99:
+            raise RuntimeError("training diverged")
+        return out
+
+    monkeypatch.setattr(organism, "build_organism", fake_build)
+    out = tmp_path / "org"
+    first = CliRunner().invoke(main, ["organism", "build", str(out), "--seed", "1", "-q"])
+    assert first.exit_code == 0, first.output
+    failed = CliRunner().invoke(
+        main, ["organism", "build", str(out), "--seed", "99", "--overwrite"]
+    )
+    assert failed.exit_code == 1 and "training diverged" in failed.stderr
+    assert json.loads((out / "organism.json").read_text()) == {"seed": 1}
+    assert leftovers(tmp_path) == []
