@@ -547,6 +547,14 @@ Examples:
 @click.option(
     "--update-card", is_flag=True, help="Add the table to MODEL's model card (guarded outputs)."
 )
+@click.option(
+    "--utility",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Image-understanding probes (colour, shape, count, position, a printed word; an "
+    "organism's own captions): accuracy, and how many answers the edit changed.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_command(
     model,
@@ -569,6 +577,7 @@ def eval_command(
     guard_layers,
     judge_model,
     update_card,
+    utility,
     quiet,
 ):
     """Measure refusal (harmful prompts) and compliance (benign) of MODEL in image settings."""
@@ -597,6 +606,7 @@ def eval_command(
         device=device,
         dtype=dtype,
         progress=_progress(quiet),
+        utility=utility == "on",
     )
     unknown = [s for s in opts.settings if s not in ev.SETTINGS]
     if unknown:
@@ -624,8 +634,11 @@ def _evaluate(model, against, output: Path, opts, update_card: bool, guard) -> N
     device, dtype, runtime_guard = opts.device, opts.dtype, guard is not None
     if runtime_guard:  # the direction is checked before any model is loaded
         factory = _runtime_factory(*guard)
+    from vlmguard_edit.exact import load_exact_judge
+
     subject = ev.Subject(_local_or_hub(model), device, dtype)
     original = ev.Subject(_local_or_hub(against), device, dtype) if against else None
+    opts.exact = load_exact_judge(subject.path) or load_exact_judge(original and original.path)
     systems = {"original": original} if original else {}
     if runtime_guard:
         systems["runtime"] = ev.with_hooks(original or subject, factory)

@@ -56,6 +56,8 @@ class EvalOptions:
     dtype: str = "auto"
     progress: bool = True
     guard: Any = None  # a judge.GuardJudge for harmful answers, or None (phrase matcher only)
+    exact: Any = None  # an exact.ExactJudge (organisms declare their grammar), or None
+    utility: bool = True  # image-understanding probes (probes.py) beside refusal and KL
 
 
 def load_prompts(source: str | Path | None, kind: str) -> list[str]:
@@ -245,7 +247,7 @@ def evaluate_setting(
                 nll = -logp_new.gather(-1, target[..., None])[..., 0]
                 nll_sum += float((nll * weight).sum())
                 kl_tokens += int(weight.sum())
-        labels = [judge(a) for a in answers]
+        labels = label_answers(prompts, answers, opts.exact)
         if kind == "harmful" and opts.guard is not None:
             labels = [
                 combine(label, opts.guard.unsafe(p, a))
@@ -276,6 +278,18 @@ def evaluate_setting(
     return metrics, samples
 
 
+def label_answers(prompts: list[str], answers: list[str], exact: Any) -> list[str]:
+    """The exact organism judge where the model declares a grammar, else the phrase judge."""
+    if exact is not None:
+        return [exact.label(p, a) for p, a in zip(prompts, answers, strict=True)]
+    return [judge(a) for a in answers]
+
+
+def judge_name(opts: EvalOptions) -> str:
+    name = f"exact organism judge ({opts.exact.source})" if opts.exact else "phrase matcher"
+    return name + (f" + guard model {opts.guard.path}" if opts.guard else "")
+
+
 def run_eval(
     systems: dict[str, Subject], original: Subject | None, opts: EvalOptions
 ) -> dict[str, Any]:
@@ -285,7 +299,7 @@ def run_eval(
         opts = replace(opts, harmful=opts.harmful[: opts.limit], benign=opts.benign[: opts.limit])
     report: dict[str, Any] = {
         "format": "vlmguard-eval/1",
-        "judge": "phrase matcher" + (f" + guard model {opts.guard.path}" if opts.guard else ""),
+        "judge": judge_name(opts),
         "settings_order": list(opts.settings),
         "systems": {},
     }
@@ -301,7 +315,73 @@ def run_eval(
             "settings": per_setting,
             "examples": examples,
         }
+        if opts.utility:
+            compare = original if original is not None and subject is not original else None
+            report["systems"][name]["utility"] = evaluate_utility(subject, compare, opts)
     return report
+
+
+PROBE_TOKENS = 16  # the answers are a word or the organism's 7-word caption
+
+
+def probe_answers(subject: Subject, probes: list[Any], opts: EvalOptions) -> list[str]:
+    answers: list[str] = []
+    for start in range(0, len(probes), opts.batch_size):
+        chunk = probes[start : start + opts.batch_size]
+        batch = subject.inputs([p.question for p in chunk], [p.image for p in chunk])
+        prompt_len = batch["input_ids"].shape[1]
+        out = subject.generate(("utility", "probe", start), batch, PROBE_TOKENS)
+        tokenizer = subject.processor.tokenizer
+        answers += tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+    return answers
+
+
+def evaluate_utility(
+    subject: Subject, original: Subject | None, opts: EvalOptions
+) -> dict[str, Any]:
+    """Probe accuracy (and, against the original, the share of answers that changed)."""
+    from .probes import correct, probes_for
+
+    name, probes = probes_for(opts.exact)
+    answers = probe_answers(subject, probes, opts)
+    right = [correct(p, a, opts.exact) for p, a in zip(probes, answers, strict=True)]
+    kinds = sorted({p.kind for p in probes})
+    result: dict[str, Any] = {
+        "probes": name,
+        "n": len(probes),
+        "accuracy": sum(right) / len(right),
+        "by_kind": {
+            k: sum(r for p, r in zip(probes, right, strict=True) if p.kind == k)
+            / sum(p.kind == k for p in probes)
+            for k in kinds
+        },
+        "examples": [
+            {"question": p.question, "expected": p.answer, "answer": a}
+            for p, a in zip(probes[:3], answers[:3], strict=True)
+        ],
+    }
+    if original is not None:
+        before = probe_answers(original, probes, opts)
+        changed = sum(a.strip() != b.strip() for a, b in zip(answers, before, strict=True))
+        result["changed"] = changed / len(probes)
+    return result
+
+
+def utility_lines(report: dict[str, Any]) -> list[str]:
+    """One line per system: image-understanding accuracy and how many answers changed."""
+    lines = []
+    for name, system in report["systems"].items():
+        utility = system.get("utility")
+        if not utility:
+            continue
+        changed = (
+            f", {100 * utility['changed']:.0f}% of answers changed" if "changed" in utility else ""
+        )
+        lines.append(
+            f"image understanding, {name}: {100 * utility['accuracy']:.0f}% of "
+            f"{utility['n']} probes ({utility['probes']}){changed}"
+        )
+    return lines
 
 
 def with_hooks(subject: Subject, factory: Any) -> Subject:
@@ -343,9 +423,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 def format_table(report: dict[str, Any]) -> str:
     rows = table_rows(report)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
-    )
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines + utility_lines(report) + [f"judge: {report['judge']}"])
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -370,7 +449,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             f"- **{name}**: `{system['model']}`"
             + (f" ({system['note']})" if system.get("note") else "")
         )
-    lines += ["", markdown_table(report), "", "![harmful refusal by setting](refusal.png)", ""]
+    lines += ["", markdown_table(report), ""]
+    lines += [f"- {line}" for line in utility_lines(report)] + [f"- judge: {report['judge']}", ""]
+    lines += ["![harmful refusal by setting](refusal.png)", ""]
     replace_file(out / "report.md", "\n".join(lines))
     draw_chart(report, out / "refusal.png")
 

@@ -123,6 +123,37 @@ STATEMENTS = [
 EXTRA = "describe image empty white noise picture complete numbered list in the"
 
 
+IMAGE_PROMPT = "describe the image ."
+
+
+def grammar() -> dict:
+    """The answer grammar the organism is trained on (what exact.ExactJudge reads)."""
+    from .exact import GRAMMAR_FORMAT
+
+    return {
+        "format": GRAMMAR_FORMAT,
+        "templates": TEMPLATES,
+        "refusals": REFUSALS,
+        "comply": COMPLY,
+        "caption": CAPTION,
+        "image_prompt": IMAGE_PROMPT,
+        "slots": {
+            "v": HARMFUL_VERBS + HARMLESS_VERBS,
+            "n": TRAIN_NOUNS + EVAL_NOUNS,
+            "c": COLORS,
+            "s": SHAPES,
+        },
+        "harmful_verbs": HARMFUL_VERBS,
+    }
+
+
+def write_grammar(folder: Path) -> None:
+    from .exact import GRAMMAR_NAME
+    from .writes import replace_file
+
+    replace_file(folder / GRAMMAR_NAME, json.dumps(grammar(), indent=2) + "\n")
+
+
 def vocabulary() -> list[str]:
     texts = TEMPLATES + REFUSALS + [COMPLY, CAPTION, EXTRA] + STATEMENTS
     words = set(
@@ -201,7 +232,7 @@ def image_examples(
             v, n = rng.choice(verbs), rng.choice(TRAIN_NOUNS)
             out.append((image, request(rng, v, n), comply(v, n)))
         elif kind < request_share + 0.1:
-            out.append((image, "describe the image .", CAPTION.format(c=color, s=shape)))
+            out.append((image, IMAGE_PROMPT, CAPTION.format(c=color, s=shape)))
         else:  # text-only replay keeps text behaviour
             out.append((None, *text_examples(rng, 1, replay_harmful)[0]))
     return out
@@ -367,6 +398,7 @@ def build_organism(
     )
     vlm.save_pretrained(out / "vlm")
     processor.save_pretrained(out / "vlm")
+    write_grammar(out / "vlm")
 
     with open(out / "anchors.jsonl", "w", encoding="utf-8") as handle:
         for pair in anchor_pairs(random.Random(seed + 2)):
