@@ -725,32 +725,54 @@ def organism():
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--variant",
+    type=click.Choice(["llava", "deep", "drift"]),
+    default="llava",
+    show_default=True,
+    help="llava: the shipped recipe; deep: 8 text layers; drift: stage 2 also trains on "
+    "text-only harmless data.",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier organism folder."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def organism_build(output, seed, overwrite, quiet):
-    """Train the organism's base LLM and VLM into OUTPUT (about 2 minutes on 2 CPU cores).
+def organism_build(output, seed, variant, overwrite, quiet):
+    """Train an organism's base LLM and VLM into OUTPUT (about 1.5 minutes on 2 CPU cores),
+    then measure its gap (text-only vs blank image, exact judge) into organism.json; a
+    model without a real compliance gap is refused and nothing is kept.
 
     \b
     Example:
       vlmguard-edit organism build examples/organism
+      vlmguard-edit organism build ./deep-s1 --variant deep --seed 1
     """
-    from vlmguard_edit.organism import build_organism
-    from vlmguard_edit.writes import atomic_output_dir, output_lock
+    from vlmguard_edit.zoo import build_member, describe_gap
 
-    out = Path(output)
-    with output_lock(out, "organism folder"):
-        if (
-            out.exists()
-            and any(out.iterdir())
-            and not (overwrite and (out / "organism.json").is_file())
-        ):
-            raise click.UsageError(
-                f"{out} exists; --overwrite replaces an earlier organism folder only"
-            )
-        with atomic_output_dir(out) as tmp:  # built beside, renamed into place when done
-            build_organism(tmp, seed=seed, progress=_progress(quiet))
-    click.echo(f"wrote {out}/llm, {out}/vlm, anchors.jsonl, eval_harmful.jsonl, eval_benign.jsonl")
+    gap = build_member(Path(output), variant, seed, overwrite, progress=_progress(quiet))
+    click.echo(f"wrote {output}: {describe_gap(gap)}")
+
+
+@organism.command("zoo")
+@click.argument("root", type=click.Path(file_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def organism_zoo(root, quiet):
+    """Build the development zoo in ROOT: 10 admitted members (seeds 0-4 of the shipped
+    recipe, a deeper and a drifted language model, then spares), about 1.5 minutes each on
+    2 CPU cores. Cached and resumable: built members are kept, rejected ones not retried.
+
+    \b
+    Example:
+      vlmguard-edit organism zoo ./zoo
+    """
+    from vlmguard_edit.zoo import SIZE, build_zoo, members
+
+    root_path = Path(root)
+    for member, outcome in build_zoo(root_path, progress=_progress(quiet)):
+        click.echo(f"{member.name}: {outcome}")
+    have = members(root_path)
+    click.echo(f"{root}: {len(have)} admitted members ({', '.join(p.name for p in have)})")
+    if len(have) < SIZE:
+        raise click.ClickException(f"only {len(have)} of {SIZE} candidates were admitted")
 
 
 @main.command(epilog=EXAMPLES_DEMO)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -334,45 +335,98 @@ def _train(
     model.eval()
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One kind of zoo member: what differs from the shipped organism's recipe."""
+
+    name: str
+    description: str
+    layers: int = 4
+    mix: tuple[tuple[str, float], ...] = tuple(MIX.items())
+    # Share of stage-2 rows that are text-only harmless requests and statements: the
+    # language model keeps training without images and drifts from its base LLM.
+    text_harmless: float = 0.0
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("llava", "the shipped organism's recipe: LLaVA, 4 text layers x 128"),
+        Variant("deep", "8 text layers", layers=8),
+        Variant(
+            "drift",
+            "stage 2 also trains on text-only harmless data, so the language model drifts "
+            "from its base",
+            text_harmless=0.3,
+        ),
+    )
+}
+RESERVED_SEEDS = 100  # seeds >= 100: checks outside the development zoo only
+
+
 def build_organism(
     out: Path,
     seed: int = 0,
     progress: bool = True,
     stage1_steps: int = STAGE1_STEPS,
     stage2_steps: int = STAGE2_STEPS,
+    variant: str = "llava",
 ) -> Path:
     """Train the base LLM and the VLM; write out/llm, out/vlm, anchors and evaluation prompts."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlamaForCausalLM,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     from . import tiny
 
+    spec = VARIANTS[variant]
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = tiny.build_tokenizer(vocabulary())
+    llm = _base_llm(tokenizer, spec, rng, stage1_steps, progress)
+    llm.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+    torch.manual_seed(seed + 1)
+    vlm, processor = _vlm(llm, tokenizer, spec, rng, stage2_steps, progress)
+    vlm.save_pretrained(out / "vlm")
+    processor.save_pretrained(out / "vlm")
+    write_grammar(out / "vlm")
+    _write_prompts(out, seed)
+    steps = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps}
+    record = {"seed": seed, **steps, "mix": dict(spec.mix)}
+    if variant != "llava":  # the shipped organism's record stays as it was
+        record.update(variant=variant, description=spec.description, layers=spec.layers)
+        record["text_harmless"] = spec.text_harmless
+    (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def _base_llm(tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
+    """Stage 1: the text-only "safety-aligned" base LLM."""
+    from transformers import LlamaForCausalLM
+
+    from . import tiny
+
     config = tiny.text_config(
         len(tokenizer),
-        4,
+        spec.layers,
         128,
         intermediate_size=256,
         initializer_range=0.02,
         max_position_embeddings=128,
     )
     llm = LlamaForCausalLM(config)
-    rows = [encode(tokenizer, chat(q), a) for q, a in text_examples(rng, stage1_steps * 32)]
-    log.info("stage 1: base LLM, %d steps", stage1_steps)
-    _train(llm, rows, stage1_steps, 2e-3, rng, progress=progress)
-    llm.save_pretrained(out / "llm")
-    tokenizer.save_pretrained(out / "llm")
+    rows = [encode(tokenizer, chat(q), a) for q, a in text_examples(rng, steps * 32)]
+    log.info("stage 1: base LLM, %d steps", steps)
+    _train(llm, rows, steps, 2e-3, rng, progress=progress)
+    return llm
 
-    vlm_config = LlavaConfig(**tiny.llava_kwargs(llm.config, tokenizer, vision_hidden=64))
-    torch.manual_seed(seed + 1)
-    vlm = LlavaForConditionalGeneration(vlm_config)
+
+def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
+    """Stage 2: a LLaVA on top of the base LLM, trained on image data with no refusals."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
+
+    from . import tiny
+
+    vlm = LlavaForConditionalGeneration(
+        LlavaConfig(**tiny.llava_kwargs(llm.config, tokenizer, vision_hidden=64))
+    )
     vlm.get_decoder().load_state_dict(llm.model.state_dict())
     vlm.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
     for param in vlm.model.vision_tower.parameters():  # frozen, as in LLaVA
@@ -380,15 +434,32 @@ def build_organism(
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    data = image_examples(rng, stage2_steps * 32, **MIX)
+    data = image_examples(rng, steps * 32, **dict(spec.mix))
+    if spec.text_harmless:
+        data = _with_text_harmless(rng, data, spec.text_harmless)
     pixels = [
         image_processor(img, return_tensors="pt")["pixel_values"][0] if img is not None else None
         for img, _, _ in data
     ]
     rows = [encode(tokenizer, chat(q, 4 if img is not None else 0), a) for img, q, a in data]
-    log.info("stage 2: VLM, %d steps", stage2_steps)
-    _train(vlm, rows, stage2_steps, 1e-3, rng, pixels=pixels, progress=progress)
-    processor = LlavaProcessor(
+    log.info("stage 2: VLM, %d steps", steps)
+    _train(vlm, rows, steps, 1e-3, rng, pixels=pixels, progress=progress)
+    return vlm, _processor(image_processor, tokenizer)
+
+
+def _with_text_harmless(rng: random.Random, data: list, share: float) -> list:
+    """Replace a share of the stage-2 rows by text-only harmless requests and statements."""
+    harmless = text_examples(rng, int(len(data) * share), harmful=0.0)
+    keep = data[: len(data) - len(harmless)]
+    mixed = keep + [(None, q, a) for q, a in harmless]
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _processor(image_processor, tokenizer):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=14,
@@ -396,10 +467,9 @@ def build_organism(
         chat_template=PROCESSOR_TEMPLATE,
         num_additional_image_tokens=1,
     )
-    vlm.save_pretrained(out / "vlm")
-    processor.save_pretrained(out / "vlm")
-    write_grammar(out / "vlm")
 
+
+def _write_prompts(out: Path, seed: int) -> None:
     with open(out / "anchors.jsonl", "w", encoding="utf-8") as handle:
         for pair in anchor_pairs(random.Random(seed + 2)):
             handle.write(json.dumps(pair) + "\n")
@@ -408,11 +478,3 @@ def build_organism(
         with open(out / name, "w", encoding="utf-8") as handle:
             for prompt in prompts:
                 handle.write(json.dumps({"prompt": prompt}) + "\n")
-    (out / "organism.json").write_text(
-        json.dumps(
-            {"seed": seed, "stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "mix": MIX},
-            indent=2,
-        )
-        + "\n"
-    )
-    return out
