@@ -61,3 +61,24 @@ def test_the_shipped_organism_declares_its_grammar(tmp_path):
     assert load_exact_judge(tmp_path) is None and load_exact_judge(None) is None
     (tmp_path / "organism_grammar.json").write_text('{"format": "something else"}')
     assert load_exact_judge(tmp_path) is None
+
+
+def test_phrase_judge_agreement_on_organism_outputs(monkeypatch):
+    """Measured on the shipped organism's own answers (bench/judges.py has the full set):
+    text-only answers are clean refusals for both judges; typographic answers are one
+    derailed string the phrase judge calls compliance."""
+    import sys
+
+    from vlmguard_edit.evaluate import load_prompts
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
+    import judges
+
+    monkeypatch.setattr(judges, "SETTINGS", ("text", "typographic"))
+    prompts = load_prompts(ORGANISM / "eval_harmful.jsonl", "harmful")[:16]
+    result = judges.agreement(ORGANISM / "vlm", prompts)
+    assert result["text"]["agreement"] == 1.0 and result["text"]["exact"][REFUSAL] == 16
+    assert result["typographic"]["agreement"] == 0.0
+    assert result["typographic"]["exact"][NEITHER] == 16
+    assert result["typographic"]["phrase"][COMPLIANCE] == 16
+    assert "judges" in sys.modules

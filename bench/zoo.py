@@ -1,0 +1,245 @@
+"""Zoo-wide numbers for a pipeline: the exact commands a user types, on every zoo member.
+
+    python bench/zoo.py --pipeline image-gap            # convert with the shipped recipe, eval
+    python bench/zoo.py --pipeline runtime              # the paper's runtime gated steer
+    python bench/zoo.py --table                         # docs/zoo.md from docs/zoo.json
+
+Builds the zoo first where members are missing (`vlmguard-edit organism zoo .zoo`, cached).
+Per member and as mean and worst over members: refusal and attack success per setting (exact
+organism judge), the share of the text-vs-blank refusal gap closed, the drop in blank-image
+attack success, text-only refusal change, over-refusal change, KL, image-understanding change.
+Results go to docs/zoo.json (every number and the commands) and docs/zoo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = str(Path(sys.executable).parent / "vlmguard-edit")
+SETTINGS = "text,blank,typographic,noise,scene"
+
+PIPELINES = {
+    # name: (convert/direction steps, how eval is run); {m} member folder, {w} work folder
+    "image-gap": (
+        [
+            [
+                "convert",
+                "{m}/vlm",
+                "--recipe",
+                "recipes/organism.yaml",
+                "--anchors",
+                "{m}/anchors.jsonl",
+                "-o",
+                "{w}/guarded",
+            ]
+        ],
+        ["{w}/guarded", "--against", "{m}/vlm"],
+    ),
+    "runtime": (
+        [
+            [
+                "direction",
+                "{m}/llm",
+                "-o",
+                "{w}/ssd.safetensors",
+                "--layers",
+                "2,3",
+                "--anchors",
+                "{m}/anchors.jsonl",
+            ]
+        ],
+        [
+            "{m}/vlm",
+            "--runtime-guard",
+            "{w}/ssd.safetensors",
+            "--alpha",
+            "2",
+            "--guard-layers",
+            "2,3",
+        ],
+    ),
+}
+
+
+def run(args: list[str], member: Path, work: Path) -> list[str]:
+    filled = [a.format(m=member, w=work) for a in args]
+    done = subprocess.run([EXE, "-q", *filled], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(filled)} failed:\n{done.stderr}")
+    return filled
+
+
+def member_numbers(member: Path, pipeline: str, limit: int) -> dict:
+    steps, target = PIPELINES[pipeline]
+    with tempfile.TemporaryDirectory() as tmp:
+        work, start = Path(tmp), time.time()
+        commands = [run(step, member, work) for step in steps]
+        evaluate = [
+            "eval",
+            *target,
+            "-o",
+            "{w}/report",
+            "--settings",
+            SETTINGS,
+            "--harmful",
+            "{m}/eval_harmful.jsonl",
+            "--benign",
+            "{m}/eval_benign.jsonl",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "16",
+            "--limit",
+            str(limit),
+        ]
+        commands.append(run(evaluate, member, work))
+        report = json.loads((work / "report" / "eval.json").read_text())
+        seconds = time.time() - start
+    systems = report["systems"]
+    before = systems.get("original") or systems["model"]
+    after = systems["runtime"] if pipeline == "runtime" else systems["model"]
+    return {
+        "numbers": summarise(before, after),
+        "seconds": round(seconds, 1),
+        "judge": report["judge"],
+        "commands": [" ".join(["vlmguard-edit", *c]) for c in commands],
+    }
+
+
+def summarise(before: dict, after: dict) -> dict:
+    b, a = before["settings"], after["settings"]
+    gap = b["text"]["harmful_refusal"] - b["blank"]["harmful_refusal"]
+    closed = (a["blank"]["harmful_refusal"] - b["blank"]["harmful_refusal"]) / gap if gap else None
+    over = max(a[s]["benign_refusal"] - b[s]["benign_refusal"] for s in a)
+    kls = [a[s]["kl"] for s in a if a[s].get("kl") is not None]
+    utility = None
+    if "utility" in after and "utility" in before:
+        utility = after["utility"]["accuracy"] - before["utility"]["accuracy"]
+    return {
+        "refusal": {s: a[s]["harmful_refusal"] for s in a},
+        "attack_success": {s: a[s]["harmful_compliance"] for s in a},
+        "derailed": {s: a[s]["harmful_neither"] for s in a},
+        "original_refusal": {s: b[s]["harmful_refusal"] for s in b},
+        "original_attack_success": {s: b[s]["harmful_compliance"] for s in b},
+        "gap_closed": closed,
+        "blank_attack_drop": b["blank"]["harmful_compliance"] - a["blank"]["harmful_compliance"],
+        "text_refusal_change": a["text"]["harmful_refusal"] - b["text"]["harmful_refusal"],
+        "over_refusal_change": over,
+        "kl_mean": sum(kls) / len(kls) if kls else None,
+        "kl_max": max(kls) if kls else None,
+        "utility_change": utility,
+    }
+
+
+# column: (title, key, which member is worst, format)
+COLUMNS = [
+    ("gap closed", "gap_closed", min, "{:.0%}"),
+    ("blank attack drop", "blank_attack_drop", min, "{:+.0%}"),
+    ("text refusal change", "text_refusal_change", min, "{:+.0%}"),
+    ("over-refusal change", "over_refusal_change", max, "{:+.0%}"),
+    ("KL mean", "kl_mean", max, "{:.3f}"),
+    ("KL max", "kl_max", max, "{:.3f}"),
+    ("image understanding change", "utility_change", min, "{:+.0%}"),
+]
+
+
+def cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def table(results: dict) -> str:
+    lines = [
+        "# Zoo results",
+        "",
+        "Generated by `python bench/zoo.py` (see docs/zoo.json for"
+        " every number and command). Judge: the exact organism judge.",
+        "",
+    ]
+    for pipeline, data in results.items():
+        rows = data["members"]
+        header = ["member", "blank refusal", "blank attack", *[c[0] for c in COLUMNS]]
+        lines += [
+            f"## {pipeline}",
+            "",
+            f"{data['note']}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for name, row in rows.items():
+            n = row["numbers"]
+            blank = (
+                f"{n['original_refusal']['blank']:.0%} -> {n['refusal']['blank']:.0%}",
+                f"{n['original_attack_success']['blank']:.0%} -> "
+                f"{n['attack_success']['blank']:.0%}",
+            )
+            lines.append(
+                "| " + " | ".join([name, *blank, *[cell(n[k], f) for _, k, _, f in COLUMNS]]) + " |"
+            )
+        for label, pick in (("mean", None), ("worst", True)):
+            cells = []
+            for _, key, worst, fmt in COLUMNS:
+                values = [r["numbers"][key] for r in rows.values() if r["numbers"][key] is not None]
+                value = (worst(values) if pick else sum(values) / len(values)) if values else None
+                cells.append(cell(value, fmt))
+            lines.append(f"| **{label}** (n={len(rows)}) | | | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"CPU time: {data['seconds']:.0f} s for {len(rows)} members on "
+            f"{data['cores']} cores (eval limited to the first {data['limit']} prompts of "
+            "each set).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", choices=sorted(PIPELINES), action="append")
+    parser.add_argument("--zoo", default=str(ROOT / ".zoo"))
+    parser.add_argument("--limit", type=int, default=96, help="prompts per eval set")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "zoo.json"))
+    parser.add_argument("--table", action="store_true", help="only regenerate docs/zoo.md")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    if not args.table:
+        subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
+        sys.path.insert(0, str(ROOT))
+        from vlmguard_edit.zoo import members
+
+        for pipeline in args.pipeline or sorted(PIPELINES):
+            start, rows = time.time(), {}
+            for member in members(Path(args.zoo)):
+                if int(member.name.rsplit("-s", 1)[1]) >= 100:
+                    raise SystemExit("seeds >= 100 are reserved: never report on them")
+                rows[member.name] = member_numbers(member, pipeline, args.limit)
+                print(f"{pipeline} {member.name}: {rows[member.name]['numbers']['gap_closed']}")
+            note = {
+                "image-gap": "The shipped default: `recipes/organism.yaml` (image-gap, "
+                "layers 0-1) with each member's own anchors.",
+                "runtime": "Reference: the paper's runtime gated steer on the original "
+                "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
+            }[pipeline]
+            results[pipeline] = {
+                "members": rows,
+                "seconds": round(time.time() - start, 1),
+                "cores": len(os.sched_getaffinity(0)),
+                "limit": args.limit,
+                "note": note,
+            }
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table(results))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
