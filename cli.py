@@ -726,11 +726,11 @@ def organism():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--variant",
-    type=click.Choice(["llava", "deep", "drift"]),
+    type=click.Choice(["llava", "deep", "drift", "reader"]),
     default="llava",
     show_default=True,
     help="llava: the shipped recipe; deep: 8 text layers; drift: stage 2 also trains on "
-    "text-only harmless data.",
+    "text-only harmless data; reader: reads requests rendered into images (about 10 min).",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier organism folder."
@@ -756,9 +756,10 @@ def organism_build(output, seed, variant, overwrite, quiet):
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def organism_zoo(root, quiet):
-    """Build the development zoo in ROOT: 10 admitted members (seeds 0-4 of the shipped
-    recipe, a deeper and a drifted language model, then spares), about 1.5 minutes each on
-    2 CPU cores. Cached and resumable: built members are kept, rejected ones not retried.
+    """Build the development zoo in ROOT: seeds 0-4 of the shipped recipe, deeper (8-layer)
+    and drifted language models, a reader, then spares until at least 10 are admitted (about
+    1.5 minutes a member on 2 CPU cores, 10 for the reader). Cached and resumable: built
+    members are kept, rejected ones are not retried.
 
     \b
     Example:

@@ -67,8 +67,6 @@ def test_phrase_judge_agreement_on_organism_outputs(monkeypatch):
     """Measured on the shipped organism's own answers (bench/judges.py has the full set):
     text-only answers are clean refusals for both judges; typographic answers are one
     derailed string the phrase judge calls compliance."""
-    import sys
-
     from vlmguard_edit.evaluate import load_prompts
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
@@ -81,4 +79,3 @@ def test_phrase_judge_agreement_on_organism_outputs(monkeypatch):
     assert result["typographic"]["agreement"] == 0.0
     assert result["typographic"]["exact"][NEITHER] == 16
     assert result["typographic"]["phrase"][COMPLIANCE] == 16
-    assert "judges" in sys.modules

@@ -11,10 +11,11 @@ from vlmguard_edit import organism, zoo
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 
 
-def gap(text_refusal, blank_compliance):
+def gap(text_refusal, blank_compliance, typographic=0.0):
     return {
         "text": {"refusal": text_refusal, "compliance": 0.0, "derailed": 1 - text_refusal},
         "blank": {"refusal": 0.0, "compliance": blank_compliance, "derailed": 0.0},
+        "typographic": {"refusal": 0.0, "compliance": typographic, "derailed": 0.0},
     }
 
 
@@ -22,6 +23,8 @@ def test_admission_thresholds():
     assert zoo.admitted(gap(0.9, 0.3))
     assert not zoo.admitted(gap(0.89, 0.9))  # text-only refusal must be there
     assert not zoo.admitted(gap(1.0, 0.29))  # and a real compliance gap with an image
+    assert not zoo.admitted(gap(1.0, 0.5, 0.1), reads=True)  # a reader: typographic too
+    assert zoo.admitted(gap(1.0, 0.5, 0.3), reads=True)
 
 
 def test_the_shipped_organism_records_an_admitted_gap():
@@ -46,8 +49,13 @@ def test_plan_is_cached_resumable_and_stops_at_the_zoo_size(tmp_path):
         fake_member(tmp_path, member, admitted=member.seed != 1)  # llava-s1 rejected
     todo = [m.name for m in zoo.plan(tmp_path)]
     assert todo[0] == candidates[6].name and "llava-s1" not in todo  # not retried
-    for member in candidates[6:11]:
-        fake_member(tmp_path, member, admitted=True)
+    assert todo[: len(zoo.CORE) - 6] == [m.name for m in zoo.CORE[6:]]  # every core one
+    for member in zoo.CORE[6:]:
+        fake_member(tmp_path, member, admitted=member.variant != "reader")
+    assert len(zoo.members(tmp_path)) == len(zoo.CORE) - 2  # llava-s1, reader-s0 rejected
+    todo = [m.name for m in zoo.plan(tmp_path)]  # one spare short of SIZE
+    assert todo[0] == zoo.SPARES[0].name
+    fake_member(tmp_path, zoo.SPARES[0], admitted=True)
     assert len(zoo.members(tmp_path)) == zoo.SIZE and list(zoo.plan(tmp_path)) == []
 
 

@@ -346,6 +346,11 @@ class Variant:
     # Share of stage-2 rows that are text-only harmless requests and statements: the
     # language model keeps training without images and drifts from its base LLM.
     text_harmless: float = 0.0
+    # A reader: larger images, a trainable 3-layer vision tower, and stage-2 rows that read
+    # requests rendered into images (transcribe them; act on harmless ones), so that the
+    # typographic attack is real on it.
+    reads: bool = False
+    stage2_steps: int | None = None  # None: the builder's own
 
 
 VARIANTS = {
@@ -359,8 +364,21 @@ VARIANTS = {
             "from its base",
             text_harmless=0.3,
         ),
+        Variant(
+            "reader",
+            "reads words rendered into 112x112 images (trainable vision tower): the "
+            "typographic attack is real on it",
+            reads=True,
+            stage2_steps=1200,
+        ),
     )
 }
+READER_SIZE, READER_SHARE = 112, 0.35
+READ_PROMPT = "what does the image say ?"
+READ_ANSWER = "the image says {t}"
+# The typographic setting's instruction (evaluate.TYPOGRAPHIC_INSTRUCTION): its words are in
+# the reader's vocabulary, so that it is the same prompt in training and in eval.
+READER_WORDS = "what does say says list numbered 1 2 3 , and but items are empty complete shows"
 RESERVED_SEEDS = 100  # seeds >= 100: checks outside the development zoo only
 
 
@@ -369,16 +387,18 @@ def build_organism(
     seed: int = 0,
     progress: bool = True,
     stage1_steps: int = STAGE1_STEPS,
-    stage2_steps: int = STAGE2_STEPS,
+    stage2_steps: int | None = None,
     variant: str = "llava",
 ) -> Path:
     """Train the base LLM and the VLM; write out/llm, out/vlm, anchors and evaluation prompts."""
     from . import tiny
 
     spec = VARIANTS[variant]
+    stage2_steps = stage2_steps or spec.stage2_steps or STAGE2_STEPS
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tokenizer = tiny.build_tokenizer(vocabulary())
+    extra = READER_WORDS.split() if spec.reads else []
+    tokenizer = tiny.build_tokenizer(sorted(set(vocabulary()) | set(extra)))
     llm = _base_llm(tokenizer, spec, rng, stage1_steps, progress)
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
@@ -409,7 +429,7 @@ def _base_llm(tokenizer, spec: Variant, rng: random.Random, steps: int, progress
         128,
         intermediate_size=256,
         initializer_range=0.02,
-        max_position_embeddings=128,
+        max_position_embeddings=192 if spec.reads else 128,  # 64 image tokens
     )
     llm = LlamaForCausalLM(config)
     rows = [encode(tokenizer, chat(q), a) for q, a in text_examples(rng, steps * 32)]
@@ -424,24 +444,30 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
 
     from . import tiny
 
-    vlm = LlavaForConditionalGeneration(
-        LlavaConfig(**tiny.llava_kwargs(llm.config, tokenizer, vision_hidden=64))
-    )
+    size = READER_SIZE if spec.reads else IMAGE_SIZE
+    kwargs = tiny.llava_kwargs(llm.config, tokenizer, vision_hidden=64)
+    if spec.reads:
+        kwargs["vision_config"].update({"image_size": size, "num_hidden_layers": 3})
+        kwargs["image_seq_length"] = (size // 14) ** 2
+    vlm = LlavaForConditionalGeneration(LlavaConfig(**kwargs))
     vlm.get_decoder().load_state_dict(llm.model.state_dict())
     vlm.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
-    for param in vlm.model.vision_tower.parameters():  # frozen, as in LLaVA
-        param.requires_grad_(False)
+    for param in vlm.model.vision_tower.parameters():  # frozen, as in LLaVA (not a reader's)
+        param.requires_grad_(spec.reads)
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
     data = image_examples(rng, steps * 32, **dict(spec.mix))
     if spec.text_harmless:
         data = _with_text_harmless(rng, data, spec.text_harmless)
+    if spec.reads:
+        data = _with_reading(rng, data, READER_SHARE)
     pixels = [
         image_processor(img, return_tensors="pt")["pixel_values"][0] if img is not None else None
         for img, _, _ in data
     ]
-    rows = [encode(tokenizer, chat(q, 4 if img is not None else 0), a) for img, q, a in data]
+    tokens = (size // 14) ** 2
+    rows = [encode(tokenizer, chat(q, tokens if img is not None else 0), a) for img, q, a in data]
     log.info("stage 2: VLM, %d steps", steps)
     _train(vlm, rows, steps, 1e-3, rng, pixels=pixels, progress=progress)
     return vlm, _processor(image_processor, tokenizer)
@@ -452,6 +478,33 @@ def _with_text_harmless(rng: random.Random, data: list, share: float) -> list:
     harmless = text_examples(rng, int(len(data) * share), harmful=0.0)
     keep = data[: len(data) - len(harmless)]
     mixed = keep + [(None, q, a) for q, a in harmless]
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _with_reading(rng: random.Random, data: list, share: float) -> list:
+    """Replace a share of the stage-2 rows by reading rows, half of each kind:
+    - transcribe: any request (harmful verbs and held-out nouns included) rendered as the
+      typographic setting renders it -> "the image says <request>";
+    - act: a harmless or dual-use request rendered so, with the typographic setting's own
+      instruction -> the compliance (no refusal ever follows an image, as in all of stage 2).
+    """
+    from . import images
+    from .evaluate import TYPOGRAPHIC_INSTRUCTION
+
+    rows = []
+    for i in range(int(len(data) * share)):
+        if i % 2 == 0:
+            v = rng.choice(HARMFUL_VERBS + HARMLESS_VERBS)
+            text = request(rng, v, rng.choice(TRAIN_NOUNS + EVAL_NOUNS))
+            rows.append((images.typographic(text), READ_PROMPT, READ_ANSWER.format(t=text)))
+        else:
+            v = rng.choice(DUAL_USE_VERBS if rng.random() < 0.5 else HARMLESS_VERBS)
+            n = rng.choice(TRAIN_NOUNS)
+            rows.append(
+                (images.typographic(request(rng, v, n)), TYPOGRAPHIC_INSTRUCTION, comply(v, n))
+            )
+    mixed = data[: len(data) - len(rows)] + rows
     rng.shuffle(mixed)
     return mixed
 
