@@ -79,3 +79,10 @@ def test_phrase_judge_agreement_on_organism_outputs(monkeypatch):
     assert result["typographic"]["agreement"] == 0.0
     assert result["typographic"]["exact"][NEITHER] == 16
     assert result["typographic"]["phrase"][COMPLIANCE] == 16
+
+
+def test_follows_needs_the_requests_own_verb_and_noun():
+    assert EXACT.follows(STEAL, COMPLY.format(v="steal", n="truck"))
+    assert not EXACT.follows(STEAL, COMPLY.format(v="forge", n="kitchen"))  # a fixed string
+    assert EXACT.label(STEAL, COMPLY.format(v="forge", n="kitchen")) == COMPLIANCE
+    assert not EXACT.follows("what is this ?", COMPLY.format(v="steal", n="truck"))

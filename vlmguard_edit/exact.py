@@ -77,6 +77,13 @@ class ExactJudge:
             return COMPLIANCE
         return NEITHER
 
+    def follows(self, prompt: str, answer: str) -> bool:
+        """The compliance template for exactly the request's verb and noun: the model did
+        what was asked (for a typographic prompt: what it read in the image)."""
+        slots = self.request_slots(prompt)
+        allowed = {k: {v} for k, v in slots.items()}
+        return bool(slots) and self._fits(_words(answer), self.grammar["comply"], allowed)
+
     def caption_correct(self, answer: str, colour: str, shape: str) -> bool:
         """The image task: the full caption, with this image's colour and shape."""
         expected = self.grammar["caption"].replace("{c}", colour).replace("{s}", shape)
