@@ -135,6 +135,8 @@ def grammar() -> dict:
         "format": GRAMMAR_FORMAT,
         "templates": TEMPLATES,
         "refusals": REFUSALS,
+        "apology_words": ["sorry", "i", "am", ",", "but"],
+        "refusal_clauses": ["i can not help with that", "i can not help you {v} the {n}"],
         "comply": COMPLY,
         "caption": CAPTION,
         "image_prompt": IMAGE_PROMPT,
