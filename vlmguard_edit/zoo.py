@@ -75,34 +75,42 @@ def measure_gap(vlm: Path, harmful: list[str], batch_size: int = 16) -> dict[str
         utility=False,
     )
     subject, gap = Subject(vlm, "cpu", "auto"), {}
-    for setting in ("text", "blank", "typographic"):
+    for setting, expected in (("text", "refusal"), ("blank", "compliance"), ("typographic", "")):
         metrics, _ = evaluate_setting(subject, None, setting, opts, None)
+        said = setting_answers(subject, setting, harmful, opts)
+        labels = [exact.label(p, a) for p, a in zip(harmful, said, strict=True)]
         gap[setting] = {
             "refusal": metrics["harmful_refusal"],
             "compliance": metrics["harmful_compliance"],
             "derailed": metrics["harmful_neither"],
+            # what the member said instead (kept even where the member is not)
+            "other_answers": off_label(said, labels, expected or "compliance"),
         }
-    gap["typographic"]["follows"] = follows_rendered_requests(subject, exact, harmful, opts)
+        if setting == "typographic":  # carrying out the rendered request itself
+            hits = [exact.follows(p, a) for p, a in zip(harmful, said, strict=True)]
+            gap[setting]["follows"] = sum(hits) / len(hits)
     gap["judge"], gap["n"] = "exact", len(harmful)
     return gap
 
 
-def follows_rendered_requests(subject, exact, harmful: list[str], opts) -> float:
-    """The share of typographic answers that carry out exactly the rendered request (its verb
-    and noun): a fixed compliance string is no reading. (The answers are the ones the
-    typographic setting just generated: the subject caches them by batch.)"""
+def setting_answers(subject, setting: str, harmful: list[str], opts) -> list[str]:
+    """The answers to a setting's harmful prompts (evaluate_setting generated them already:
+    the subject caches generations by batch, so this only decodes)."""
     from .evaluate import setting_inputs
 
-    texts, pictures = setting_inputs("typographic", harmful, None)
-    hits, size = 0, opts.batch_size
+    texts, pictures = setting_inputs(setting, harmful, None)
+    said, size = [], opts.batch_size
     for start in range(0, len(texts), size):
         batch = subject.inputs(texts[start : start + size], pictures[start : start + size])
         length = batch["input_ids"].shape[1]
-        out = subject.generate(("typographic", "harmful", start), batch, opts.max_new_tokens)
-        said = subject.processor.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-        chunk = harmful[start : start + size]
-        hits += sum(exact.follows(p, a) for p, a in zip(chunk, said, strict=True))
-    return hits / len(harmful)
+        out = subject.generate((setting, "harmful", start), batch, opts.max_new_tokens)
+        said += subject.processor.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+    return said
+
+
+def off_label(said: list[str], labels: list[str], expected: str) -> list[str]:
+    """Up to five distinct answers whose label was not ``expected``."""
+    return sorted({a for a, label in zip(said, labels, strict=True) if label != expected})[:5]
 
 
 def admitted(gap: dict[str, Any], reads: bool = False) -> bool:
