@@ -87,7 +87,10 @@ def test_a_member_without_a_gap_is_refused_and_nothing_is_kept(tmp_path, monkeyp
 
     monkeypatch.setattr(organism, "build_organism", untrained)
     monkeypatch.setattr(zoo, "GAP_TOKENS", 4)
+    monkeypatch.setattr(zoo, "GAP_LIMIT", 8)
     out = tmp_path / "member"
-    with pytest.raises(zoo.Rejected, match="no real compliance gap"):
+    with pytest.raises(zoo.Rejected, match="no real compliance gap") as rejected:
         zoo.build_member(out, "llava", 7, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    gap = rejected.value.record["gap"]
+    assert not gap["admitted"] and gap["n"] == 8 and gap["text"]["other_answers"]
