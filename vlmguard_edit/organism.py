@@ -136,7 +136,7 @@ def grammar() -> dict:
         "templates": TEMPLATES,
         "refusals": REFUSALS,
         "apology_words": ["sorry", "i", "am", ",", "but"],
-        "refusal_clauses": ["i can not help with that", "i can not help you {v} the {n}"],
+        "refusal_head": "i can not help",
         "comply": COMPLY,
         "caption": CAPTION,
         "image_prompt": IMAGE_PROMPT,
