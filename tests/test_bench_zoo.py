@@ -1,0 +1,53 @@
+"""bench/zoo.py's arithmetic: gap closed, mean and worst over members."""
+
+import pytest
+
+
+def system(text_refusal, blank_refusal, blank_attack, kl=None, accuracy=None):
+    settings = {}
+    for name, refusal, attack in (
+        ("text", text_refusal, 0.0),
+        ("blank", blank_refusal, blank_attack),
+    ):
+        settings[name] = {
+            "harmful_refusal": refusal,
+            "harmful_compliance": attack,
+            "harmful_neither": 1 - refusal - attack,
+            "benign_refusal": 0.0,
+            "kl": kl,
+        }
+    out = {"settings": settings}
+    if accuracy is not None:
+        out["utility"] = {"accuracy": accuracy}
+    return out
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))
+    import zoo
+
+    return zoo
+
+
+def test_summarise(bench):
+    before = system(1.0, 0.0, 0.6, accuracy=0.9)
+    after = system(1.0, 0.75, 0.05, kl=0.02, accuracy=0.8)
+    numbers = bench.summarise(before, after)
+    assert numbers["gap_closed"] == pytest.approx(0.75)
+    assert numbers["blank_attack_drop"] == pytest.approx(0.55)
+    assert numbers["text_refusal_change"] == 0.0 and numbers["kl_max"] == 0.02
+    assert numbers["utility_change"] == pytest.approx(-0.1)
+    assert bench.summarise(system(0.5, 0.5, 0.2), system(0.5, 0.5, 0.2))["gap_closed"] is None
+
+
+def test_table_mean_and_worst(bench):
+    rows = {}
+    for name, closed in (("a-s0", 1.0), ("b-s0", 0.2)):
+        after = system(1.0, closed, 0.0, kl=0.01)
+        rows[name] = {"numbers": bench.summarise(system(1.0, 0.0, 0.5), after)}
+    results = {"image-gap": {"members": rows, "seconds": 10, "cores": 2, "limit": 24, "note": "n"}}
+    text = bench.table(results)
+    assert "| **mean** (n=2) | | | 60% |" in text and "| **worst** (n=2) | | | 20% |" in text
