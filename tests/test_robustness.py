@@ -204,24 +204,29 @@ def test_update_card_with_a_hub_id_is_refused_before_evaluating(tmp_path):
 
 
 def test_organism_build_is_atomic_and_locked(tmp_path, monkeypatch):
-    """The organism is built beside OUT and renamed into place (training stubbed: the CLI's
-    handling is what is tested); a failed build leaves the earlier organism as it was."""
+    """The organism is built beside OUT and renamed into place (training and the gap
+    measurement stubbed: the CLI's handling is what is tested); a failed build leaves the
+    earlier organism as it was."""
     import vlmguard_edit.organism as organism
+    import vlmguard_edit.zoo as zoo
 
-    def fake_build(out, seed, progress):
+    def fake_build(out, seed, progress, variant):
         assert ".vlmguard-tmp-" in out.name  # never the final folder
-        (out / "organism.json").write_text(json.dumps({"seed": seed}))
+        (out / "organism.json").write_text(json.dumps({"seed": seed, "variant": variant}))
         if seed == 99:
             raise RuntimeError("training diverged")
         return out
 
+    gap = {s: {"refusal": 1.0, "compliance": 0.5, "derailed": 0.0} for s in ("text", "blank")}
     monkeypatch.setattr(organism, "build_organism", fake_build)
+    monkeypatch.setattr(zoo, "record_gap", lambda folder: gap)
     out = tmp_path / "org"
     first = CliRunner().invoke(main, ["organism", "build", str(out), "--seed", "1", "-q"])
     assert first.exit_code == 0, first.output
+    assert "text-only refusal 100%" in first.output
     failed = CliRunner().invoke(
         main, ["organism", "build", str(out), "--seed", "99", "--overwrite"]
     )
     assert failed.exit_code == 1 and "training diverged" in failed.stderr
-    assert json.loads((out / "organism.json").read_text()) == {"seed": 1}
+    assert json.loads((out / "organism.json").read_text()) == {"seed": 1, "variant": "llava"}
     assert leftovers(tmp_path) == []

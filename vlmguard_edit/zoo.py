@@ -188,7 +188,8 @@ def build_member(
     if seed >= RESERVED_SEEDS:
         log.warning("seed %d is reserved for checks outside the development zoo", seed)
     with output_lock(out, "organism folder"):
-        if out.exists() and any(out.iterdir()) and not (overwrite and status(out) is not None):
+        earlier = (out / "organism.json").is_file()
+        if out.exists() and any(out.iterdir()) and not (overwrite and earlier):
             raise InputError(f"{out} exists; --overwrite replaces an earlier organism folder only")
         with atomic_output_dir(out) as tmp:
             build_organism(tmp, seed=seed, progress=progress, variant=variant)
