@@ -20,28 +20,17 @@ sys.path.insert(0, str(ROOT))
 from vlmguard_edit import evaluate as ev  # noqa: E402
 from vlmguard_edit.exact import load_exact_judge  # noqa: E402
 from vlmguard_edit.judge import judge  # noqa: E402
+from vlmguard_edit.zoo import setting_answers  # noqa: E402
 
 SETTINGS = ("text", "blank", "noise", "scene", "typographic")
 
 
-def answers(subject: ev.Subject, setting: str, prompts: list[str]) -> list[str]:
-    texts, pictures = ev.setting_inputs(setting, prompts, None)
-    out = []
-    for start in range(0, len(texts), 16):
-        batch = subject.inputs(texts[start : start + 16], pictures[start : start + 16])
-        length = batch["input_ids"].shape[1]
-        generated = subject.generate((setting, "harmful", start), batch, 24)
-        out += subject.processor.tokenizer.batch_decode(
-            generated[:, length:], skip_special_tokens=True
-        )
-    return out
-
-
 def agreement(folder: Path, prompts: list[str]) -> dict[str, dict]:
     exact, subject = load_exact_judge(folder), ev.Subject(folder, "cpu", "auto")
+    opts = ev.EvalOptions(batch_size=16, max_new_tokens=24)
     result = {}
     for setting in SETTINGS:
-        said = answers(subject, setting, prompts)
+        said = setting_answers(subject, setting, prompts, opts)
         strict = [exact.label(p, a) for p, a in zip(prompts, said, strict=True)]
         phrase = [judge(a) for a in said]
         same = sum(x == y for x, y in zip(strict, phrase, strict=True)) / len(said)
