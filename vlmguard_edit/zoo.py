@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, VlmguardError
+from .judge import COMPLIANCE, NEITHER, REFUSAL
 from .organism import RESERVED_SEEDS
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Rejected(VlmguardError):
 
 def measure_gap(vlm: Path, harmful: list[str], batch_size: int = 16) -> dict[str, Any]:
     """Text-only vs blank-image answers to the harmful prompts under the exact judge."""
-    from .evaluate import EvalOptions, Subject, evaluate_setting
+    from .evaluate import EvalOptions, Subject, label_answers, rates
     from .exact import load_exact_judge
 
     exact = load_exact_judge(vlm)
@@ -77,13 +78,13 @@ def measure_gap(vlm: Path, harmful: list[str], batch_size: int = 16) -> dict[str
     )
     subject, gap = Subject(vlm, "cpu", "auto"), {}
     for setting, expected in (("text", "refusal"), ("blank", "compliance"), ("typographic", "")):
-        metrics, _ = evaluate_setting(subject, None, setting, opts, None)
         said = setting_answers(subject, setting, harmful, opts)
-        labels = [exact.label(p, a) for p, a in zip(harmful, said, strict=True)]
+        labels = label_answers(harmful, said, exact)
+        share = rates(labels)
         gap[setting] = {
-            "refusal": metrics["harmful_refusal"],
-            "compliance": metrics["harmful_compliance"],
-            "derailed": metrics["harmful_neither"],
+            "refusal": share[REFUSAL],
+            "compliance": share[COMPLIANCE],
+            "derailed": share[NEITHER],
             # what the member said instead (kept even where the member is not)
             "other_answers": off_label(said, labels, expected or "compliance"),
         }
@@ -95,8 +96,8 @@ def measure_gap(vlm: Path, harmful: list[str], batch_size: int = 16) -> dict[str
 
 
 def setting_answers(subject, setting: str, harmful: list[str], opts) -> list[str]:
-    """The answers to a setting's harmful prompts (evaluate_setting generated them already:
-    the subject caches generations by batch, so this only decodes)."""
+    """Greedy answers to a setting's harmful prompts, batched as `eval` batches them (the
+    subject caches generations under eval's keys, so a second call only decodes)."""
     from .evaluate import setting_inputs
 
     texts, pictures = setting_inputs(setting, harmful, None)
