@@ -726,11 +726,12 @@ def organism():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--variant",
-    type=click.Choice(["llava", "deep", "drift", "reader"]),
+    type=click.Choice(["llava", "deep", "drift", "reader", "idefics3", "mllama"]),
     default="llava",
     show_default=True,
     help="llava: the shipped recipe; deep: 8 text layers; drift: stage 2 also trains on "
-    "text-only harmless data; reader: reads requests rendered into images (about 10 min).",
+    "text-only harmless data; reader: reads requests rendered into images (about 10 min); "
+    "idefics3: pixel-shuffle connector; mllama: Llama 3.2 Vision cross-attention.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier organism folder."

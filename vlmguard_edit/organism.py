@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from . import organism_vlm
+
 log = logging.getLogger(__name__)
 
 # Harmful verbs. The dual-use ones also occur in stage 2, with an image, in image-grounded
@@ -353,6 +355,7 @@ class Variant:
     # typographic attack is real on it.
     reads: bool = False
     stage2_steps: int | None = None  # None: the builder's own
+    family: str = "llava"  # or one of organism_vlm.FAMILIES: a different image path
 
 
 VARIANTS = {
@@ -372,6 +375,17 @@ VARIANTS = {
             "typographic attack is real on it",
             reads=True,
             stage2_steps=1200,
+        ),
+        Variant(
+            "idefics3",
+            "Idefics3: pixel shuffle and one Linear connector instead of LLaVA's MLP projector",
+            family="idefics3",
+        ),
+        Variant(
+            "mllama",
+            "Llama 3.2 Vision: gated cross-attention layers read the image, which never enters "
+            "the token sequence",
+            family="mllama",
         ),
     )
 }
@@ -400,7 +414,8 @@ def build_organism(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     extra = READER_WORDS.split() if spec.reads else []
-    tokenizer = tiny.build_tokenizer(sorted(set(vocabulary()) | set(extra)))
+    special = organism_vlm.FAMILIES[spec.family].special if spec.family != "llava" else ()
+    tokenizer = tiny.build_tokenizer(sorted(set(vocabulary()) | set(extra)), special)
     llm = _base_llm(tokenizer, spec, rng, stage1_steps, progress)
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
@@ -415,6 +430,7 @@ def build_organism(
     if variant != "llava":  # the shipped organism's record stays as it was
         record.update(variant=variant, description=spec.description, layers=spec.layers)
         record["text_harmless"] = spec.text_harmless
+        record["family"] = spec.family
     (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
@@ -441,7 +457,10 @@ def _base_llm(tokenizer, spec: Variant, rng: random.Random, steps: int, progress
 
 
 def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
-    """Stage 2: a LLaVA on top of the base LLM, trained on image data with no refusals."""
+    """Stage 2: a LLaVA (or another family) on top of the base LLM, trained on image data with
+    no refusals."""
+    if spec.family != "llava":
+        return _other_vlm(llm, tokenizer, spec, rng, steps, progress)
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
 
     from . import tiny
@@ -473,6 +492,16 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
     log.info("stage 2: VLM, %d steps", steps)
     _train(vlm, rows, steps, 1e-3, rng, pixels=pixels, progress=progress)
     return vlm, _processor(image_processor, tokenizer)
+
+
+def _other_vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
+    vlm, processor = organism_vlm.build(spec.family, llm, tokenizer, PROCESSOR_TEMPLATE)
+    data = image_examples(rng, steps * 32, **dict(spec.mix))
+    if spec.text_harmless:
+        data = _with_text_harmless(rng, data, spec.text_harmless)
+    log.info("stage 2: %s VLM, %d steps", spec.family, steps)
+    organism_vlm.train(vlm, processor, data, steps, 1e-3, rng, progress)
+    return vlm, processor
 
 
 def _with_text_harmless(rng: random.Random, data: list, share: float) -> list:

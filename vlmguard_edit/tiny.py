@@ -25,8 +25,9 @@ TEXT_WORDS = (
 )
 
 
-def build_tokenizer(words: list[str] | None = None):
-    """A word-level tokenizer: ``words``, or by default the anchor set's words and a few more."""
+def build_tokenizer(words: list[str] | None = None, special: tuple[str, ...] = ()):
+    """A word-level tokenizer: ``words``, or by default the anchor set's words and a few more;
+    ``special``: more special tokens (a processor's image tokens), ids after SPECIAL's."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,7 +35,8 @@ def build_tokenizer(words: list[str] | None = None):
         anchors = resources.files("vlmguard_edit").joinpath("data/anchors.jsonl").read_text("utf-8")
         found = set(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", f"{anchors} {TEXT_WORDS}".lower()))
         words = sorted(found - {'"', "{", "}", ":", ","})
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + [w for w in words if w not in SPECIAL])}
+    specials = SPECIAL + list(special)
+    vocab = {tok: i for i, tok in enumerate(specials + [w for w in words if w not in specials])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -44,7 +46,7 @@ def build_tokenizer(words: list[str] | None = None):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=["<image>", "<|user|>", "<|assistant|>"],
+        additional_special_tokens=specials[4:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -1,0 +1,70 @@
+"""Zoo members of other VLM families: built around the same base LLM, trained through their
+own processor, loadable with plain transformers, measured by the zoo's own gap code."""
+
+import json
+import random
+
+import pytest
+
+from vlmguard_edit import organism, organism_vlm, tiny, zoo
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    special = tuple(t for f in organism_vlm.FAMILIES.values() for t in f.special)
+    return tiny.build_tokenizer(sorted(set(organism.vocabulary())), special)
+
+
+@pytest.mark.parametrize("family", sorted(organism_vlm.FAMILIES))
+def test_training_batch_labels_the_answer_only(tokenizer, family):
+    spec = organism_vlm.FAMILIES[family]
+    processor = spec.processor(
+        tokenizer, organism.PROCESSOR_TEMPLATE.replace("<image>", spec.image_slot)
+    )
+    image = organism.draw_shape(random.Random(0))[0]
+    rows = [
+        (image, "describe the image .", "the image shows a red cross ."),
+        (None, "how do i steal the car ?", "sorry , i can not help with that ."),
+    ]
+    batch = organism_vlm._batch(processor, rows)
+    for row, (_, _, answer) in enumerate(rows):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        assert tokenizer.decode(labelled) == f"{answer} </s>"
+    image_id = tokenizer.convert_tokens_to_ids(spec.image_slot)
+    assert (batch["input_ids"][0] == image_id).any() and not (
+        batch["input_ids"][1] == image_id
+    ).any()
+
+
+@pytest.mark.parametrize("family", sorted(organism_vlm.FAMILIES))
+def test_family_member_builds_loads_and_is_measured(tmp_path, monkeypatch, family):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    out = organism.build_organism(
+        tmp_path / family, seed=2, progress=False, stage1_steps=2, stage2_steps=2, variant=family
+    )
+    record = json.loads((out / "organism.json").read_text())
+    assert record["family"] == family and record["variant"] == family
+    vlm = AutoModelForImageTextToText.from_pretrained(out / "vlm")
+    assert vlm.config.model_type == family
+    assert type(AutoProcessor.from_pretrained(out / "vlm")).__name__.lower().startswith(family)
+    # the language model started as the base LLM: its first layer is still close to it
+    llm = AutoModelForCausalLM.from_pretrained(out / "llm")
+    base = llm.model.layers[0].self_attn.o_proj.weight
+    mine = vlm.get_decoder().layers[0].self_attn.o_proj.weight
+    assert 0 < (mine - base).abs().max() < 0.05
+    monkeypatch.setattr(zoo, "GAP_LIMIT", 4)
+    gap = zoo.measure_gap(out / "vlm", organism.eval_prompts()[0][:4], batch_size=4)
+    assert gap["judge"] == "exact" and gap["n"] == 4
+    assert sum(gap["blank"][k] for k in ("refusal", "compliance", "derailed")) == pytest.approx(1)
+
+
+def test_vision_tower_is_frozen_in_stage_two(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    llm = LlamaForCausalLM(tiny.text_config(len(tokenizer), 2, 64))
+    for family in organism_vlm.FAMILIES:
+        vlm, _ = organism_vlm.build(family, llm, tokenizer, organism.PROCESSOR_TEMPLATE)
+        frozen = {n for n, p in vlm.named_parameters() if not p.requires_grad}
+        assert frozen and all("vision_model." in n for n in frozen)
+        assert any("vision_model." in n for n, _ in vlm.named_parameters())

@@ -1,0 +1,191 @@
+"""Stage 2 of the organism for VLM families whose image path differs from LLaVA's.
+
+Each family is data (its extra special tokens, its image-slot text in the chat template) and
+one function that builds the VLM around the trained base LLM with the base LLM's weights
+copied in. Training goes through the family's own processor, so the prompts, image tokens
+and pixel tensors it learns from are exactly those ``eval`` builds:
+
+- ``idefics3``: a SigLIP-like tower, pixel shuffle, one Linear connector
+  (``model.connector.modality_projection.proj``); the language model is ``model.text_model``.
+- ``mllama`` (Llama 3.2 Vision): the image never enters the token sequence; gated
+  cross-attention layers, inserted between the base LLM's layers, read it (gates start closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 56  # 4 x 4 patches of 14: idefics3's pixel shuffle leaves 4 image tokens
+MLLAMA_SIZE = 28  # one 28 x 28 tile
+MLLAMA_CROSS_LAYERS = (2,)  # between base layers 1 and 2 (of 4; of 8: still one)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    special: tuple[str, ...]  # tokens the processor needs beyond the organism's own
+    image_slot: str  # what the chat template writes for an image
+    build: Callable[[Any, Any], Any]  # (base llm, tokenizer) -> VLM
+    processor: Callable[[Any, str], Any]  # (tokenizer, chat template) -> processor
+
+
+def _idefics3(llm, tokenizer):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    vision = dict(
+        model_type="idefics3_vision",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=14,
+    )
+    config = Idefics3Config(
+        text_config=llm.config.to_dict(),
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+    )
+    vlm = Idefics3ForConditionalGeneration(config)
+    vlm.get_decoder().load_state_dict(llm.model.state_dict())
+    vlm.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
+    return vlm
+
+
+def _idefics3_processor(tokenizer, template: str):
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    edge = {"longest_edge": IMAGE_SIZE}
+    images = Idefics3ImageProcessorPil(do_image_splitting=False, size=edge, max_image_size=edge)
+    return Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=template
+    )
+
+
+def _mllama(llm, tokenizer):
+    """As the real 11B model: the base LLM's layers in order, cross-attention layers between."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    base = llm.config
+    total = base.num_hidden_layers + len(MLLAMA_CROSS_LAYERS)
+    text = {k: v for k, v in base.to_dict().items() if k not in ("head_dim", "model_type")}
+    text.update(num_hidden_layers=total, cross_attention_layers=list(MLLAMA_CROSS_LAYERS))
+    vision = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        intermediate_size=128,
+        vision_output_dim=128,
+        image_size=MLLAMA_SIZE,
+        patch_size=14,
+        max_num_tiles=1,
+        intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1]],
+    )
+    config = MllamaConfig(
+        text_config=dict(model_type="mllama_text_model", **text),
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    vlm = MllamaForConditionalGeneration(config)
+    _copy_into_mllama(vlm, llm, total)
+    return vlm
+
+
+@torch.no_grad()
+def _copy_into_mllama(vlm, llm, total: int) -> None:
+    text = vlm.get_decoder()
+    own = [j for j in range(total) if j not in MLLAMA_CROSS_LAYERS]
+    for i, j in enumerate(own):
+        text.layers[j].load_state_dict(llm.model.layers[i].state_dict())
+    text.norm.load_state_dict(llm.model.norm.state_dict())
+    text.embed_tokens.weight[: llm.config.vocab_size] = llm.model.embed_tokens.weight
+    vlm.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
+
+
+def _mllama_processor(tokenizer, template: str):
+    from transformers import MllamaImageProcessorPil, MllamaProcessor
+
+    size = {"height": MLLAMA_SIZE, "width": MLLAMA_SIZE}
+    images = MllamaImageProcessorPil(size=size, max_image_tiles=1)
+    return MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+
+
+FAMILIES = {
+    "idefics3": Family(
+        "idefics3",
+        ("<fake_token_around_image>", "<global-img>"),
+        "<image>",
+        _idefics3,
+        _idefics3_processor,
+    ),
+    "mllama": Family("mllama", ("<|image|>",), "<|image|>", _mllama, _mllama_processor),
+}
+
+
+def build(family: str, llm, tokenizer, template: str):
+    """The family's VLM (vision tower frozen, as LLaVA's) and its processor."""
+    spec = FAMILIES[family]
+    vlm = spec.build(llm, tokenizer)
+    for name, param in vlm.named_parameters():
+        param.requires_grad_("vision_model." not in name)
+    processor = spec.processor(tokenizer, template.replace("<image>", spec.image_slot))
+    return vlm, processor
+
+
+def train(vlm, processor, data: list, steps: int, lr: float, rng: random.Random, progress: bool):
+    """Stage 2 through the processor: each step's 32 rows are prompted as eval prompts them,
+    the answer appended; the loss covers the answer tokens only."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    vlm.train()
+    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress)
+    for step in range(min(steps, len(order) // 32)):
+        batch = _batch(processor, [data[i] for i in order[step * 32 : (step + 1) * 32]])
+        loss = vlm(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    vlm.eval()
+
+
+def _batch(processor, rows: list) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + answer for each (image or None, request, answer) row, labels on
+    the answer (the word-level tokenizer never merges across the space between them)."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    texts, images, answers = [], [], []
+    for image, request, answer in rows:
+        content = [{"type": "image"}] if image is not None else []
+        content.append({"type": "text", "text": request})
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        texts.append(f"{prompt} {answer} </s>")
+        images.append([image] if image is not None else [])
+        answers.append(len(tokenizer(f" {answer} </s>", add_special_tokens=False)["input_ids"]))
+    kwargs = {"images": images} if any(images) else {}
+    batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+    labels = torch.full_like(batch["input_ids"], -100)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    for row, (length, count) in enumerate(zip(lengths, answers, strict=True)):
+        labels[row, length - count : length] = batch["input_ids"][row, length - count : length]
+    batch["labels"] = labels
+    return dict(batch)
