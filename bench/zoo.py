@@ -69,11 +69,16 @@ PIPELINES = {
 }
 
 
+class Refused(Exception):
+    """A pipeline step that ended with an error: the member's row says so, in one line."""
+
+
 def run(args: list[str], member: Path, work: Path) -> list[str]:
     filled = [a.format(m=member, w=work) for a in args]
     done = subprocess.run([EXE, "-q", *filled], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(filled)} failed:\n{done.stderr}")
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise Refused(f"vlmguard-edit {filled[0]}: {last}")
     return filled
 
 
@@ -112,6 +117,13 @@ def member_numbers(member: Path, pipeline: str, limit: int) -> dict:
         "judge": report["judge"],
         "commands": [" ".join(["vlmguard-edit", *c]) for c in commands],
     }
+
+
+def member_row(member: Path, pipeline: str, limit: int) -> dict:
+    try:
+        return member_numbers(member, pipeline, limit)
+    except Refused as refused:
+        return {"refused": str(refused)}
 
 
 def summarise(before: dict, after: dict) -> dict:
@@ -175,6 +187,9 @@ def table(results: dict) -> str:
             "|" + "---|" * len(header),
         ]
         for name, row in rows.items():
+            if "refused" in row:
+                lines.append(f"| {name} | {row['refused']} |" + " |" * (len(header) - 2))
+                continue
             n = row["numbers"]
             blank = (
                 f"{n['original_refusal']['blank']:.0%} -> {n['refusal']['blank']:.0%}",
@@ -187,10 +202,15 @@ def table(results: dict) -> str:
         for label, pick in (("mean", None), ("worst", True)):
             cells = []
             for _, key, worst, fmt in COLUMNS:
-                values = [r["numbers"][key] for r in rows.values() if r["numbers"][key] is not None]
+                values = [
+                    r["numbers"][key]
+                    for r in rows.values()
+                    if "numbers" in r and r["numbers"][key] is not None
+                ]
                 value = (worst(values) if pick else sum(values) / len(values)) if values else None
                 cells.append(cell(value, fmt))
-            lines.append(f"| **{label}** (n={len(rows)}) | | | " + " | ".join(cells) + " |")
+            measured = sum("numbers" in r for r in rows.values())
+            lines.append(f"| **{label}** (n={measured}) | | | " + " | ".join(cells) + " |")
         lines += [
             "",
             f"CPU time: {data['seconds']:.0f} s for {len(rows)} members on "
@@ -208,6 +228,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=96, help="prompts per eval set")
     parser.add_argument("--out", default=str(ROOT / "docs" / "zoo.json"))
     parser.add_argument("--table", action="store_true", help="only regenerate docs/zoo.md")
+    parser.add_argument(
+        "--members", help="comma-separated member names: rerun only these, keep the other rows"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -216,22 +239,32 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from vlmguard_edit.zoo import members
 
+        chosen = set(args.members.split(",")) if args.members else None
         for pipeline in args.pipeline or sorted(PIPELINES):
-            start, rows = time.time(), {}
+            start = time.time()
+            kept = results.get(pipeline, {}).get("members", {}) if chosen else {}
+            rows = {}
             for member in members(Path(args.zoo)):
                 if int(member.name.rsplit("-s", 1)[1]) >= 100:
                     raise SystemExit("seeds >= 100 are reserved: never report on them")
-                rows[member.name] = member_numbers(member, pipeline, args.limit)
-                print(f"{pipeline} {member.name}: {rows[member.name]['numbers']['gap_closed']}")
+                if chosen is not None and member.name not in chosen:
+                    if member.name in kept:
+                        rows[member.name] = kept[member.name]
+                    continue
+                rows[member.name] = member_row(member, pipeline, args.limit)
+                print(f"{pipeline} {member.name}: {rows[member.name]}"[:200])
             note = {
                 "image-gap": "The shipped default: `recipes/organism.yaml` (image-gap, "
                 "layers 0-1) with each member's own anchors.",
                 "runtime": "Reference: the paper's runtime gated steer on the original "
                 "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
             }[pipeline]
+            seconds = round(time.time() - start, 1)
+            if chosen:  # the pipeline's time: every member's own, old rows included
+                seconds = sum(r.get("seconds", 0) for r in rows.values())
             results[pipeline] = {
                 "members": rows,
-                "seconds": round(time.time() - start, 1),
+                "seconds": seconds,
                 "cores": len(os.sched_getaffinity(0)),
                 "limit": args.limit,
                 "note": note,

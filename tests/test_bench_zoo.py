@@ -51,3 +51,15 @@ def test_table_mean_and_worst(bench):
     results = {"image-gap": {"members": rows, "seconds": 10, "cores": 2, "limit": 24, "note": "n"}}
     text = bench.table(results)
     assert "| **mean** (n=2) | | | 60% |" in text and "| **worst** (n=2) | | | 20% |" in text
+
+
+def test_a_refused_member_is_a_row_not_a_number(bench):
+    after = system(1.0, 1.0, 0.0, kl=0.01)
+    rows = {
+        "a-s0": {"numbers": bench.summarise(system(1.0, 0.0, 0.5), after)},
+        "m-s0": {"refused": "vlmguard-edit convert: error: no o_proj"},
+    }
+    results = {"image-gap": {"members": rows, "seconds": 10, "cores": 2, "limit": 24, "note": "n"}}
+    text = bench.table(results)
+    assert "| m-s0 | vlmguard-edit convert: error: no o_proj |" in text
+    assert "| **mean** (n=1) | | | 100% |" in text  # the refused member is not averaged in

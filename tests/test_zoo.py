@@ -52,10 +52,11 @@ def test_plan_is_cached_resumable_and_stops_at_the_zoo_size(tmp_path):
     todo = [m.name for m in zoo.plan(tmp_path)]
     assert todo[0] == candidates[6].name and "llava-s1" not in todo  # not retried
     assert todo[: len(zoo.CORE) - 6] == [m.name for m in zoo.CORE[6:]]  # every core one
-    for member in zoo.CORE[6:]:
-        fake_member(tmp_path, member, admitted=member.variant != "reader")
-    assert len(zoo.members(tmp_path)) == len(zoo.CORE) - 2  # llava-s1, reader-s0 rejected
-    todo = [m.name for m in zoo.plan(tmp_path)]  # one spare short of SIZE
+    rejected = len(zoo.CORE) - zoo.SIZE  # with llava-s1: one spare short of SIZE
+    for i, member in enumerate(zoo.CORE[6:]):
+        fake_member(tmp_path, member, admitted=i >= rejected)
+    assert len(zoo.members(tmp_path)) == zoo.SIZE - 1
+    todo = [m.name for m in zoo.plan(tmp_path)]
     assert todo[0] == zoo.SPARES[0].name
     fake_member(tmp_path, zoo.SPARES[0], admitted=True)
     assert len(zoo.members(tmp_path)) == zoo.SIZE and list(zoo.plan(tmp_path)) == []

@@ -40,14 +40,18 @@ class Member:
 
 
 # Every core candidate is built: seeds 0-4 of the shipped recipe, the deeper and the drifted
-# language models, the reader. Spares follow, in order, while fewer than SIZE are admitted.
+# language models, the reader, two other image paths (idefics3's connector, mllama's
+# cross-attention). Spares follow, in order, while fewer than SIZE are admitted.
 CORE = (
     *(Member("llava", s) for s in range(5)),
     *(Member("deep", s) for s in range(2)),
     *(Member("drift", s) for s in range(3)),
     Member("reader", 0),
+    *(Member(v, s) for v in ("idefics3", "mllama") for s in range(2)),
 )
-SPARES = tuple(Member(v, s) for s in range(5, 10) for v in ("llava", "deep", "drift"))
+SPARES = tuple(
+    Member(v, s) for s in range(5, 10) for v in ("llava", "deep", "drift", "idefics3", "mllama")
+)
 CANDIDATES = CORE + SPARES
 
 
