@@ -211,11 +211,22 @@ def direction_options(func):
 )
 @click.option(
     "--mode",
-    type=click.Choice(["writers", "projector-shift", "image-gap"]),
+    type=click.Choice(["writers", "projector-shift", "image-gap", "image-path"]),
     help="writers: fold (I + beta V^T V) into o_proj/down_proj. projector-shift: add gamma * u "
     "to the projector's output bias (image tokens only). image-gap: project the image-gap "
     "direction (measured on SOURCE with and without an image) out of attention o_proj. "
+    "image-path: learn a change of the image-to-language Linear so that SOURCE answers the "
+    "harmful anchors with an image as it does text only (text-only outputs unchanged). "
     "Default: writers.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), help="image-path: passes (default 40).")
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="image-path: Adam learning rate (default 1e-3).",
+)
+@click.option(
+    "--images", help="image-path: training images, from blank,noise,scene (default all three)."
 )
 @click.option("--gamma", type=float, help="projector-shift strength (default 1).")
 @click.option(
@@ -242,6 +253,9 @@ def convert(
     mode,
     gamma,
     shift_direction,
+    epochs,
+    learning_rate,
+    images,
     revision,
     dry_run,
     overwrite,
@@ -264,10 +278,20 @@ def convert(
         check_repo_id(push_to_hub) if dry_run else preflight(push_to_hub)
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
+    kinds = _image_kinds(images)
     recipe = _build_recipe(
-        kw, base_llm, beta=beta, mode=mode, gamma=gamma, shift_direction=shift_direction
+        kw,
+        base_llm,
+        beta=beta,
+        mode=mode,
+        gamma=gamma,
+        shift_direction=shift_direction,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        images=kinds,
     )
     options = (("beta", beta), ("gamma", gamma), ("shift_direction", shift_direction))
+    options += (("epochs", epochs), ("learning_rate", learning_rate), ("images", kinds))
     problems = mode_problems(recipe, {name for name, value in options if value is not None})
     if problems:
         raise click.UsageError("; ".join(problems))
@@ -829,9 +853,24 @@ def _build_recipe(kw: dict, base_llm: str | None, **extra):
     )
 
 
+def _image_kinds(images: str | None) -> list[str] | None:
+    from vlmguard_edit.recipes import IMAGE_KINDS
+
+    if images is None:
+        return None
+    kinds = [k.strip() for k in images.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in IMAGE_KINDS]
+    if bad or not kinds:
+        raise click.BadParameter(f"use some of {','.join(IMAGE_KINDS)}", param_hint="--images")
+    return kinds
+
+
 def _span(layers: list[int]) -> str:
-    """'layer 3', 'layers 16-31' or 'layers 2,5'."""
+    """'layer 3', 'layers 16-31' or 'layers 2,5' ('the image path' for none)."""
     from vlmguard_edit.layout import span
+
+    if not layers:
+        return "the image path"
 
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {span(layers)}"
 

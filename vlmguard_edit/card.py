@@ -52,7 +52,9 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
         f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
     )
-    if recipe.get("mode") == "image-gap":
+    if recipe.get("mode") == "image-path":
+        what, how = _learned_text(record)
+    elif recipe.get("mode") == "image-gap":
         what = (
             f"Only the attention output projections (`o_proj`) of layers {span(layers)} of the "
             "language model changed."
@@ -92,6 +94,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
             f"    {record['map']}\n\n"
             "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
         )
+    held = "learned deltas" if recipe.get("mode") == "image-path" else "directions"
     body = f"""
 # {Path(str(source_id)).name}, guarded with vlmguard-edit
 
@@ -103,7 +106,7 @@ the source.
 ## What was done
 {how}
 {len(record["edits"])} tensor(s) changed. `vlmguard.json` lists each with its BLAKE3 hash before
-and after, and `vlmguard_direction.safetensors` holds the directions with their provenance.
+and after, and `{direction["file"]}` holds the {held} with their provenance.
 
 ## Reproduce
 From the folder that holds this one (local paths are relative to it):
@@ -125,6 +128,34 @@ for how the defaults were chosen. The license of the source model applies.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     replace_file(out / CARD, str(card))
+
+
+def _learned_text(record: dict[str, Any]) -> tuple[str, str]:
+    recipe, direction = record["recipe"], record["direction"]
+    module = record["edits"][0]["module"]
+    what = (
+        f"Only the image-to-language Linear `{module}` changed, so the edit acts only when an "
+        "image is in the prompt: text-only behaviour is exactly the original's."
+    )
+    report = direction.get("calibration") or {}
+    before, after = report.get("before") or {}, report.get("after") or {}
+    how = (
+        f"A change dW, db of `{module}` was learned ({recipe['epochs']} epochs, Adam "
+        f"{recipe['learning_rate']:g}) so that, with an image ({', '.join(recipe['images'])}), "
+        f"the model answers {direction['num_anchor_pairs']} harmful anchor prompts as it does "
+        "text only (its own text-only answers are the teacher: the language model supervises "
+        "the VLM), while harmless prompts and image descriptions keep the original's "
+        "with-image answers. The weights became\n\n"
+        f"    {record['map']}\n"
+    )
+    if after:
+        how += (
+            "\nOn held-out anchors (teacher-forced): first answer token agreeing with the "
+            f"text-only answer {before.get('harmful_first_token_agreement', 0):.0%} -> "
+            f"{after['harmful_first_token_agreement']:.0%}; KL to the original on harmless "
+            f"and description prompts {after['preservation_kl']:.3f}.\n"
+        )
+    return what, how
 
 
 def load_record(folder: Path) -> dict[str, Any]:

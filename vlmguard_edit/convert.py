@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
 log = logging.getLogger(__name__)
 
 DIRECTION_NAME = "vlmguard_direction.safetensors"
+EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
+LEARNED_KIND = "image-path"
 DRIFT_WARNING = 0.5  # median ||W_vlm - W_base|| / ||W_base|| above which convert warns
 
 
@@ -121,34 +123,102 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         recipe.shift_direction,
     )
     if opts.dry_run:
-        _direction(opts, source, checkpoint, layout, layers)  # checks the request
+        if recipe.mode != LEARNED_KIND:  # a learned edit has no request to check beyond the plan
+            _direction(opts, source, checkpoint, layout, layers)  # checks the request
         return ConvertResult(plan, None, None)
     with (
         atomic_output_dir(opts.output) as tmp,
         GuardedWriter(checkpoint, plan, tmp, opts.progress) as writer,
     ):
         # Worker threads copy the untouched bytes in the kernel while torch is imported and
-        # the direction is loaded or computed here.
-        direction, base_check = _direction(opts, source, checkpoint, layout, layers)
-        vectors = direction.select(layers, recipe.rank)
-        from .fold import check_orthonormal
-
-        for layer, v in vectors.items():
-            check_orthonormal(v, f"direction layer {layer}")
-        edits = writer.fold(vectors)
-        # The shipped copy of the direction names sources without the user's paths.
-        replace(direction, meta=scrub(direction.meta)).save(tmp / DIRECTION_NAME)
-        record = _record(opts, source, plan, direction, edits, tmp / DIRECTION_NAME)
+        # the edit's parameters are loaded, computed or learned here.
+        params, saved, base_check = _parameters(opts, source, checkpoint, layout, plan)
+        edits = writer.fold(params)
+        name = EDIT_NAME if recipe.mode == LEARNED_KIND else DIRECTION_NAME
+        saved.save(tmp / name)  # the shipped copy names sources without the user's paths
+        record = _record(opts, source, plan, saved, edits, tmp / name)
         if base_check is not None:
             record["base_llm_check"] = base_check
         from .card import CARD, source_license, write_card, write_record
 
         write_card(tmp, record, source_license(source.path))
         files = writer.finish()
-        files.update({name: file_entry(tmp / name) for name in (DIRECTION_NAME, CARD)})
+        files.update({n: file_entry(tmp / n) for n in (name, CARD)})
         write_record(tmp, {**record, "files": dict(sorted(files.items()))})
     log.info("wrote %s (%d tensors edited)", opts.output, len(edits))
     return ConvertResult(plan, opts.output, record)
+
+
+def _parameters(
+    opts: ConvertOptions, source: ModelSource, checkpoint: Checkpoint, layout: Layout, plan: Plan
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """What the plan folds (per-layer vectors, or a learned edit), what is shipped beside the
+    weights (the direction or edit file, scrubbed of local paths), the base-LLM check."""
+    recipe = opts.recipe
+    if recipe.mode == LEARNED_KIND:
+        from .learned import Edit
+
+        edit = (
+            Edit.load(opts.direction_file)
+            if opts.direction_file
+            else _learned_edit(opts, source, layout)
+        )
+        check_edit_matches(edit, plan)
+        return edit, replace(edit, meta=scrub(edit.meta)), None
+    direction, base_check = _direction(opts, source, checkpoint, layout, plan.layers)
+    vectors = direction.select(plan.layers, recipe.rank)
+    from .fold import check_orthonormal
+
+    for layer, v in vectors.items():
+        check_orthonormal(v, f"direction layer {layer}")
+    return vectors, replace(direction, meta=scrub(direction.meta)), base_check
+
+
+def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
+    """Learn the image-path edit on the source VLM, supervised by its own text-only answers."""
+    from .evaluate import Subject
+    from .learned import Edit, Settings, learn
+
+    recipe = opts.recipe
+    anchors = load_anchors(recipe.anchors)
+    device = opts.device or ("cuda" if import_torch().cuda.is_available() else "cpu")
+    subject = Subject(source.path, device, opts.dtype)
+    settings = Settings(
+        epochs=recipe.epochs,
+        learning_rate=recipe.learning_rate,
+        images=tuple(recipe.images),
+        batch_size=recipe.batch_size,
+    )
+    module = layout.image_path
+    names = (module, f"model.{module}")
+    deltas, report = learn(
+        subject.model,
+        subject.processor,
+        names,
+        list(anchors.harmful),
+        list(anchors.harmless),
+        settings,
+        opts.progress,
+    )
+    meta = {
+        "source": source.id,
+        "anchors": recipe.anchors,
+        "anchors_sha256": anchors.sha256,
+        "num_anchor_pairs": len(anchors),
+        "calibration": report,
+    }
+    return Edit({f"{module}.{name}": d.cpu() for name, d in deltas.items()}, meta)
+
+
+def check_edit_matches(edit: Any, plan: Plan) -> None:
+    """A learned edit must hold exactly the planned tensors, with their shapes."""
+    planned = {e.key: tuple(e.shape) for e in plan.edits}
+    found = {k: tuple(v.shape) for k, v in edit.deltas.items()}
+    if found != planned:
+        raise InputError(
+            f"the edit file changes {sorted(found)}, this checkpoint's plan is {sorted(planned)} "
+            "(shapes must match too): it was learned for another model"
+        )
 
 
 def _direction(
@@ -403,6 +473,10 @@ def fold_tensor(
 
     torch = import_torch()
 
+    if edit.kind == "delta":  # a learned edit: ``vectors`` is the learned.Edit
+        from .learned import fold
+
+        return fold(before, vectors.deltas[edit.key])
     if edit.kind == "shift":
         return shift(before, u, plan.gamma)
     v = vectors[edit.layer]
@@ -478,7 +552,7 @@ def _record(
         "family": plan.layout.family.model_type,
         "layer_prefix": plan.layout.layer_prefix,
         "direction": {
-            "file": DIRECTION_NAME,
+            "file": direction_path.name,
             HASH: digest_file(direction_path),
             "from_file": public_name(str(opts.direction_file)) if opts.direction_file else None,
             **{
@@ -494,6 +568,11 @@ def _record(
                 )
             },
             "stats": {str(layer): direction.stats.get(layer) for layer in plan.layers},
+            **(
+                {"calibration": direction.meta.get("calibration")}
+                if plan.mode == LEARNED_KIND
+                else {}
+            ),
         },
         "edits": edits,
         "copied_files": plan.copied,
@@ -531,7 +610,7 @@ def reproduce_command(opts: ConvertOptions) -> str:
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
     else:
-        if recipe.mode != "image-gap":
+        if recipe.mode not in ("image-gap", LEARNED_KIND):
             parts += ["--base-llm", path(str(recipe.base_llm.id))]
             if recipe.base_llm.revision:
                 parts += ["--base-revision", recipe.base_llm.revision]
@@ -540,6 +619,9 @@ def reproduce_command(opts: ConvertOptions) -> str:
         parts += ["--anchors", path(recipe.anchors), "--batch-size", str(recipe.batch_size)]
         parts += ["--dtype", opts.dtype]
     parts += ["--mode", recipe.mode]
+    if recipe.mode == LEARNED_KIND:
+        parts += ["--epochs", str(recipe.epochs), "--learning-rate", f"{recipe.learning_rate:g}"]
+        return shlex.join([*parts, "--images", ",".join(recipe.images)])
     if recipe.mode == "projector-shift":
         parts += ["--gamma", f"{recipe.gamma:g}", "--shift-direction", recipe.shift_direction]
     parts += ["--layers", ",".join(map(str, recipe.layers or []))]

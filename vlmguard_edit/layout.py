@@ -52,6 +52,9 @@ class Family:
     # Layers the checkpoint may have beyond num_hidden_layers that transformers ignores
     # (GLM's multi-token-prediction layer): copied unchanged, never edited.
     trailing_layers: int = 0
+    # The last image-to-language Linear (module name, one per key layout): what the learned
+    # image-path edit changes. Empty: the family has none mapped (image-path is refused).
+    image_path: tuple[str, ...] = ()
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -59,8 +62,10 @@ _LLAVA_PROJECTOR = (
     "multi_modal_projector.linear_2.bias",
     "model.multi_modal_projector.linear_2.bias",
 )
+_LLAVA_IMAGE_PATH = tuple(k.removesuffix(".bias") for k in _LLAVA_PROJECTOR)
 
 _TEXT_MODEL_PREFIXES = ("model.text_model.layers",)  # Idefics3 / SmolVLM: one layout
+_CONNECTOR_IMAGE_PATH = ("model.connector.modality_projection.proj",)  # pixel shuffle, Linear
 # Qwen2-VL / Qwen2.5-VL: the Hub keeps the text-only LLM's names beside ``visual.*``.
 _QWEN_VL_PREFIXES = ("model.layers", "model.language_model.layers")
 # The vision merger's last Linear writes the image tokens' embeddings (Qwen2-VL, Qwen2.5-VL).
@@ -72,37 +77,61 @@ _QWEN3_VL_PROJECTOR = ("model.visual.merger.linear_fc2.bias",)
 # --mode projector-shift.
 FAMILIES: dict[str, Family] = {
     "llava": Family(
-        "llava", ("llama", "mistral"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+        "llava",
+        ("llama", "mistral"),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
     ),
     "llava_next": Family(
-        "llava_next", ("llama", "mistral"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+        "llava_next",
+        ("llama", "mistral"),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
     ),
     "llava_onevision": Family(
-        "llava_onevision", ("qwen2",), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+        "llava_onevision",
+        ("qwen2",),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
     ),
     # Pixtral's tower has attention.o_proj / feed_forward.down_proj: the exact LM prefix
     # keeps them out.
-    "mistral3": Family("mistral3", ("mistral",), _LLAVA_PREFIXES),
+    "mistral3": Family("mistral3", ("mistral",), _LLAVA_PREFIXES, image_path=_LLAVA_IMAGE_PATH),
     "internvl": Family(
-        "internvl", ("qwen2", "llama"), _LLAVA_PREFIXES, projector_bias=_LLAVA_PROJECTOR
+        "internvl",
+        ("qwen2", "llama"),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
     ),
     # Cohere's parallel block adds attention and MLP outputs to the same residual: the writer
     # fold is exact all the same (it maps each writer's output).
-    "aya_vision": Family("aya_vision", ("cohere", "cohere2"), _LLAVA_PREFIXES),
-    "idefics3": Family("idefics3", ("llama",), _TEXT_MODEL_PREFIXES),
-    "smolvlm": Family("smolvlm", ("llama",), _TEXT_MODEL_PREFIXES),
+    "aya_vision": Family(
+        "aya_vision", ("cohere", "cohere2"), _LLAVA_PREFIXES, image_path=_LLAVA_IMAGE_PATH
+    ),
+    "idefics3": Family(
+        "idefics3", ("llama",), _TEXT_MODEL_PREFIXES, image_path=_CONNECTOR_IMAGE_PATH
+    ),
+    "smolvlm": Family(
+        "smolvlm", ("llama",), _TEXT_MODEL_PREFIXES, image_path=_CONNECTOR_IMAGE_PATH
+    ),
     # Qwen2.5-VL's tower has mlp.down_proj (with bias) under visual.blocks: kept out likewise.
     "qwen2_vl": Family(
         "qwen2_vl",
         ("qwen2_vl_text", "qwen2_vl"),
         _QWEN_VL_PREFIXES,
         projector_bias=_QWEN_VL_PROJECTOR,
+        image_path=tuple(k.removesuffix(".bias") for k in _QWEN_VL_PROJECTOR),
     ),
     "qwen2_5_vl": Family(
         "qwen2_5_vl",
         ("qwen2_5_vl_text", "qwen2_5_vl"),
         _QWEN_VL_PREFIXES,
         projector_bias=_QWEN_VL_PROJECTOR,
+        image_path=tuple(k.removesuffix(".bias") for k in _QWEN_VL_PROJECTOR),
     ),
     # Deepstack adds visual features to the first layers' residual stream at image tokens:
     # a path beside the writers, not a writer of the text; left alone.
@@ -111,6 +140,7 @@ FAMILIES: dict[str, Family] = {
         ("qwen3_vl_text",),
         ("model.language_model.layers",),
         projector_bias=_QWEN3_VL_PROJECTOR,
+        image_path=tuple(k.removesuffix(".bias") for k in _QWEN3_VL_PROJECTOR),
     ),
     # Every expert's down projection is a writer; dense layers (mlp_only_layers) keep
     # mlp.down_proj. Deepstack adds visual features to the first layers' residual stream.
@@ -120,6 +150,7 @@ FAMILIES: dict[str, Family] = {
         ("model.language_model.layers",),
         fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
         projector_bias=_QWEN3_VL_PROJECTOR,
+        image_path=tuple(k.removesuffix(".bias") for k in _QWEN3_VL_PROJECTOR),
     ),
     # MoE layers (every interleave_moe_layer_step-th): fused experts used as x @ W, (E, I, H),
     # plus a shared expert; dense layers: feed_forward.down_proj. The vision model has
@@ -191,6 +222,7 @@ FAMILIES: dict[str, Family] = {
         _LLAVA_PREFIXES,
         cross_layers_key="cross_attention_layers",
         cross_writers=("cross_attn.o_proj", "mlp.down_proj"),
+        image_path=("multi_modal_projector", "model.multi_modal_projector"),
     ),
 }
 
@@ -230,6 +262,7 @@ class Layout:
     # no counterpart, so base layer i is the VLM's i-th layer that is not one of them.
     cross_layers: tuple[int, ...] = ()
     trailing_layers: tuple[int, ...] = ()  # beyond num_layers, ignored by transformers
+    image_path: str | None = None  # the image-path Linear's module name in this checkpoint
 
     def layer_key(self, layer: int, name: str) -> str:
         return f"{self.layer_prefix}.{layer}.{name}"
@@ -369,6 +402,7 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         int(text.get("num_key_value_heads") or heads),
         cross,
         tuple(extra),
+        next((m for m in family.image_path if f"{m}.weight" in set(keys)), None),
     )
 
 

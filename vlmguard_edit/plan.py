@@ -22,7 +22,7 @@ class PlannedEdit:
     module: str
     dtype: str
     shape: tuple[int, ...]
-    kind: str = "map"  # "map": (I + beta V^T V) x;  "shift": b + gamma u
+    kind: str = "map"  # "map": (I + beta V^T V) x;  "shift": b + gamma u;  "delta": x + dx
     norm: str | None = None  # the post-norm weight key: the map uses u ∝ (w + offset) ⊙ v
     # Fused experts (kind "experts"): the axis of each expert's matrix that is the hidden size
     # (1: (E, H, I), used as F.linear; 2: (E, I, H), used as x @ W).
@@ -53,6 +53,9 @@ class Plan:
             return (
                 f"b <- b + {self.gamma:g} * u on the projector output ({u}, layer {self.layers[0]})"
             )
+        if self.mode == "image-path":
+            module = self.edits[0].module
+            return f"W <- W + dW, b <- b + db on {module} (learned; image tokens only)"
         if self.mode == "image-gap":
             return "W_o <- (I - d_l d_l^T) W_o on attention o_proj   (d_l: image-gap direction)"
         text = f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
@@ -95,6 +98,9 @@ def build_plan(
             f"layer(s) {bad} out of range: the model has text layers 0..{layout.num_layers - 1}"
         )
     copied, dropped = classify_files(checkpoint.path, set(checkpoint.shards))
+    if mode == "image-path":
+        edits = _image_path_edits(checkpoint, layout)
+        return Plan(layout, [], rank, beta, edits, copied, dropped, mode)
     if mode == "projector-shift":
         edit = _projector_shift_edit(checkpoint, layout, layers)
         extra = (mode, gamma, shift_direction)
@@ -194,3 +200,24 @@ def _projector_shift_edit(checkpoint: Checkpoint, layout: Layout, layers: list[i
     file = checkpoint.key_to_file[key]
     module = key.removesuffix(".bias")
     return PlannedEdit(key, file, layer, module, info.dtype, info.shape, "shift")
+
+
+def _image_path_edits(checkpoint: Checkpoint, layout: Layout) -> list[PlannedEdit]:
+    """The family's last image-to-language Linear: weight and (if any) bias."""
+    module = layout.image_path
+    if module is None:
+        known = " or ".join(layout.family.image_path) or "none mapped for this family"
+        raise PlanError(
+            f"{layout.family.model_type}: no image-to-language Linear found ({known}); "
+            "image-path cannot be used"
+        )
+    edits = []
+    for key in (f"{module}.weight", f"{module}.bias"):
+        if key not in checkpoint.key_to_file:
+            continue
+        info = checkpoint.info(key)
+        if info.dtype not in FLOAT_DTYPES:
+            raise PlanError(f"{key} is {info.dtype}; only float weights can be edited")
+        file = checkpoint.key_to_file[key]
+        edits.append(PlannedEdit(key, file, -1, module, info.dtype, info.shape, "delta"))
+    return edits

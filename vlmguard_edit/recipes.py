@@ -55,6 +55,11 @@ class Recipe:
     gamma: float = 1.0
     shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
     batch_size: int = 8
+    # "image-path" (learned): the image-to-language Linear learns, from the VLM's own text-only
+    # answers, to keep them with an image (learned.py). How long, how fast, on which images:
+    epochs: int = 40
+    learning_rate: float = 1e-3
+    images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
     notes: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,8 +67,9 @@ class Recipe:
 
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
-_TOP_KEYS |= {"mode", "gamma", "shift_direction"}
-MODES = ("writers", "projector-shift", "image-gap")
+_TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images"}
+MODES = ("writers", "projector-shift", "image-gap", "image-path")
+IMAGE_KINDS = ("blank", "noise", "scene")
 SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}
 
@@ -164,6 +170,15 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
         recipe.shift_direction = shift
     if check("batch_size", _is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
         recipe.batch_size = data["batch_size"]
+    if check("epochs", _is_int(data.get("epochs")) and data["epochs"] >= 1, "an integer >= 1"):
+        recipe.epochs = data["epochs"]
+    rate = data.get("learning_rate")
+    if check("learning_rate", _is_number(rate) and 0 < rate < 1, "a number in (0, 1)"):
+        recipe.learning_rate = float(rate)
+    kinds = data.get("images")
+    good = isinstance(kinds, list) and kinds and all(k in IMAGE_KINDS for k in kinds)
+    if check("images", bool(good), f"a list of {', '.join(IMAGE_KINDS)}"):
+        recipe.images = list(kinds)
     if check("notes", isinstance(data.get("notes"), str), "text"):
         recipe.notes = data["notes"]
     problems += mode_problems(recipe, explicit=set(data))
@@ -223,6 +238,20 @@ def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
             problems.append("beta: image-gap folds the projection (beta -1) only")
         if "shift_direction" in explicit or "gamma" in explicit:
             problems.append("gamma / shift_direction: projector-shift options, not image-gap's")
+    if recipe.mode == "image-path":
+        if recipe.base_llm.id not in (None, SELF):
+            problems.append(
+                "base_llm: image-path learns from the VLM's own text-only answers (its language "
+                "model is the supervisor); leave base_llm out"
+            )
+        foreign = sorted({"layers", "rank", "beta", "gamma", "shift_direction"} & explicit)
+        if foreign:
+            problems.append(
+                f"{', '.join(foreign)}: not used by image-path (it edits the image-to-language "
+                "Linear, learned)"
+            )
+    elif {"epochs", "learning_rate", "images"} & explicit:
+        problems.append("epochs / learning_rate / images: image-path options only")
     return problems
 
 

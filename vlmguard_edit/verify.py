@@ -155,12 +155,17 @@ def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
 def _check_against_source(
     folder: Path, source: Path, record: dict, report: VerifyReport, progress: bool
 ) -> None:
-    from .convert import DIRECTION_NAME, fold_tensor, shift_vector
+    from .convert import LEARNED_KIND, fold_tensor, shift_vector
     from .direction import Direction
+    from .learned import Edit
 
     guarded, original = open_checkpoint(folder), open_checkpoint(source)
     plan = recorded_plan(original, record["recipe"])
-    vectors = Direction.load(folder / DIRECTION_NAME).select(plan.layers, plan.rank)
+    path = folder / record["direction"]["file"]
+    if plan.mode == LEARNED_KIND:
+        vectors = Edit.load(path)
+    else:
+        vectors = Direction.load(path).select(plan.layers, plan.rank)
     u = shift_vector(original, plan, vectors) if plan.mode == "projector-shift" else None
     edits = {edit.key: edit for edit in plan.edits}
     if set(guarded.keys) != set(original.keys):

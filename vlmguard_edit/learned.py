@@ -1,0 +1,322 @@
+"""The learned image-path edit: the VLM's own text-only behaviour supervises it with images.
+
+VLM-Guard's principle, made permanent: the language model already knows, text only, which
+requests to refuse; with an image it forgets. This kind learns a change to the family's last
+image-to-language Linear (LLaVA's ``multi_modal_projector.linear_2``, Idefics3's connector,
+mllama's projector; ``layout.Family.image_path``) so that
+
+- harmful anchors with an image (blank, noise, scene) are answered as the same model answers
+  them text only (teacher: its own greedy text-only answer, teacher-forced; KL per answer
+  token), and
+- harmless anchors with an image and image-description probes keep the original model's own
+  with-image answers (preservation; without it the edit blinds the model).
+
+Text-only behaviour cannot change: no text-only forward passes through the image path.
+
+Parameters: learned (this module). Plan: that Linear's weight and bias (``plan.py``, kind
+"delta"). Fold: W + dW, b + db, in float32, cast once (``fold``). Runtime reference: a forward
+hook adding x dW^T + db to the module's output (``hook``). File: safetensors, one delta per
+checkpoint key, provenance and the calibration report in its metadata (``Edit``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import parse_header, read_tensor, write_safetensors
+from .errors import CheckpointError, DirectionError, InputError, PlanError
+
+log = logging.getLogger(__name__)
+
+KIND = "image-path"
+EDIT_FORMAT = "vlmguard-edit/1"
+DESCRIBE = ("describe the image .", "What is in this image?")
+
+
+@dataclass
+class Settings:
+    """How the edit is learned (recipe keys of the same names)."""
+
+    epochs: int = 40
+    learning_rate: float = 1e-3
+    images: tuple[str, ...] = ("blank", "noise", "scene")
+    validation: float = 0.2  # share of the anchor pairs held out for the calibration report
+    probes: int = 96  # image-description prompts on drawn shapes (preservation)
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
+class Edit:
+    """Deltas by checkpoint key (float32), with provenance and the calibration report."""
+
+    deltas: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    stats: dict[int, Any] = field(default_factory=dict)  # none: as a Direction's, for records
+
+    def save(self, path: Path) -> None:
+        tensors = {key: d.float().contiguous() for key, d in sorted(self.deltas.items())}
+        metadata = {"format": "pt", "vlmguard.format": EDIT_FORMAT, "vlmguard.kind": KIND}
+        for key, value in sorted(self.meta.items()):
+            metadata[f"vlmguard.{key}"] = json.dumps(value, sort_keys=True)
+        write_safetensors(path, tensors, metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> Edit:
+        if not Path(path).is_file():
+            raise InputError(f"edit file {path} does not exist")
+        try:
+            header = parse_header(Path(path))
+        except CheckpointError as exc:
+            raise DirectionError(f"{path} is not a readable edit file: {exc}") from exc
+        metadata = header.metadata or {}
+        if metadata.get("vlmguard.format") != EDIT_FORMAT:
+            raise DirectionError(f"{path} is not a vlmguard-edit {KIND} edit file")
+        deltas = {key: read_tensor(Path(path), info) for key, info in header.tensors.items()}
+        meta = {
+            k.removeprefix("vlmguard."): json.loads(v)
+            for k, v in metadata.items()
+            if k.startswith("vlmguard.") and k not in ("vlmguard.format", "vlmguard.kind")
+        }
+        return cls(deltas, meta)
+
+
+def fold(before: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """before + delta in float32, cast back once; refuses non-finite results."""
+    if tuple(delta.shape) != tuple(before.shape):
+        raise PlanError(f"edit delta has shape {list(delta.shape)}, tensor {list(before.shape)}")
+    out = before.to(torch.float32) + delta.to(torch.float32)
+    if not torch.isfinite(out.sum()):
+        raise PlanError("edited tensor has non-finite values")
+    return out if before.dtype == torch.float32 else out.to(before.dtype)
+
+
+def find_module(model: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, torch.nn.Linear]:
+    """The image-path Linear in a loaded model, by any of its family's module names."""
+    for name in names:
+        with contextlib.suppress(AttributeError):
+            module = model.get_submodule(name)
+            if isinstance(module, torch.nn.Linear):
+                return name, module
+    raise PlanError(f"no image-path Linear found in the loaded model (tried {', '.join(names)})")
+
+
+@contextlib.contextmanager
+def hook(module: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The runtime reference of the fold: module(x) + x dW^T (+ db), the module unchanged."""
+
+    def add(_module, inputs, output):
+        x = inputs[0]
+        extra = torch.nn.functional.linear(x.float(), weight.to(x.device).float())
+        if bias is not None:
+            extra = extra + bias.to(x.device).float()
+        return (output.float() + extra).to(output.dtype)
+
+    handle = module.register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- learning
+
+
+@dataclass
+class Batch:
+    """Teacher-forced rows: the student's inputs, where its answer tokens are, the targets."""
+
+    inputs: dict[str, torch.Tensor]
+    start: int  # first answer position in the (left-padded) sequence
+    mask: torch.Tensor  # (B, T) 1 on real answer tokens
+    target: torch.Tensor  # (B, T, V) teacher log-probabilities
+    harmful: bool
+
+
+def learn(
+    model: torch.nn.Module,
+    processor: Any,
+    module_names: tuple[str, ...],
+    harmful: list[str],
+    harmless: list[str],
+    settings: Settings,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Learn (dW, db) for the image-path Linear; return them by module parameter name
+    ("weight", "bias") and the calibration report (validation before / after)."""
+    name, module = find_module(model, module_names)
+    processor.tokenizer.padding_side = "left"  # prompts end where the answers start
+    fit_h, val_h = _split(harmful, settings)
+    fit_b, val_b = _split(harmless, settings)
+    probes = _probe_rows(settings)
+    fit = _batches(model, processor, fit_h, fit_b, probes[: len(probes) * 4 // 5], settings)
+    val = _batches(model, processor, val_h, val_b, probes[len(probes) * 4 // 5 :], settings)
+    before = score(model, val)
+    weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)
+    bias = None
+    if module.bias is not None:
+        bias = torch.zeros_like(module.bias, dtype=torch.float32, requires_grad=True)
+    _train(model, module, weight, bias, fit, settings, progress)
+    with hook(module, weight.detach(), None if bias is None else bias.detach()):
+        after = score(model, val)
+    report = {"module": name, "settings": asdict(settings), "before": before, "after": after}
+    deltas = {"weight": weight.detach()}
+    if bias is not None:
+        deltas["bias"] = bias.detach()
+    return deltas, report
+
+
+def _split(prompts: list[str], settings: Settings) -> tuple[list[str], list[str]]:
+    rows = list(prompts)
+    random.Random(settings.seed).shuffle(rows)
+    held = max(1, round(len(rows) * settings.validation)) if settings.validation else 0
+    return rows[held:], rows[:held]
+
+
+def _probe_rows(settings: Settings) -> list[tuple[str, Any]]:
+    """Image-description prompts on drawn shapes: never the eval's probe items (other seed)."""
+    from .probes import generic_probes
+
+    shapes = generic_probes(per_kind=max(1, settings.probes // 4), seed=settings.seed + 77)
+    return [(DESCRIBE[i % len(DESCRIBE)], p.image) for i, p in enumerate(shapes)]
+
+
+def _images(settings: Settings, count: int) -> list[Any]:
+    from . import images as imgs
+
+    makers = {"blank": lambda i: imgs.blank(), "noise": imgs.noise, "scene": imgs.scene}
+    unknown = [k for k in settings.images if k not in makers]
+    if unknown:
+        raise InputError(f"unknown training image kind(s) {unknown}; known: {sorted(makers)}")
+    return [makers[kind](1000 + i) for i in range(count) for kind in settings.images]
+
+
+@torch.no_grad()
+def _batches(model, processor, harmful, harmless, probes, settings) -> list[Batch]:
+    """Harmful x images -> the model's own text-only answer; harmless x images and probes ->
+    its own with-image answer. Targets are computed once: no teacher ever sees the edit."""
+    k = len(settings.images)
+    pool = _images(settings, max(len(harmful), len(harmless)))  # k per prompt, never eval's
+    rows_h = [(p, img) for i, p in enumerate(harmful) for img in pool[i * k : (i + 1) * k]]
+    rows_b = [(p, img) for i, p in enumerate(harmless) for img in pool[i * k : (i + 1) * k]]
+    out = []
+    for rows, is_harmful in ((rows_h, True), (rows_b + probes, False)):
+        for start in range(0, len(rows), settings.batch_size):
+            chunk = rows[start : start + settings.batch_size]
+            out.append(_teacher_batch(model, processor, chunk, is_harmful, settings))
+    return out
+
+
+def _teacher_batch(model, processor, rows, harmful: bool, settings: Settings) -> Batch:
+    from .gap import chat_batch
+
+    prompts = [p for p, _ in rows]
+    with_image = chat_batch(processor, prompts, [img for _, img in rows])
+    teacher_in = chat_batch(processor, prompts, [None] * len(rows)) if harmful else with_image
+    answers, mask = _greedy(model, processor, teacher_in, settings.max_new_tokens)
+    logits = _answer_logits(model, teacher_in, answers, mask)
+    student = _extend(with_image, answers, mask)
+    start = with_image["input_ids"].shape[1]
+    return Batch(student, start, mask, torch.log_softmax(logits, -1), harmful)
+
+
+def _greedy(model, processor, batch, max_new_tokens: int):
+    from .evaluate import answer_mask
+
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+    )
+    prompt = batch["input_ids"].shape[1]
+    mask = answer_mask(sequences, prompt, tokenizer.eos_token_id, pad)
+    return sequences[:, prompt:], mask
+
+
+def _extend(batch: dict[str, torch.Tensor], answers: torch.Tensor, mask: torch.Tensor):
+    """The prompt batch with the answer tokens appended (inputs aligned to the sequence, such
+    as mllama's cross_attention_mask, carry their last position over the answer)."""
+    length = batch["input_ids"].shape[1]
+    out = {}
+    for key, value in batch.items():
+        if key == "input_ids":
+            out[key] = torch.cat([value, answers], 1)
+        elif key == "attention_mask":
+            out[key] = torch.cat([value, mask.to(value.dtype)], 1)
+        elif value.ndim >= 2 and value.shape[1] == length and key != "pixel_values":
+            tail = value[:, -1:].expand(-1, answers.shape[1], *value.shape[2:])
+            out[key] = torch.cat([value, tail], 1)
+        else:
+            out[key] = value
+    return out
+
+
+def _answer_logits(model, batch, answers, mask) -> torch.Tensor:
+    """Logits at the positions that predict each answer token (B, T, V), float32."""
+    full = _extend(batch, answers, mask)
+    start = batch["input_ids"].shape[1]
+    logits = model(**full).logits
+    return logits[:, start - 1 : start - 1 + answers.shape[1]].float()
+
+
+def _kl(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(teacher || student)."""
+    student = torch.log_softmax(logits, -1)
+    per_token = (batch.target.exp() * (batch.target - student)).sum(-1)
+    return (per_token * batch.mask).sum() / batch.mask.sum().clamp(min=1)
+
+
+def _student_logits(model, batch: Batch) -> torch.Tensor:
+    logits = model(**batch.inputs).logits
+    return logits[:, batch.start - 1 : batch.start - 1 + batch.mask.shape[1]].float()
+
+
+def _train(model, module, weight, bias, batches, settings: Settings, progress: bool) -> None:
+    params = [weight] + ([bias] if bias is not None else [])
+    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    order = list(range(len(batches)))
+    rng = random.Random(settings.seed)
+    bar = tqdm(total=settings.epochs * len(batches), desc="learning", disable=not progress)
+    with hook(module, weight, bias):
+        for _ in range(settings.epochs):
+            rng.shuffle(order)
+            for i in order:
+                loss = _kl(batches[i], _student_logits(model, batches[i]))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                bar.update()
+                bar.set_postfix(kl=f"{loss.item():.3f}")
+    bar.close()
+
+
+@torch.no_grad()
+def score(model, batches: list[Batch]) -> dict[str, float]:
+    """Validation, teacher-forced: harmful rows' KL to the text-only answer and the share whose
+    first answer token is the text-only one; preservation rows' KL to the original."""
+    kl = {True: [], False: []}
+    first = []
+    for batch in batches:
+        logits = _student_logits(model, batch)
+        kl[batch.harmful].append(_kl(batch, logits).item())
+        if batch.harmful:
+            agree = logits[:, 0].argmax(-1) == batch.target[:, 0].argmax(-1)
+            first += agree.tolist()
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "harmful_kl_to_text_only": mean(kl[True]),
+        "harmful_first_token_agreement": mean([float(a) for a in first]),
+        "preservation_kl": mean(kl[False]),
+    }
