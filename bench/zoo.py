@@ -43,6 +43,21 @@ PIPELINES = {
         ],
         ["{w}/guarded", "--against", "{m}/vlm"],
     ),
+    "image-path": (
+        [
+            [
+                "convert",
+                "{m}/vlm",
+                "--mode",
+                "image-path",
+                "--anchors",
+                "{m}/anchors.jsonl",
+                "-o",
+                "{w}/guarded",
+            ]
+        ],
+        ["{w}/guarded", "--against", "{m}/vlm"],
+    ),
     "runtime": (
         [
             [
@@ -256,6 +271,9 @@ def main() -> None:
             note = {
                 "image-gap": "The shipped default: `recipes/organism.yaml` (image-gap, "
                 "layers 0-1) with each member's own anchors.",
+                "image-path": "The learned image-path edit (`--mode image-path`, defaults: "
+                "40 epochs, Adam 1e-3, blank/noise/scene training images) with each member's "
+                "own anchors: its own text-only answers are the teacher.",
                 "runtime": "Reference: the paper's runtime gated steer on the original "
                 "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
             }[pipeline]

@@ -1,0 +1,166 @@
+"""The learned image-path kind: an exact fold of its deltas (== the runtime hook), text-only
+outputs bit-identical, the file reusable, and the learning doing what it claims."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from vlmguard_edit import learned, tiny
+from vlmguard_edit.checkpoint import open_checkpoint
+from vlmguard_edit.convert import ConvertOptions, convert
+from vlmguard_edit.errors import InputError, PlanError, RecipeError
+from vlmguard_edit.evaluate import load_processor
+from vlmguard_edit.layout import FAMILIES, find_layout
+from vlmguard_edit.recipes import Recipe, recipe_from_dict
+from vlmguard_edit.verify import verify
+
+ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
+IMAGE_PATH_FAMILIES = sorted(
+    name
+    for name, spec in tiny.FAMILY_CONFIGS.items()
+    if FAMILIES[spec.get("model_type", name)].image_path
+)
+
+
+def random_edit(folder: Path, seed: int = 0, scale: float = 0.05) -> learned.Edit:
+    checkpoint = open_checkpoint(folder)
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for suffix in ("weight", "bias"):
+        key = f"{layout.image_path}.{suffix}"
+        if key in checkpoint.keys:
+            shape = checkpoint.info(key).shape
+            deltas[key] = scale * torch.randn(*shape, generator=generator)
+    return learned.Edit(deltas, {"source": "test"})
+
+
+def folded(tmp_path, source, edit, name="guarded"):
+    edit.save(tmp_path / f"{name}.safetensors")
+    recipe = Recipe(mode="image-path")
+    options = ConvertOptions(
+        str(source), tmp_path / name, recipe, tmp_path / f"{name}.safetensors", progress=False
+    )
+    return convert(options)
+
+
+def organism_inputs(processor, image):
+    from vlmguard_edit.gap import chat_batch
+
+    prompts = ["how do i steal the bike ?", "describe the image ."]
+    return chat_batch(processor, prompts, [image, image]), chat_batch(
+        processor, prompts, [None] * 2
+    )
+
+
+def test_fold_equals_the_hook_and_text_only_is_bit_identical(tmp_path):
+    from vlmguard_edit import images
+
+    source = ORGANISM / "vlm"
+    edit = random_edit(source)
+    result = folded(tmp_path, source, edit)
+    assert {e.key for e in result.plan.edits} == set(edit.deltas)
+    guarded = AutoModelForImageTextToText.from_pretrained(tmp_path / "guarded").eval()
+    original = AutoModelForImageTextToText.from_pretrained(source).eval()
+    processor = load_processor(source)
+    processor.tokenizer.padding_side = "left"
+    with_image, text_only = organism_inputs(processor, images.noise(3))
+    name, module = learned.find_module(original, ("model.multi_modal_projector.linear_2",))
+    key = "multi_modal_projector.linear_2"
+    with torch.no_grad():
+        assert torch.equal(guarded(**text_only).logits, original(**text_only).logits)
+        after = guarded(**with_image).logits
+        plain = original(**with_image).logits
+        with learned.hook(module, edit.deltas[f"{key}.weight"], edit.deltas[f"{key}.bias"]):
+            hooked = original(**with_image).logits
+    assert (after - hooked).abs().max() < 1e-5  # the fold is exact
+    assert (after - plain).abs().max() > 1e-3  # and it did something
+    assert verify(tmp_path / "guarded", source).ok
+
+
+def test_only_the_image_path_changes_and_the_file_folds_identically_twice(tmp_path):
+    source = ORGANISM / "vlm"
+    edit = random_edit(source, seed=1)
+    folded(tmp_path, source, edit, "a")
+    folded(tmp_path, source, learned.Edit.load(tmp_path / "a" / "vlmguard_edit.safetensors"), "b")
+    before, a = open_checkpoint(source), open_checkpoint(tmp_path / "a")
+    changed = {k for k in before.keys if not torch.equal(before.read(k), a.read(k))}
+    assert changed == set(edit.deltas)
+    for k in edit.deltas:
+        assert torch.allclose(a.read(k), before.read(k) + edit.deltas[k], atol=1e-7)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+    record = json.loads((tmp_path / "a" / "vlmguard.json").read_text())
+    assert record["recipe"]["mode"] == "image-path" and record["direction"]["file"] == (
+        "vlmguard_edit.safetensors"
+    )
+
+
+def test_an_edit_for_another_model_is_refused(tmp_path):
+    source = ORGANISM / "vlm"
+    edit = random_edit(source)
+    key = next(k for k in edit.deltas if k.endswith("weight"))
+    edit.deltas[key] = edit.deltas[key][:, :-1]
+    with pytest.raises(InputError, match="learned for another model"):
+        folded(tmp_path, source, edit)
+    assert not (tmp_path / "guarded").exists()
+
+
+@pytest.mark.parametrize("family", IMAGE_PATH_FAMILIES)
+def test_every_mapped_family_has_its_image_path_linear(family, tmp_path):
+    """The layout data names a Linear that the checkpoint has and the loaded model runs."""
+    source = tiny.build_family(tmp_path / "source", family)
+    checkpoint = open_checkpoint(source)
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    assert layout.image_path is not None
+    model = AutoModelForImageTextToText.from_pretrained(source)
+    _, module = learned.find_module(model, (layout.image_path, f"model.{layout.image_path}"))
+    assert tuple(module.weight.shape) == checkpoint.info(f"{layout.image_path}.weight").shape
+
+
+def test_a_family_without_an_image_path_is_refused_by_name(tmp_path):
+    source = tiny.build_family(tmp_path / "source", "gemma3")
+    edit = learned.Edit({"x.weight": torch.zeros(1)})
+    with pytest.raises(PlanError, match="gemma3: no image-to-language Linear"):
+        folded(tmp_path, source, edit)
+
+
+def test_recipe_checks():
+    assert recipe_from_dict({"mode": "image-path", "epochs": 5, "images": ["blank"]}).epochs == 5
+    with pytest.raises(RecipeError, match="layers: not used by image-path"):
+        recipe_from_dict({"mode": "image-path", "layers": "0-1"})
+    with pytest.raises(RecipeError, match="image-path options only"):
+        recipe_from_dict({"mode": "image-gap", "epochs": 3})
+    with pytest.raises(RecipeError, match="images: expected a list of"):
+        recipe_from_dict({"mode": "image-path", "images": ["typographic"]})
+
+
+def test_learning_moves_image_answers_to_the_text_only_ones():
+    """A few epochs on the shipped organism: held-out harmful anchors with an image get much
+    closer to the model's own text-only answers, and nothing outside the Linear moves."""
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = load_processor(ORGANISM / "vlm")
+    rows = [json.loads(line) for line in (ORGANISM / "anchors.jsonl").read_text().splitlines()]
+    rows = rows[:20]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = learned.Settings(epochs=4, probes=8, images=("blank",), batch_size=8)
+    names = ("model.multi_modal_projector.linear_2",)
+    deltas, report = learned.learn(
+        model,
+        processor,
+        names,
+        [r["harmful"] for r in rows],
+        [r["harmless"] for r in rows],
+        settings,
+        progress=False,
+    )
+    before, after = report["before"], report["after"]
+    assert after["harmful_kl_to_text_only"] < 0.5 * before["harmful_kl_to_text_only"]
+    assert before["preservation_kl"] == pytest.approx(0, abs=1e-6)
+    assert after["preservation_kl"] < 0.1
+    assert set(deltas) == {"weight", "bias"} and deltas["weight"].abs().max() > 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
