@@ -68,7 +68,7 @@ def test_fold_equals_the_hook_and_text_only_is_bit_identical(tmp_path):
     processor = load_processor(source)
     processor.tokenizer.padding_side = "left"
     with_image, text_only = organism_inputs(processor, images.noise(3))
-    name, module = learned.find_module(original, ("model.multi_modal_projector.linear_2",))
+    _, module = learned.find_module(original, ("model.multi_modal_projector.linear_2",))
     key = "multi_modal_projector.linear_2"
     with torch.no_grad():
         assert torch.equal(guarded(**text_only).logits, original(**text_only).logits)
