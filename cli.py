@@ -25,6 +25,17 @@ Examples:
   vlmguard-edit convert ./my-llava --base-llm lmsys/vicuna-7b-v1.5 --layers 16-31 -o ./out
   vlmguard-edit convert ./my-llava --direction ssd.safetensors --layers 20,21 --beta -1 -o ./out
   vlmguard-edit convert ./my-llava --recipe r.yaml -o ./out --dry-run
+  vlmguard-edit convert ./my-llava --mode image-path --anchors anchors.jsonl -o ./out
+"""
+
+EXAMPLES_CALIBRATE = """
+\b
+Examples:
+  vlmguard-edit calibrate examples/organism/vlm --anchors examples/organism/anchors.jsonl \\
+      -o organism-edit.safetensors
+  vlmguard-edit convert examples/organism/vlm --mode image-path \\
+      --direction organism-edit.safetensors -o organism-guarded
+  vlmguard-edit calibrate ./my-llava --epochs 20 --images blank,scene -o edit.safetensors
 """
 
 EXAMPLES_DIRECTION = """
@@ -403,6 +414,67 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
         click.echo(f"pushed {folder} to {result.repo_id}@{result.revision}: {result.commit_url}")
     else:
         click.echo(f"{result.repo_id}@{result.revision} already has every file: nothing pushed")
+
+
+@main.command(epilog=EXAMPLES_CALIBRATE)
+@click.argument("source")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Edit file to write."
+)
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe YAML (mode image-path).")
+@click.option("--anchors", help="'default' or a JSONL/CSV file with harmful,harmless columns.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data (default 40).")
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Adam learning rate (default 1e-3).",
+)
+@click.option("--images", help="Training images, from blank,noise,scene (default all three).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per step (default 8).")
+@click.option("--revision", help="Hub revision of SOURCE.")
+@click.option("--device", help="Device (default: cuda if available, else cpu).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing edit file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def calibrate(source, output, recipe, anchors, epochs, learning_rate, images, **kw):
+    """Learn the image-path edit of the VLM SOURCE and write it to OUTPUT.
+
+    The VLM's own text-only answers to the harmful anchors are the teacher for the same
+    prompts with an image; harmless prompts and image descriptions keep the original's
+    answers. Only the image-to-language Linear is learned, so text-only outputs cannot change.
+    Prints the held-out validation before and after.
+    """
+    from vlmguard_edit.convert import ConvertOptions
+    from vlmguard_edit.convert import calibrate as run_calibrate
+    from vlmguard_edit.recipes import Recipe, load_recipe
+
+    base = load_recipe(recipe) if recipe else Recipe(mode="image-path")
+    if base.mode != "image-path":
+        raise click.UsageError(f"the recipe's mode is {base.mode}; calibrate learns image-path")
+    changes = {"anchors": anchors, "epochs": epochs, "learning_rate": learning_rate}
+    changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
+    resolved = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    opts = ConvertOptions(
+        source,
+        Path(output),
+        resolved,
+        revision=kw["revision"],
+        overwrite=kw["overwrite"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        progress=_progress(kw["quiet"]),
+    )
+    edit = run_calibrate(opts)
+    report = edit.meta["calibration"]
+    click.echo(f"wrote {output}: {report['module']} learned ({resolved.epochs} epochs)")
+    for key in ("harmful_first_token_agreement", "harmful_kl_to_text_only", "preservation_kl"):
+        before, after = report["before"][key], report["after"][key]
+        click.echo(f"  {key:32s} {before:8.3f} -> {after:8.3f}   (held-out anchors)")
 
 
 @main.command(epilog=EXAMPLES_DIRECTION)

@@ -164,3 +164,27 @@ def test_learning_moves_image_answers_to_the_text_only_ones():
     assert after["preservation_kl"] < 0.1
     assert set(deltas) == {"weight", "bias"} and deltas["weight"].abs().max() > 0
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "edit.safetensors"
+    args = ["calibrate", str(ORGANISM / "vlm"), "-o", str(out), "-q", "--epochs", "1"]
+    args += ["--anchors", str(ORGANISM / "anchors.jsonl"), "--images", "blank"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "harmful_first_token_agreement" in result.output and out.is_file()
+    edit = learned.Edit.load(out)
+    assert edit.meta["calibration"]["settings"]["epochs"] == 1
+    assert str(tmp_path) not in out.read_bytes().decode("latin-1")  # no local paths shipped
+    again = runner.invoke(main, args)
+    assert again.exit_code != 0 and "already exists" in again.output
+    guarded = tmp_path / "guarded"
+    convert_args = ["convert", str(ORGANISM / "vlm"), "--mode", "image-path"]
+    result = runner.invoke(main, [*convert_args, "--direction", str(out), "-o", str(guarded)])
+    assert result.exit_code == 0, result.output
+    assert (guarded / "vlmguard_edit.safetensors").read_bytes() == out.read_bytes()

@@ -149,6 +149,24 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
     return ConvertResult(plan, opts.output, record)
 
 
+def calibrate(opts: ConvertOptions) -> Any:
+    """Learn the image-path edit of ``opts.source`` and write it to ``opts.output`` (an edit
+    file that ``convert --mode image-path --direction FILE`` folds); returns the learned.Edit."""
+    output = Path(opts.output)
+    with output_lock(output, "edit file"):
+        if output.exists() and not opts.overwrite:
+            raise InputError(f"{output} already exists; pass --overwrite to replace it")
+        source = resolve_model(opts.source, opts.revision)
+        checkpoint = open_checkpoint(source.path)
+        layout = find_layout(checkpoint.config, checkpoint.keys)
+        plan = build_plan(checkpoint, layout, [], 1, -1.0, LEARNED_KIND)  # refuses early
+        edit = _learned_edit(opts, source, layout)
+        check_edit_matches(edit, plan)
+        public = replace(edit, meta=scrub(edit.meta))
+        public.save(output)  # written beside and renamed
+    return public
+
+
 def _parameters(
     opts: ConvertOptions, source: ModelSource, checkpoint: Checkpoint, layout: Layout, plan: Plan
 ) -> tuple[Any, Any, dict[str, Any] | None]:
