@@ -36,6 +36,8 @@ Examples:
   vlmguard-edit convert examples/organism/vlm --mode image-path \\
       --direction organism-edit.safetensors -o organism-guarded
   vlmguard-edit calibrate ./my-llava --epochs 20 --images blank,scene -o edit.safetensors
+  vlmguard-edit calibrate examples/organism/vlm --base-llm examples/organism/llm \\
+      --anchors examples/organism/anchors.jsonl -o from-base.safetensors
 """
 
 EXAMPLES_DIRECTION = """
@@ -423,6 +425,11 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 )
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe YAML (mode image-path).")
 @click.option("--anchors", help="'default' or a JSONL/CSV file with harmful,harmless columns.")
+@click.option(
+    "--base-llm",
+    help="Teacher: the base LLM (folder or Hub id, same tokenizer), text only; default 'self' "
+    "(the VLM's own language model, text only).",
+)
 @click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data (default 40).")
 @click.option(
     "--learning-rate",
@@ -441,7 +448,7 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing edit file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def calibrate(source, output, recipe, anchors, epochs, learning_rate, images, **kw):
+def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, images, **kw):
     """Learn the image-path edit of the VLM SOURCE and write it to OUTPUT.
 
     The VLM's own text-only answers to the harmful anchors are the teacher for the same
@@ -451,13 +458,15 @@ def calibrate(source, output, recipe, anchors, epochs, learning_rate, images, **
     """
     from vlmguard_edit.convert import ConvertOptions
     from vlmguard_edit.convert import calibrate as run_calibrate
-    from vlmguard_edit.recipes import Recipe, load_recipe
+    from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe
 
     base = load_recipe(recipe) if recipe else Recipe(mode="image-path")
     if base.mode != "image-path":
         raise click.UsageError(f"the recipe's mode is {base.mode}; calibrate learns image-path")
     changes = {"anchors": anchors, "epochs": epochs, "learning_rate": learning_rate}
     changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
+    if base_llm is not None:
+        changes["base_llm"] = BaseLLM(id=base_llm)
     resolved = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
     opts = ConvertOptions(
         source,

@@ -188,3 +188,23 @@ def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path):
     result = runner.invoke(main, [*convert_args, "--direction", str(out), "-o", str(guarded)])
     assert result.exit_code == 0, result.output
     assert (guarded / "vlmguard_edit.safetensors").read_bytes() == out.read_bytes()
+
+
+def test_the_base_llm_can_teach_when_it_shares_the_tokenizer(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = tmp_path / "edit.safetensors"
+    args = ["calibrate", str(ORGANISM / "vlm"), "-o", str(out), "-q", "--epochs", "1"]
+    args += ["--anchors", str(ORGANISM / "anchors.jsonl"), "--images", "blank"]
+    result = CliRunner().invoke(main, [*args, "--base-llm", str(ORGANISM / "llm")])
+    assert result.exit_code == 0, result.output
+    meta = learned.Edit.load(out).meta
+    assert meta["teacher"] == "llm" and meta["calibration"]["before"]["harmful_kl_to_text_only"] > 0
+    other = tiny.build_base(tmp_path / "other-llm")  # another vocabulary
+    refused = CliRunner().invoke(
+        main, [*args[:3], str(tmp_path / "x.safetensors"), *args[4:], "--base-llm", str(other)]
+    )
+    assert refused.exit_code == 1 and "another tokenizer than the VLM's" in refused.output
+    assert not (tmp_path / "x.safetensors").exists()

@@ -209,6 +209,7 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
     )
     module = layout.image_path
     names = (module, f"model.{module}")
+    teacher, teacher_id = _teacher(opts, subject, device)
     deltas, report = learn(
         subject.model,
         subject.processor,
@@ -217,8 +218,10 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
         list(anchors.harmless),
         settings,
         opts.progress,
+        teacher,
     )
     meta = {
+        "teacher": teacher_id,
         "source": source.id,
         "anchors": recipe.anchors,
         "anchors_sha256": anchors.sha256,
@@ -226,6 +229,24 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
         "calibration": report,
     }
     return Edit({f"{module}.{name}": d.cpu() for name, d in deltas.items()}, meta)
+
+
+def _teacher(opts: ConvertOptions, subject: Any, device: str) -> tuple[Any, str]:
+    """The harmful rows' teacher: the base LLM text only (--base-llm ID), or the VLM itself
+    without an image (no base LLM, or 'self')."""
+    base = opts.recipe.base_llm
+    if base.id in (None, SELF):
+        return None, SELF
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .learned import Teacher, check_same_tokenizer
+
+    llm = resolve_model(base.id, base.revision, opts.allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(llm.path)
+    check_same_tokenizer(subject.processor.tokenizer, tokenizer, base.id)
+    dtype = next(subject.model.parameters()).dtype
+    model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=dtype).to(device).eval()
+    return Teacher(model, tokenizer, base.template), llm.id
 
 
 def check_edit_matches(edit: Any, plan: Plan) -> None:
@@ -628,7 +649,8 @@ def reproduce_command(opts: ConvertOptions) -> str:
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
     else:
-        if recipe.mode not in ("image-gap", LEARNED_KIND):
+        teacher = recipe.mode == LEARNED_KIND and recipe.base_llm.id not in (None, SELF)
+        if recipe.mode not in ("image-gap", LEARNED_KIND) or teacher:
             parts += ["--base-llm", path(str(recipe.base_llm.id))]
             if recipe.base_llm.revision:
                 parts += ["--base-revision", recipe.base_llm.revision]

@@ -133,6 +133,40 @@ def hook(module: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 @dataclass
+class Teacher:
+    """A separate text-only teacher: the base LLM (VLM-Guard's "LLM component as supervision").
+    Its tokenizer must be the VLM's (the student learns the teacher's answer tokens)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str | None = None  # a "{request}" format for LLMs without a chat template
+
+    def inputs(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        from .direction import encode, format_prompt
+
+        rows = [
+            encode(self.tokenizer, *format_prompt(self.tokenizer, p, self.template))
+            for p in prompts
+        ]
+        longest = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        device = next(self.model.parameters()).device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def check_same_tokenizer(vlm_tokenizer: Any, teacher_tokenizer: Any, teacher: str) -> None:
+    """The student is taught the teacher's answer tokens: the vocabularies must be one."""
+    if vlm_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise InputError(
+            f"the base LLM {teacher} has another tokenizer than the VLM's (vocabularies differ): "
+            "it cannot teach the VLM token by token; use --base-llm self (the VLM's own "
+            "language model, text only)"
+        )
+
+
+@dataclass
 class Batch:
     """Teacher-forced rows: the student's inputs, where its answer tokens are, the targets."""
 
@@ -151,16 +185,19 @@ def learn(
     harmless: list[str],
     settings: Settings,
     progress: bool = True,
+    teacher: Teacher | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Learn (dW, db) for the image-path Linear; return them by module parameter name
-    ("weight", "bias") and the calibration report (validation before / after)."""
+    ("weight", "bias") and the calibration report (validation before / after). The harmful
+    rows' teacher is ``teacher`` (a base LLM), or the VLM itself without an image."""
     name, module = find_module(model, module_names)
     processor.tokenizer.padding_side = "left"  # prompts end where the answers start
     fit_h, val_h = _split(harmful, settings)
     fit_b, val_b = _split(harmless, settings)
     probes = _probe_rows(settings)
-    fit = _batches(model, processor, fit_h, fit_b, probes[: len(probes) * 4 // 5], settings)
-    val = _batches(model, processor, val_h, val_b, probes[len(probes) * 4 // 5 :], settings)
+    cut = len(probes) * 4 // 5
+    fit = _batches(model, processor, fit_h, fit_b, probes[:cut], settings, teacher)
+    val = _batches(model, processor, val_h, val_b, probes[cut:], settings, teacher)
     before = score(model, val)
     weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)
     bias = None
@@ -202,7 +239,7 @@ def _images(settings: Settings, count: int) -> list[Any]:
 
 
 @torch.no_grad()
-def _batches(model, processor, harmful, harmless, probes, settings) -> list[Batch]:
+def _batches(model, processor, harmful, harmless, probes, settings, teacher=None) -> list[Batch]:
     """Harmful x images -> the model's own text-only answer; harmless x images and probes ->
     its own with-image answer. Targets are computed once: no teacher ever sees the edit."""
     k = len(settings.images)
@@ -213,21 +250,32 @@ def _batches(model, processor, harmful, harmless, probes, settings) -> list[Batc
     for rows, is_harmful in ((rows_h, True), (rows_b + probes, False)):
         for start in range(0, len(rows), settings.batch_size):
             chunk = rows[start : start + settings.batch_size]
-            out.append(_teacher_batch(model, processor, chunk, is_harmful, settings))
+            teach = teacher if is_harmful else None
+            out.append(_teacher_batch(model, processor, chunk, is_harmful, settings, teach))
     return out
 
 
-def _teacher_batch(model, processor, rows, harmful: bool, settings: Settings) -> Batch:
+def _teacher_batch(model, processor, rows, harmful: bool, settings: Settings, teacher) -> Batch:
     from .gap import chat_batch
 
     prompts = [p for p, _ in rows]
-    with_image = chat_batch(processor, prompts, [img for _, img in rows])
-    teacher_in = chat_batch(processor, prompts, [None] * len(rows)) if harmful else with_image
-    answers, mask = _greedy(model, processor, teacher_in, settings.max_new_tokens)
-    logits = _answer_logits(model, teacher_in, answers, mask)
+    device = next(model.parameters()).device
+    with_image = _to(chat_batch(processor, prompts, [img for _, img in rows]), device)
+    if teacher is not None:  # the base LLM, text only, in its own chat format
+        teacher_model, teacher_in = teacher.model, teacher.inputs(prompts)
+    else:
+        teacher_model = model
+        text_only = _to(chat_batch(processor, prompts, [None] * len(rows)), device)
+        teacher_in = text_only if harmful else with_image
+    answers, mask = _greedy(teacher_model, processor, teacher_in, settings.max_new_tokens)
+    logits = _answer_logits(teacher_model, teacher_in, answers, mask)
     student = _extend(with_image, answers, mask)
     start = with_image["input_ids"].shape[1]
     return Batch(student, start, mask, torch.log_softmax(logits, -1), harmful)
+
+
+def _to(batch, device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _greedy(model, processor, batch, max_new_tokens: int):

@@ -14,7 +14,16 @@ from typing import Any
 from .checkpoint import is_hub_id
 
 _KEEP = (None, "", "default", "self")
-PATH_KEYS = ("base_model", "source_model", "anchors", "model", "id", "from_file")
+PATH_KEYS = (
+    "teacher",
+    "source",
+    "base_model",
+    "source_model",
+    "anchors",
+    "model",
+    "id",
+    "from_file",
+)
 _MAX_UP = 2  # a relative path that climbs further would spell out the user's tree
 
 

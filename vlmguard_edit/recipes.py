@@ -239,11 +239,6 @@ def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
         if "shift_direction" in explicit or "gamma" in explicit:
             problems.append("gamma / shift_direction: projector-shift options, not image-gap's")
     if recipe.mode == "image-path":
-        if recipe.base_llm.id not in (None, SELF):
-            problems.append(
-                "base_llm: image-path learns from the VLM's own text-only answers (its language "
-                "model is the supervisor); leave base_llm out"
-            )
         foreign = sorted({"layers", "rank", "beta", "gamma", "shift_direction"} & explicit)
         if foreign:
             problems.append(
