@@ -241,6 +241,12 @@ def direction_options(func):
 @click.option(
     "--images", help="image-path: training images, from blank,noise,scene (default all three)."
 )
+@click.option(
+    "--search",
+    metavar="EPOCHS:RATE,...",
+    help="image-path: candidates to calibrate over, e.g. 40:1e-3,80:3e-3 (scored on held-out "
+    "anchors, one picked by a fixed rule).",
+)
 @click.option("--gamma", type=float, help="projector-shift strength (default 1).")
 @click.option(
     "--shift-direction",
@@ -269,6 +275,7 @@ def convert(
     epochs,
     learning_rate,
     images,
+    search,
     revision,
     dry_run,
     overwrite,
@@ -302,9 +309,11 @@ def convert(
         epochs=epochs,
         learning_rate=learning_rate,
         images=kinds,
+        search=_search(search),
     )
     options = (("beta", beta), ("gamma", gamma), ("shift_direction", shift_direction))
     options += (("epochs", epochs), ("learning_rate", learning_rate), ("images", kinds))
+    options += (("search", search),)
     problems = mode_problems(recipe, {name for name, value in options if value is not None})
     if problems:
         raise click.UsageError("; ".join(problems))
@@ -944,6 +953,22 @@ def _image_kinds(images: str | None) -> list[str] | None:
     if bad or not kinds:
         raise click.BadParameter(f"use some of {','.join(IMAGE_KINDS)}", param_hint="--images")
     return kinds
+
+
+def _search(search: str | None) -> list[dict] | None:
+    """'40:1e-3,80:3e-3' -> [{epochs: 40, learning_rate: 0.001}, ...]."""
+    if search is None:
+        return None
+    out = []
+    for item in search.split(","):
+        try:
+            epochs, rate = item.split(":")
+            out.append({"epochs": int(epochs), "learning_rate": float(rate)})
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: use EPOCHS:RATE", param_hint="--search") from None
+        if out[-1]["epochs"] < 1 or not 0 < out[-1]["learning_rate"] < 1:
+            raise click.BadParameter(f"{item!r}: epochs >= 1, 0 < rate < 1", param_hint="--search")
+    return out
 
 
 def _span(layers: list[int]) -> str:

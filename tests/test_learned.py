@@ -25,6 +25,15 @@ IMAGE_PATH_FAMILIES = sorted(
 )
 
 
+@pytest.fixture
+def anchors(tmp_path):
+    """16 of the organism's anchor pairs: learning in tests costs seconds, not minutes."""
+    lines = (ORGANISM / "anchors.jsonl").read_text().splitlines()[:16]
+    path = tmp_path / "anchors.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def random_edit(folder: Path, seed: int = 0, scale: float = 0.05) -> learned.Edit:
     checkpoint = open_checkpoint(folder)
     layout = find_layout(checkpoint.config, checkpoint.keys)
@@ -166,7 +175,7 @@ def test_learning_moves_image_answers_to_the_text_only_ones():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path):
+def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path, anchors):
     from click.testing import CliRunner
 
     from cli import main
@@ -174,7 +183,7 @@ def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path):
     runner = CliRunner()
     out = tmp_path / "edit.safetensors"
     args = ["calibrate", str(ORGANISM / "vlm"), "-o", str(out), "-q", "--epochs", "1"]
-    args += ["--anchors", str(ORGANISM / "anchors.jsonl"), "--images", "blank"]
+    args += ["--anchors", str(anchors), "--images", "blank"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "harmful_first_token_agreement" in result.output and out.is_file()
@@ -190,14 +199,14 @@ def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path):
     assert (guarded / "vlmguard_edit.safetensors").read_bytes() == out.read_bytes()
 
 
-def test_the_base_llm_can_teach_when_it_shares_the_tokenizer(tmp_path):
+def test_the_base_llm_can_teach_when_it_shares_the_tokenizer(tmp_path, anchors):
     from click.testing import CliRunner
 
     from cli import main
 
     out = tmp_path / "edit.safetensors"
     args = ["calibrate", str(ORGANISM / "vlm"), "-o", str(out), "-q", "--epochs", "1"]
-    args += ["--anchors", str(ORGANISM / "anchors.jsonl"), "--images", "blank"]
+    args += ["--anchors", str(anchors), "--images", "blank"]
     result = CliRunner().invoke(main, [*args, "--base-llm", str(ORGANISM / "llm")])
     assert result.exit_code == 0, result.output
     meta = learned.Edit.load(out).meta
@@ -208,3 +217,47 @@ def test_the_base_llm_can_teach_when_it_shares_the_tokenizer(tmp_path):
     )
     assert refused.exit_code == 1 and "another tokenizer than the VLM's" in refused.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_calibration_rule():
+    def row(agree, kl, keep):
+        return (
+            {
+                "harmful_first_token_agreement": agree,
+                "harmful_kl_to_text_only": kl,
+                "preservation_kl": keep,
+            },
+            (agree, kl, keep),
+        )
+
+    assert learned.pick([row(0.9, 0.1, 0.01), row(1.0, 0.1, 0.2)])[1] == (0.9, 0.1, 0.01)
+    assert learned.pick([row(0.9, 0.2, 0.01), row(0.9, 0.1, 0.04)])[1] == (0.9, 0.1, 0.04)
+    assert learned.pick([row(0.9, 0.2, 0.3), row(0.5, 0.1, 0.2)])[1] == (0.5, 0.1, 0.2)
+    recipe = recipe_from_dict(
+        {"mode": "image-path", "search": [{"epochs": 2, "learning_rate": 0.01}]}
+    )
+    assert recipe.search == [{"epochs": 2, "learning_rate": 0.01}]
+    with pytest.raises(RecipeError, match="search: expected a list of"):
+        recipe_from_dict({"mode": "image-path", "search": [{"epochs": 0, "learning_rate": 0.1}]})
+
+
+def test_convert_calibrates_over_the_search_and_records_every_candidate(tmp_path, anchors):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = tmp_path / "guarded"
+    args = ["convert", str(ORGANISM / "vlm"), "--mode", "image-path", "-o", str(out), "-q"]
+    args += ["--anchors", str(anchors), "--images", "blank"]
+    result = CliRunner().invoke(main, [*args, "--search", "1:1e-4,1:1e-2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "vlmguard.json").read_text())
+    report = record["direction"]["calibration"]
+    assert [(c["epochs"], c["learning_rate"]) for c in report["candidates"]] == [
+        (1, 1e-4),
+        (1, 1e-2),
+    ]
+    assert report["after"] in report["candidates"]
+    assert "--search 1:0.0001,1:0.01" in record["command"]
+    bad = CliRunner().invoke(main, [*args[:5], str(tmp_path / "x"), "--search", "1e-3"])
+    assert bad.exit_code == 2 and "EPOCHS:RATE" in bad.output

@@ -206,6 +206,7 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
         learning_rate=recipe.learning_rate,
         images=tuple(recipe.images),
         batch_size=recipe.batch_size,
+        candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
     )
     module = layout.image_path
     names = (module, f"model.{module}")
@@ -661,6 +662,9 @@ def reproduce_command(opts: ConvertOptions) -> str:
     parts += ["--mode", recipe.mode]
     if recipe.mode == LEARNED_KIND:
         parts += ["--epochs", str(recipe.epochs), "--learning-rate", f"{recipe.learning_rate:g}"]
+        if recipe.search:
+            tried = [f"{c['epochs']}:{c['learning_rate']:g}" for c in recipe.search]
+            parts += ["--search", ",".join(tried)]
         return shlex.join([*parts, "--images", ",".join(recipe.images)])
     if recipe.mode == "projector-shift":
         parts += ["--gamma", f"{recipe.gamma:g}", "--shift-direction", recipe.shift_direction]

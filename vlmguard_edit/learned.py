@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,9 @@ class Settings:
     max_new_tokens: int = 24
     batch_size: int = 16
     seed: int = 0
+    # (epochs, learning rate) pairs to try; each is scored on the held-out anchors and one is
+    # picked by ``pick``. Empty: just (epochs, learning_rate).
+    candidates: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -199,18 +202,46 @@ def learn(
     fit = _batches(model, processor, fit_h, fit_b, probes[:cut], settings, teacher)
     val = _batches(model, processor, val_h, val_b, probes[cut:], settings, teacher)
     before = score(model, val)
+    tried = []
+    for epochs, rate in settings.candidates or ((settings.epochs, settings.learning_rate),):
+        candidate = replace(settings, epochs=epochs, learning_rate=rate)
+        deltas = _fit(model, module, fit, candidate, progress)
+        with hook(module, deltas["weight"], deltas.get("bias")):
+            after = score(model, val)
+        tried.append(({"epochs": epochs, "learning_rate": rate, **after}, deltas))
+    chosen, deltas = pick(tried)
+    report = {"module": name, "settings": asdict(settings), "before": before, "after": chosen}
+    if len(tried) > 1:
+        report["candidates"] = [row for row, _ in tried]
+    return deltas, report
+
+
+PRESERVATION_MAX = 0.05  # the calibration rule's bound on held-out preservation KL
+
+
+def pick(tried: list[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], Any]:
+    """The calibration rule: among candidates whose held-out preservation KL is at most
+    PRESERVATION_MAX, the highest harmful first-token agreement (ties: the lower harmful KL);
+    if none keeps that bound, the one with the lowest preservation KL."""
+    kept = [t for t in tried if t[0]["preservation_kl"] <= PRESERVATION_MAX]
+    if not kept:
+        return min(tried, key=lambda t: t[0]["preservation_kl"])
+    return max(
+        kept,
+        key=lambda t: (t[0]["harmful_first_token_agreement"], -t[0]["harmful_kl_to_text_only"]),
+    )
+
+
+def _fit(model, module, fit: list[Batch], settings: Settings, progress: bool):
     weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)
     bias = None
     if module.bias is not None:
         bias = torch.zeros_like(module.bias, dtype=torch.float32, requires_grad=True)
     _train(model, module, weight, bias, fit, settings, progress)
-    with hook(module, weight.detach(), None if bias is None else bias.detach()):
-        after = score(model, val)
-    report = {"module": name, "settings": asdict(settings), "before": before, "after": after}
     deltas = {"weight": weight.detach()}
     if bias is not None:
         deltas["bias"] = bias.detach()
-    return deltas, report
+    return deltas
 
 
 def _split(prompts: list[str], settings: Settings) -> tuple[list[str], list[str]]:

@@ -60,6 +60,9 @@ class Recipe:
     epochs: int = 40
     learning_rate: float = 1e-3
     images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
+    # image-path calibration: candidates {epochs, learning_rate} tried one by one, each
+    # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
+    search: list[dict[str, Any]] = field(default_factory=list)
     notes: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +70,7 @@ class Recipe:
 
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
-_TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images"}
+_TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
 MODES = ("writers", "projector-shift", "image-gap", "image-path")
 IMAGE_KINDS = ("blank", "noise", "scene")
 SHIFT_DIRECTIONS = ("attention", "ssd")
@@ -179,6 +182,8 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     good = isinstance(kinds, list) and kinds and all(k in IMAGE_KINDS for k in kinds)
     if check("images", bool(good), f"a list of {', '.join(IMAGE_KINDS)}"):
         recipe.images = list(kinds)
+    if "search" in data:
+        recipe.search = _search(data["search"], problems)
     if check("notes", isinstance(data.get("notes"), str), "text"):
         recipe.notes = data["notes"]
     problems += mode_problems(recipe, explicit=set(data))
@@ -245,9 +250,27 @@ def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
                 f"{', '.join(foreign)}: not used by image-path (it edits the image-to-language "
                 "Linear, learned)"
             )
-    elif {"epochs", "learning_rate", "images"} & explicit:
-        problems.append("epochs / learning_rate / images: image-path options only")
+    elif {"epochs", "learning_rate", "images", "search"} & explicit:
+        problems.append("epochs / learning_rate / images / search: image-path options only")
     return problems
+
+
+def _search(value: Any, problems: list[str]) -> list[dict[str, Any]]:
+    """A list of {epochs: int >= 1, learning_rate: number in (0, 1)} candidates."""
+    expected = "a list of {epochs: N, learning_rate: R} mappings"
+    if not isinstance(value, list) or not value:
+        problems.append(f"search: expected {expected}, got {value!r}")
+        return []
+    out = []
+    for item in value:
+        good = isinstance(item, dict) and set(item) == {"epochs", "learning_rate"}
+        good = good and _is_int(item["epochs"]) and item["epochs"] >= 1
+        good = good and _is_number(item["learning_rate"]) and 0 < item["learning_rate"] < 1
+        if not good:
+            problems.append(f"search: expected {expected}, got the item {item!r}")
+            continue
+        out.append({"epochs": item["epochs"], "learning_rate": float(item["learning_rate"])})
+    return out
 
 
 def _base_llm(value: Any, problems: list[str]) -> BaseLLM:
