@@ -489,7 +489,8 @@ def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, 
     )
     edit = run_calibrate(opts)
     report = edit.meta["calibration"]
-    click.echo(f"wrote {output}: {report['module']} learned ({resolved.epochs} epochs)")
+    modules = ", ".join(report["modules"])
+    click.echo(f"wrote {output}: {modules} learned ({report['after']['epochs']} epochs)")
     for key in ("harmful_first_token_agreement", "harmful_kl_to_text_only", "preservation_kl"):
         before, after = report["before"][key], report["after"][key]
         click.echo(f"  {key:32s} {before:8.3f} -> {after:8.3f}   (held-out anchors)")

@@ -14,6 +14,7 @@ from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import InputError, PlanError, RecipeError
 from vlmguard_edit.evaluate import load_processor
 from vlmguard_edit.layout import FAMILIES, find_layout
+from vlmguard_edit.plan import build_plan
 from vlmguard_edit.recipes import Recipe, recipe_from_dict
 from vlmguard_edit.verify import verify
 
@@ -35,15 +36,12 @@ def anchors(tmp_path):
 
 
 def random_edit(folder: Path, seed: int = 0, scale: float = 0.05) -> learned.Edit:
+    """Random deltas for every tensor the image-path plan of ``folder`` names."""
     checkpoint = open_checkpoint(folder)
     layout = find_layout(checkpoint.config, checkpoint.keys)
+    plan = build_plan(checkpoint, layout, [], 1, -1.0, "image-path")
     generator = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for suffix in ("weight", "bias"):
-        key = f"{layout.image_path}.{suffix}"
-        if key in checkpoint.keys:
-            shape = checkpoint.info(key).shape
-            deltas[key] = scale * torch.randn(*shape, generator=generator)
+    deltas = {e.key: scale * torch.randn(*e.shape, generator=generator) for e in plan.edits}
     return learned.Edit(deltas, {"source": "test"})
 
 
@@ -157,11 +155,10 @@ def test_learning_moves_image_answers_to_the_text_only_ones():
     rows = rows[:20]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     settings = learned.Settings(epochs=4, probes=8, images=("blank",), batch_size=8)
-    names = ("model.multi_modal_projector.linear_2",)
     deltas, report = learned.learn(
         model,
         processor,
-        names,
+        ["multi_modal_projector.linear_2"],
         [r["harmful"] for r in rows],
         [r["harmless"] for r in rows],
         settings,
@@ -171,7 +168,8 @@ def test_learning_moves_image_answers_to_the_text_only_ones():
     assert after["harmful_kl_to_text_only"] < 0.5 * before["harmful_kl_to_text_only"]
     assert before["preservation_kl"] == pytest.approx(0, abs=1e-6)
     assert after["preservation_kl"] < 0.1
-    assert set(deltas) == {"weight", "bias"} and deltas["weight"].abs().max() > 0
+    key = "multi_modal_projector.linear_2"
+    assert set(deltas) == {f"{key}.weight", f"{key}.bias"} and deltas[f"{key}.weight"].any()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -261,3 +259,35 @@ def test_convert_calibrates_over_the_search_and_records_every_candidate(tmp_path
     assert "--search 1:0.0001,1:0.01" in record["command"]
     bad = CliRunner().invoke(main, [*args[:5], str(tmp_path / "x"), "--search", "1e-3"])
     assert bad.exit_code == 2 and "EPOCHS:RATE" in bad.output
+
+
+def test_mllama_cross_attention_writers_are_on_the_image_path(tmp_path):
+    """mllama: the projector and the cross-attention layers' writers (which a text-only
+    forward skips) are learned and folded; fold == hooks with an image, text-only identical."""
+    from vlmguard_edit import images, organism
+
+    member = organism.build_organism(
+        tmp_path / "m", seed=4, progress=False, stage1_steps=2, stage2_steps=2, variant="mllama"
+    )
+    source = member / "vlm"
+    edit = random_edit(source, seed=3)
+    result = folded(tmp_path, source, edit)
+    modules = {e.module for e in result.plan.edits}
+    assert modules == {
+        "multi_modal_projector",
+        "language_model.model.layers.2.cross_attn.o_proj",
+        "language_model.model.layers.2.mlp.down_proj",
+    }
+    guarded = AutoModelForImageTextToText.from_pretrained(tmp_path / "guarded").eval()
+    original = AutoModelForImageTextToText.from_pretrained(source).eval()
+    processor = load_processor(source)
+    processor.tokenizer.padding_side = "left"
+    with_image, text_only = organism_inputs(processor, images.scene(2))
+    loaded = {m: learned.find_module(original, learned.memory_names(m))[1] for m in modules}
+    with torch.no_grad():
+        assert torch.equal(guarded(**text_only).logits, original(**text_only).logits)
+        after = guarded(**with_image).logits
+        plain = original(**with_image).logits
+        with learned.hooks(loaded, edit.deltas):
+            hooked = original(**with_image).logits
+    assert (after - hooked).abs().max() < 1e-5 and (after - plain).abs().max() > 1e-3

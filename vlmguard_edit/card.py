@@ -132,15 +132,17 @@ for how the defaults were chosen. The license of the source model applies.
 
 def _learned_text(record: dict[str, Any]) -> tuple[str, str]:
     recipe, direction = record["recipe"], record["direction"]
-    module = record["edits"][0]["module"]
+    modules = list(dict.fromkeys(edit["module"] for edit in record["edits"]))
+    module = ", ".join(f"`{m}`" for m in modules)
     what = (
-        f"Only the image-to-language Linear `{module}` changed, so the edit acts only when an "
-        "image is in the prompt: text-only behaviour is exactly the original's."
+        f"Only {module} changed (the image-to-language path, which a text-only prompt never "
+        "reaches), so the edit acts only when an image is in the prompt: text-only behaviour "
+        "is exactly the original's."
     )
     report = direction.get("calibration") or {}
     before, after = report.get("before") or {}, report.get("after") or {}
     how = (
-        f"A change dW, db of `{module}` was learned ({recipe['epochs']} epochs, Adam "
+        f"A change dW, db of {module} was learned ({recipe['epochs']} epochs, Adam "
         f"{recipe['learning_rate']:g}) so that, with an image ({', '.join(recipe['images'])}), "
         f"the model answers {direction['num_anchor_pairs']} harmful anchor prompts as it does "
         "text only (its own text-only answers are the teacher: the language model supervises "

@@ -160,7 +160,7 @@ def calibrate(opts: ConvertOptions) -> Any:
         checkpoint = open_checkpoint(source.path)
         layout = find_layout(checkpoint.config, checkpoint.keys)
         plan = build_plan(checkpoint, layout, [], 1, -1.0, LEARNED_KIND)  # refuses early
-        edit = _learned_edit(opts, source, layout)
+        edit = _learned_edit(opts, source, plan)
         check_edit_matches(edit, plan)
         public = replace(edit, meta=scrub(edit.meta))
         public.save(output)  # written beside and renamed
@@ -179,7 +179,7 @@ def _parameters(
         edit = (
             Edit.load(opts.direction_file)
             if opts.direction_file
-            else _learned_edit(opts, source, layout)
+            else _learned_edit(opts, source, plan)
         )
         check_edit_matches(edit, plan)
         return edit, replace(edit, meta=scrub(edit.meta)), None
@@ -192,7 +192,7 @@ def _parameters(
     return vectors, replace(direction, meta=scrub(direction.meta)), base_check
 
 
-def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
+def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
     """Learn the image-path edit on the source VLM, supervised by its own text-only answers."""
     from .evaluate import Subject
     from .learned import Edit, Settings, learn
@@ -208,13 +208,12 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
         batch_size=recipe.batch_size,
         candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
     )
-    module = layout.image_path
-    names = (module, f"model.{module}")
+    targets = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
     teacher, teacher_id = _teacher(opts, subject, device)
     deltas, report = learn(
         subject.model,
         subject.processor,
-        names,
+        targets,
         list(anchors.harmful),
         list(anchors.harmless),
         settings,
@@ -229,7 +228,7 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, layout: Layout):
         "num_anchor_pairs": len(anchors),
         "calibration": report,
     }
-    return Edit({f"{module}.{name}": d.cpu() for name, d in deltas.items()}, meta)
+    return Edit({key: d.cpu() for key, d in deltas.items()}, meta)
 
 
 def _teacher(opts: ConvertOptions, subject: Any, device: str) -> tuple[Any, str]:

@@ -114,6 +114,22 @@ def find_module(model: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, to
     raise PlanError(f"no image-path Linear found in the loaded model (tried {', '.join(names)})")
 
 
+def memory_names(module: str) -> tuple[str, ...]:
+    """The names a checkpoint module may have in the loaded model (transformers 5 nests the
+    Hub's ``language_model.model.`` and top-level projectors under ``model.``)."""
+    nested = module.replace("language_model.model.", "model.language_model.", 1)
+    return tuple(dict.fromkeys((module, f"model.{module}", nested)))
+
+
+@contextlib.contextmanager
+def hooks(modules: dict[str, torch.nn.Linear], deltas: dict[str, torch.Tensor]):
+    """The runtime reference of a whole edit: one ``hook`` per module (keyed as the deltas)."""
+    with contextlib.ExitStack() as stack:
+        for name, module in modules.items():
+            stack.enter_context(hook(module, deltas[f"{name}.weight"], deltas.get(f"{name}.bias")))
+        yield
+
+
 @contextlib.contextmanager
 def hook(module: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
     """The runtime reference of the fold: module(x) + x dW^T (+ db), the module unchanged."""
@@ -183,17 +199,18 @@ class Batch:
 def learn(
     model: torch.nn.Module,
     processor: Any,
-    module_names: tuple[str, ...],
+    targets: list[str],
     harmful: list[str],
     harmless: list[str],
     settings: Settings,
     progress: bool = True,
     teacher: Teacher | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Learn (dW, db) for the image-path Linear; return them by module parameter name
-    ("weight", "bias") and the calibration report (validation before / after). The harmful
-    rows' teacher is ``teacher`` (a base LLM), or the VLM itself without an image."""
-    name, module = find_module(model, module_names)
+    """Learn a (dW, db) for each Linear in ``targets`` (checkpoint module names, all on the
+    image path); return them keyed "<module>.weight" / "<module>.bias" and the calibration
+    report. The harmful rows' teacher is ``teacher`` (a base LLM), or the VLM itself without
+    an image."""
+    modules = {t: find_module(model, memory_names(t))[1] for t in targets}
     processor.tokenizer.padding_side = "left"  # prompts end where the answers start
     fit_h, val_h = _split(harmful, settings)
     fit_b, val_b = _split(harmless, settings)
@@ -205,12 +222,12 @@ def learn(
     tried = []
     for epochs, rate in settings.candidates or ((settings.epochs, settings.learning_rate),):
         candidate = replace(settings, epochs=epochs, learning_rate=rate)
-        deltas = _fit(model, module, fit, candidate, progress)
-        with hook(module, deltas["weight"], deltas.get("bias")):
+        deltas = _fit(model, modules, fit, candidate, progress)
+        with hooks(modules, deltas):
             after = score(model, val)
         tried.append(({"epochs": epochs, "learning_rate": rate, **after}, deltas))
     chosen, deltas = pick(tried)
-    report = {"module": name, "settings": asdict(settings), "before": before, "after": chosen}
+    report = {"modules": targets, "settings": asdict(settings), "before": before, "after": chosen}
     if len(tried) > 1:
         report["candidates"] = [row for row, _ in tried]
     return deltas, report
@@ -232,16 +249,16 @@ def pick(tried: list[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], Any]:
     )
 
 
-def _fit(model, module, fit: list[Batch], settings: Settings, progress: bool):
-    weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=True)
-    bias = None
-    if module.bias is not None:
-        bias = torch.zeros_like(module.bias, dtype=torch.float32, requires_grad=True)
-    _train(model, module, weight, bias, fit, settings, progress)
-    deltas = {"weight": weight.detach()}
-    if bias is not None:
-        deltas["bias"] = bias.detach()
-    return deltas
+def _fit(model, modules: dict[str, torch.nn.Linear], fit: list[Batch], settings, progress):
+    deltas = {}
+    for name, module in modules.items():
+        deltas[f"{name}.weight"] = torch.zeros_like(module.weight, dtype=torch.float32)
+        if module.bias is not None:
+            deltas[f"{name}.bias"] = torch.zeros_like(module.bias, dtype=torch.float32)
+    for delta in deltas.values():
+        delta.requires_grad_(True)
+    _train(model, modules, deltas, fit, settings, progress)
+    return {k: d.detach() for k, d in deltas.items()}
 
 
 def _split(prompts: list[str], settings: Settings) -> tuple[list[str], list[str]]:
@@ -360,15 +377,14 @@ def _student_logits(model, batch: Batch) -> torch.Tensor:
     return logits[:, batch.start - 1 : batch.start - 1 + batch.mask.shape[1]].float()
 
 
-def _train(model, module, weight, bias, batches, settings: Settings, progress: bool) -> None:
-    params = [weight] + ([bias] if bias is not None else [])
-    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+def _train(model, modules, deltas, batches, settings: Settings, progress: bool) -> None:
+    optimizer = torch.optim.Adam(list(deltas.values()), lr=settings.learning_rate)
     for p in model.parameters():
         p.requires_grad_(False)
     order = list(range(len(batches)))
     rng = random.Random(settings.seed)
     bar = tqdm(total=settings.epochs * len(batches), desc="learning", disable=not progress)
-    with hook(module, weight, bias):
+    with hooks(modules, deltas):
         for _ in range(settings.epochs):
             rng.shuffle(order)
             for i in order:

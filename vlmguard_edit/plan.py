@@ -54,8 +54,9 @@ class Plan:
                 f"b <- b + {self.gamma:g} * u on the projector output ({u}, layer {self.layers[0]})"
             )
         if self.mode == "image-path":
-            module = self.edits[0].module
-            return f"W <- W + dW, b <- b + db on {module} (learned; image tokens only)"
+            modules = list(dict.fromkeys(e.module for e in self.edits))
+            where = modules[0] + (f" and {len(modules) - 1} more" if len(modules) > 1 else "")
+            return f"W <- W + dW, b <- b + db on {where} (learned; image path only)"
         if self.mode == "image-gap":
             return "W_o <- (I - d_l d_l^T) W_o on attention o_proj   (d_l: image-gap direction)"
         text = f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
@@ -211,13 +212,21 @@ def _image_path_edits(checkpoint: Checkpoint, layout: Layout) -> list[PlannedEdi
             f"{layout.family.model_type}: no image-to-language Linear found ({known}); "
             "image-path cannot be used"
         )
+    # Cross-attention layers (mllama) run only when an image is in the prompt (a text-only
+    # forward skips them): their writers are on the image path too.
+    modules = [(-1, module)] + [
+        (w.layer, w.weight.removesuffix(".weight"))
+        for layer in layout.cross_layers
+        for w in layout.writers[layer]
+    ]
     edits = []
-    for key in (f"{module}.weight", f"{module}.bias"):
-        if key not in checkpoint.key_to_file:
-            continue
-        info = checkpoint.info(key)
-        if info.dtype not in FLOAT_DTYPES:
-            raise PlanError(f"{key} is {info.dtype}; only float weights can be edited")
-        file = checkpoint.key_to_file[key]
-        edits.append(PlannedEdit(key, file, -1, module, info.dtype, info.shape, "delta"))
+    for layer, name in modules:
+        for key in (f"{name}.weight", f"{name}.bias"):
+            if key not in checkpoint.key_to_file:
+                continue
+            info = checkpoint.info(key)
+            if info.dtype not in FLOAT_DTYPES:
+                raise PlanError(f"{key} is {info.dtype}; only float weights can be edited")
+            file = checkpoint.key_to_file[key]
+            edits.append(PlannedEdit(key, file, layer, name, info.dtype, info.shape, "delta"))
     return edits
