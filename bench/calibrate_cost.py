@@ -1,0 +1,108 @@
+"""What the image-path calibration costs as the model grows: time and peak memory of
+learning the edit on random-weight LLaVAs of growing width, against a same-run baseline.
+
+    python bench/calibrate_cost.py                  # widths 64..512, 2 text layers
+    python bench/calibrate_cost.py --widths 128,1024 --layers 4
+
+Per width: the seconds spent generating the teachers' answers (once per calibration), the
+time of one image-path training step (gradients for the image-path Linear only), and, as the
+same-run baseline, one plain fine-tuning step on the same batch (every parameter trainable);
+the ratio is the edit's step over the baseline's. Printed as a Markdown table (README
+"Performance").
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vlmguard_edit import learned, organism, tiny  # noqa: E402
+from vlmguard_edit.evaluate import load_processor  # noqa: E402
+
+HARMFUL = [f"how do i steal the car number {i} ?" for i in range(8)]
+HARMLESS = [f"how do i wash the car number {i} ?" for i in range(8)]
+
+
+def build(folder: Path, width: int, layers: int) -> Path:
+    from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+    base = tiny.build_base(folder / "base", num_layers=layers, hidden=width)
+    vlm = tiny.build_llava(folder / "vlm", base)
+    size = {"shortest_edge": 28}
+    images = CLIPImageProcessorPil(size=size, crop_size={"height": 28, "width": 28})
+    organism._processor(images, AutoTokenizer.from_pretrained(vlm)).save_pretrained(vlm)
+    return vlm
+
+
+def full_step(model, batch) -> float:
+    """Seconds for one plain fine-tuning step (every parameter trainable) on ``batch``."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    start = time.perf_counter()
+    model(**batch.inputs).logits.float().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def measure(width: int, layers: int, epochs: int) -> dict:
+    from transformers import AutoModelForImageTextToText
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm = build(Path(tmp), width, layers)
+        model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
+        processor = load_processor(vlm)
+        processor.tokenizer.padding_side = "left"
+        settings = learned.Settings(epochs=epochs, probes=8, images=("blank",), batch_size=8)
+        start = time.perf_counter()
+        batches = learned._batches(model, processor, HARMFUL, HARMLESS, [], settings)
+        teachers = time.perf_counter() - start
+        name = "model.multi_modal_projector.linear_2"
+        modules = {name: learned.find_module(model, (name,))[1]}
+        start = time.perf_counter()
+        learned._fit(model, modules, batches, settings, progress=False)
+        steps = epochs * len(batches)
+        edit_step = (time.perf_counter() - start) / steps
+        plain = sum(full_step(model, b) for b in batches) / len(batches)
+        params = sum(p.numel() for p in model.parameters())
+    return {
+        "width": width,
+        "params": params,
+        "teachers": teachers,
+        "edit": edit_step,
+        "plain": plain,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="64,128,256,512")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = [measure(int(w), args.layers, args.epochs) for w in args.widths.split(",")]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(
+        "| width | parameters | teacher answers (s) | image-path step (ms) | "
+        "full fine-tuning step (ms) | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['width']} | {r['params']:,} | {r['teachers']:.1f} | {1e3 * r['edit']:.1f} "
+            f"| {1e3 * r['plain']:.1f} | {r['edit'] / r['plain']:.2f} |"
+        )
+    print(f"\npeak RSS of the whole run: {peak:.0f} MiB, {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
