@@ -68,3 +68,27 @@ def test_vision_tower_is_frozen_in_stage_two(tokenizer):
         frozen = {n for n, p in vlm.named_parameters() if not p.requires_grad}
         assert frozen and all("vision_model." in n for n in frozen)
         assert any("vision_model." in n for n, _ in vlm.named_parameters())
+
+
+def test_eval_against_an_mllama_original_computes_kl(tmp_path):
+    """KL needs the prompt's cross_attention_mask carried over the answer tokens (it failed
+    with 'size of tensor a (35) must match ... (11)' before)."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = organism.build_organism(
+        tmp_path / "m", seed=2, progress=False, stage1_steps=2, stage2_steps=2, variant="mllama"
+    )
+    args = ["eval", str(out / "vlm"), "--against", str(out / "vlm"), "-o", str(tmp_path / "r")]
+    args += [
+        "--harmful",
+        str(out / "eval_harmful.jsonl"),
+        "--benign",
+        str(out / "eval_benign.jsonl"),
+    ]
+    args += ["--settings", "text,blank", "--limit", "2", "--max-new-tokens", "6", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert report["settings"]["blank"]["kl"] == pytest.approx(0, abs=1e-6)

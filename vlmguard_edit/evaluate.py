@@ -29,7 +29,7 @@ from . import images as imgs
 from .card import CARD, RECORD, record_files
 from .compat import family_of, forward_errors
 from .errors import InputError
-from .gap import chat_batch
+from .gap import chat_batch, extend_aligned
 from .judge import COMPLIANCE, NEITHER, REFUSAL, combine, judge
 from .writes import ensure_parent, remove_stale, replace_file
 
@@ -155,7 +155,7 @@ class Subject:
     def logits(
         self, batch: dict[str, torch.Tensor], sequences: torch.Tensor, attention: torch.Tensor
     ) -> torch.Tensor:
-        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        extra = extend_aligned(batch, sequences.shape[1])  # mllama's cross_attention_mask
         with self._hooks(), forward_errors(family_of(self.model)):
             return self.model(input_ids=sequences, attention_mask=attention, **extra).logits.float()
 

@@ -59,6 +59,22 @@ def chat_batch(processor: Any, prompts: list[str], images: list[Any]) -> dict[st
     )
 
 
+def extend_aligned(batch: dict[str, torch.Tensor], total: int) -> dict[str, torch.Tensor]:
+    """The prompt batch's extra inputs for a sequence grown to ``total`` tokens: inputs aligned
+    with the prompt's tokens (mllama's cross_attention_mask) carry their last position over
+    the new tokens, as generate does; input_ids / attention_mask are left out."""
+    length = batch["input_ids"].shape[1]
+    out = {}
+    for key, value in batch.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if key != "pixel_values" and value.ndim >= 2 and value.shape[1] == length < total:
+            tail = value[:, -1:].expand(-1, total - length, *value.shape[2:])
+            value = torch.cat([value, tail], 1)
+        out[key] = value
+    return out
+
+
 @torch.no_grad()
 def attention_outputs(
     model: torch.nn.Module,

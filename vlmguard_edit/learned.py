@@ -340,20 +340,15 @@ def _greedy(model, processor, batch, max_new_tokens: int):
 
 
 def _extend(batch: dict[str, torch.Tensor], answers: torch.Tensor, mask: torch.Tensor):
-    """The prompt batch with the answer tokens appended (inputs aligned to the sequence, such
-    as mllama's cross_attention_mask, carry their last position over the answer)."""
-    length = batch["input_ids"].shape[1]
-    out = {}
-    for key, value in batch.items():
-        if key == "input_ids":
-            out[key] = torch.cat([value, answers], 1)
-        elif key == "attention_mask":
-            out[key] = torch.cat([value, mask.to(value.dtype)], 1)
-        elif value.ndim >= 2 and value.shape[1] == length and key != "pixel_values":
-            tail = value[:, -1:].expand(-1, answers.shape[1], *value.shape[2:])
-            out[key] = torch.cat([value, tail], 1)
-        else:
-            out[key] = value
+    """The prompt batch with the answer tokens appended."""
+    from .gap import extend_aligned
+
+    total = batch["input_ids"].shape[1] + answers.shape[1]
+    out = extend_aligned(batch, total)
+    out["input_ids"] = torch.cat([batch["input_ids"], answers], 1)
+    out["attention_mask"] = torch.cat(
+        [batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], 1
+    )
     return out
 
 
