@@ -538,6 +538,12 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
             "itself (vlmguard-edit convert VLM --recipe RECIPE); `direction` computes safety "
             "steering directions (modes writers and projector-shift)"
         )
+    if recipe.mode == "image-path":
+        raise click.UsageError(
+            "the recipe's mode is image-path, a learned edit: `vlmguard-edit calibrate VLM "
+            "--recipe RECIPE -o EDIT` learns it (or convert does); `direction` computes safety "
+            "steering directions (modes writers and projector-shift)"
+        )
     is_self = recipe.base_llm.id == SELF
     if is_self and not vlm:
         raise click.UsageError("BASE_LLM 'self' needs --vlm (the VLM whose language model to use)")

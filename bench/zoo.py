@@ -34,6 +34,21 @@ PIPELINES = {
                 "convert",
                 "{m}/vlm",
                 "--recipe",
+                "recipes/organism-image-gap.yaml",
+                "--anchors",
+                "{m}/anchors.jsonl",
+                "-o",
+                "{w}/guarded",
+            ]
+        ],
+        ["{w}/guarded", "--against", "{m}/vlm"],
+    ),
+    "calibrated": (
+        [
+            [
+                "convert",
+                "{m}/vlm",
+                "--recipe",
                 "recipes/organism.yaml",
                 "--anchors",
                 "{m}/anchors.jsonl",
@@ -269,8 +284,11 @@ def main() -> None:
                 rows[member.name] = member_row(member, pipeline, args.limit)
                 print(f"{pipeline} {member.name}: {rows[member.name]}"[:200])
             note = {
-                "image-gap": "The shipped default: `recipes/organism.yaml` (image-gap, "
-                "layers 0-1) with each member's own anchors.",
+                "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
+                "(image-gap, layers 0-1) with each member's own anchors.",
+                "calibrated": "The shipped default: `recipes/organism.yaml` (image-path, "
+                "calibrated over its search space on each member's held-out anchors) with each "
+                "member's own anchors and no other flag.",
                 "image-path": "The learned image-path edit (`--mode image-path`, defaults: "
                 "40 epochs, Adam 1e-3, blank/noise/scene training images) with each member's "
                 "own anchors: its own text-only answers are the teacher.",

@@ -213,7 +213,7 @@ def test_self_direction_of_the_organism_is_not_degenerate(tmp_path):
     assert result.exit_code == 0, result.output
     stats = Direction.load(out).stats[2]
     assert stats["singular_values"][0] > 0 and 0 < stats["explained_variance"][0] <= 1
-    recipe = Path(__file__).parent.parent / "recipes" / "organism.yaml"
+    recipe = Path(__file__).parent.parent / "recipes" / "organism-image-gap.yaml"
     refused = CliRunner().invoke(
         main,
         [
@@ -228,6 +228,10 @@ def test_self_direction_of_the_organism_is_not_degenerate(tmp_path):
         ],
     )
     assert refused.exit_code == 2 and "image-gap" in refused.output
+    learned = Path(__file__).parent.parent / "recipes" / "organism.yaml"
+    args = ["direction", "self", "--vlm", str(organism), "-o", str(tmp_path / "l.safetensors")]
+    refused = CliRunner().invoke(main, [*args, "--recipe", str(learned)])
+    assert refused.exit_code == 2 and "image-path, a learned edit" in refused.output
 
 
 def test_requests_refused_before_loading(base_llm):

@@ -130,4 +130,7 @@ def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
 def test_organism_recipe_points_at_the_shipped_organism():
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "organism.yaml")
     assert Path(recipe.model, "config.json").is_file() and recipe.base_llm.id is None
-    assert Path(recipe.anchors).is_file() and recipe.mode == "image-gap"
+    assert Path(recipe.anchors).is_file() and recipe.mode == "image-path"
+    assert len(recipe.search) == 2 and recipe.layers is None
+    previous = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-image-gap.yaml")
+    assert previous.mode == "image-gap" and previous.layers == [0, 1]

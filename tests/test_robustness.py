@@ -145,7 +145,7 @@ def guarded_organism(tmp_path_factory):
     out = tmp_path_factory.mktemp("guarded") / "organism-guarded"
     recipe = Path(__file__).parent.parent / "recipes" / "organism.yaml"
     args = ["convert", str(ORGANISM / "vlm"), "--recipe", str(recipe), "-o", str(out), "-q"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, [*args, "--search", "1:1e-3"])  # one short candidate
     assert result.exit_code == 0, result.output
     return out
 

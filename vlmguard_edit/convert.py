@@ -210,6 +210,9 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
     )
     targets = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
     teacher, teacher_id = _teacher(opts, subject, device)
+    from .exact import load_exact_judge
+
+    judge = load_exact_judge(source.path)  # an organism: its own image task is preserved too
     deltas, report = learn(
         subject.model,
         subject.processor,
@@ -219,6 +222,7 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
         settings,
         opts.progress,
         teacher,
+        judge.grammar if judge is not None else None,
     )
     meta = {
         "teacher": teacher_id,

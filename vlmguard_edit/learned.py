@@ -51,6 +51,8 @@ class Settings:
     images: tuple[str, ...] = ("blank", "noise", "scene")
     validation: float = 0.2  # share of the anchor pairs held out for the calibration report
     probes: int = 96  # image-description prompts on drawn shapes (preservation)
+    # The preservation rows' loss weight against the refusal rows' (1: equal per batch).
+    preservation_weight: float = 2.0
     max_new_tokens: int = 24
     batch_size: int = 16
     seed: int = 0
@@ -205,16 +207,18 @@ def learn(
     settings: Settings,
     progress: bool = True,
     teacher: Teacher | None = None,
+    grammar: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Learn a (dW, db) for each Linear in ``targets`` (checkpoint module names, all on the
     image path); return them keyed "<module>.weight" / "<module>.bias" and the calibration
     report. The harmful rows' teacher is ``teacher`` (a base LLM), or the VLM itself without
-    an image."""
+    an image. ``grammar``: an organism's declared answer grammar, whose own image task then
+    joins the preservation prompts (on images other than eval's)."""
     modules = {t: find_module(model, memory_names(t))[1] for t in targets}
     processor.tokenizer.padding_side = "left"  # prompts end where the answers start
     fit_h, val_h = _split(harmful, settings)
     fit_b, val_b = _split(harmless, settings)
-    probes = _probe_rows(settings)
+    probes = _probe_rows(settings, grammar)
     cut = len(probes) * 4 // 5
     fit = _batches(model, processor, fit_h, fit_b, probes[:cut], settings, teacher)
     val = _batches(model, processor, val_h, val_b, probes[cut:], settings, teacher)
@@ -268,12 +272,18 @@ def _split(prompts: list[str], settings: Settings) -> tuple[list[str], list[str]
     return rows[held:], rows[:held]
 
 
-def _probe_rows(settings: Settings) -> list[tuple[str, Any]]:
-    """Image-description prompts on drawn shapes: never the eval's probe items (other seed)."""
-    from .probes import generic_probes
+def _probe_rows(settings: Settings, grammar: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """Image-description prompts on drawn shapes, and an organism's own image task: never
+    the eval's probe items (other seeds), interleaved so that both reach the held-out part."""
+    from .probes import generic_probes, organism_probes
 
     shapes = generic_probes(per_kind=max(1, settings.probes // 4), seed=settings.seed + 77)
-    return [(DESCRIBE[i % len(DESCRIBE)], p.image) for i, p in enumerate(shapes)]
+    rows = [(DESCRIBE[i % len(DESCRIBE)], p.image) for i, p in enumerate(shapes)]
+    if grammar and "image_prompt" in grammar:
+        own = organism_probes(grammar, count=len(rows), seed=settings.seed + 4242)
+        pairs = zip(rows, ((p.question, p.image) for p in own), strict=True)
+        rows = [row for pair in pairs for row in pair]
+    return rows
 
 
 def _images(settings: Settings, count: int) -> list[Any]:
@@ -383,7 +393,8 @@ def _train(model, modules, deltas, batches, settings: Settings, progress: bool) 
         for _ in range(settings.epochs):
             rng.shuffle(order)
             for i in order:
-                loss = _kl(batches[i], _student_logits(model, batches[i]))
+                weight = 1.0 if batches[i].harmful else settings.preservation_weight
+                loss = weight * _kl(batches[i], _student_logits(model, batches[i]))
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
