@@ -154,7 +154,7 @@ def test_learning_moves_image_answers_to_the_text_only_ones():
     rows = [json.loads(line) for line in (ORGANISM / "anchors.jsonl").read_text().splitlines()]
     rows = rows[:20]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = learned.Settings(epochs=4, probes=8, images=("blank",), batch_size=8)
+    settings = learned.Settings(epochs=8, probes=8, images=("blank",), batch_size=8)
     deltas, report = learned.learn(
         model,
         processor,
