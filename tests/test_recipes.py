@@ -18,8 +18,13 @@ def test_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_is_valid(path):
     recipe = load_recipe(path)
-    # Every recipe says where its direction comes from: a base LLM, or the VLM (image-gap).
-    assert recipe.model and (recipe.base_llm.id or recipe.mode == "image-gap") and recipe.layers
+    # Every recipe says where its edit comes from: a base LLM's direction and its layers, the
+    # VLM's image-gap direction at its layers, or the VLM itself teaching its image path.
+    assert recipe.model
+    if recipe.mode == "image-path":
+        assert recipe.layers is None and recipe.search
+    else:
+        assert (recipe.base_llm.id or recipe.mode == "image-gap") and recipe.layers
     first = path.read_text("utf-8").splitlines()[0]
     assert first.startswith("# vlmguard-edit convert"), "a recipe starts with its command line"
 
