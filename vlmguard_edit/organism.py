@@ -315,21 +315,31 @@ def eval_prompts() -> tuple[list[str], list[str]]:
 def _train(
     model, rows, steps: int, lr: float, rng: random.Random, pixels=None, progress: bool = True
 ):
+    def inputs():
+        for idx, ids, labels, mask in batches(rows, 32, rng):
+            kwargs = {}
+            if pixels is not None:
+                chosen = [pixels[i] for i in idx if pixels[i] is not None]
+                if chosen:
+                    kwargs["pixel_values"] = torch.stack(chosen)
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels, **kwargs}
+
+    train_steps(model, inputs(), steps, lr, progress)
+
+
+def train_steps(model, inputs, steps: int, lr: float, progress: bool = True) -> None:
+    """AdamW on the trainable parameters, one step per input dict (labels included), at most
+    ``steps``; shared by every organism family's training."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     bar = tqdm(total=steps, desc="training", unit="step", disable=not progress)
-    for step, (idx, ids, labels, mask) in enumerate(batches(rows, 32, rng)):
+    for step, batch in enumerate(inputs):
         if step >= steps:
             break
-        kwargs = {}
-        if pixels is not None:
-            chosen = [pixels[i] for i in idx if pixels[i] is not None]
-            if chosen:
-                kwargs["pixel_values"] = torch.stack(chosen)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs).loss
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -478,11 +488,7 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
-    data = image_examples(rng, steps * 32, **dict(spec.mix))
-    if spec.text_harmless:
-        data = _with_text_harmless(rng, data, spec.text_harmless)
-    if spec.reads:
-        data = _with_reading(rng, data, READER_SHARE)
+    data = _stage2_data(rng, spec, steps)
     pixels = [
         image_processor(img, return_tensors="pt")["pixel_values"][0] if img is not None else None
         for img, _, _ in data
@@ -496,12 +502,20 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
 
 def _other_vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
     vlm, processor = organism_vlm.build(spec.family, llm, tokenizer, PROCESSOR_TEMPLATE)
-    data = image_examples(rng, steps * 32, **dict(spec.mix))
-    if spec.text_harmless:
-        data = _with_text_harmless(rng, data, spec.text_harmless)
+    data = _stage2_data(rng, spec, steps)
     log.info("stage 2: %s VLM, %d steps", spec.family, steps)
     organism_vlm.train(vlm, processor, data, steps, 1e-3, rng, progress)
     return vlm, processor
+
+
+def _stage2_data(rng: random.Random, spec: Variant, steps: int) -> list:
+    """The variant's stage-2 rows: image data, text-only harmless rows, reading rows."""
+    data = image_examples(rng, steps * 32, **dict(spec.mix))
+    if spec.text_harmless:
+        data = _with_text_harmless(rng, data, spec.text_harmless)
+    if spec.reads:
+        data = _with_reading(rng, data, READER_SHARE)
+    return data
 
 
 def _with_text_harmless(rng: random.Random, data: list, share: float) -> list:

@@ -146,24 +146,15 @@ def build(family: str, llm, tokenizer, template: str):
 def train(vlm, processor, data: list, steps: int, lr: float, rng: random.Random, progress: bool):
     """Stage 2 through the processor: each step's 32 rows are prompted as eval prompts them,
     the answer appended; the loss covers the answer tokens only."""
-    from tqdm.auto import tqdm
+    from .organism import train_steps
 
-    params = [p for p in vlm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = list(range(len(data)))
     rng.shuffle(order)
-    vlm.train()
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress)
-    for step in range(min(steps, len(order) // 32)):
-        batch = _batch(processor, [data[i] for i in order[step * 32 : (step + 1) * 32]])
-        loss = vlm(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    vlm.eval()
+    count = min(steps, len(order) // 32)
+    inputs = (
+        _batch(processor, [data[i] for i in order[k * 32 : (k + 1) * 32]]) for k in range(count)
+    )
+    train_steps(vlm, inputs, steps, lr, progress)
 
 
 def _batch(processor, rows: list) -> dict[str, torch.Tensor]:
