@@ -354,6 +354,38 @@ def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def save_with_provenance(
+    path: Path, tensors: dict[str, torch.Tensor], fmt: dict[str, str], meta: dict[str, Any]
+) -> None:
+    """A direction or edit file: ``fmt`` (the "vlmguard.format" line...) and each ``meta``
+    value JSON-encoded under "vlmguard.<key>"."""
+    metadata = {"format": "pt", **fmt}
+    for key, value in sorted(meta.items()):
+        metadata[f"vlmguard.{key}"] = json.dumps(value, sort_keys=True)
+    write_safetensors(path, tensors, metadata)
+
+
+def read_provenance(path: Path, what: str, error: type[Exception]) -> tuple[ShardHeader, dict]:
+    """The header and raw metadata of a direction or edit file, or one line: missing,
+    unreadable. Read with the project's own reader, so an interrupt stays an interrupt."""
+    if not Path(path).is_file():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        header = parse_header(Path(path))
+    except CheckpointError as exc:
+        raise error(f"{path} is not a readable {what}: {exc}") from exc
+    return header, header.metadata or {}
+
+
+def decode_provenance(metadata: dict[str, str], skip: tuple[str, ...]) -> dict[str, Any]:
+    """The "vlmguard.<key>" values, JSON-decoded, except the ``skip`` keys."""
+    return {
+        k.removeprefix("vlmguard."): json.loads(v)
+        for k, v in metadata.items()
+        if k.startswith("vlmguard.") and k not in skip
+    }
+
+
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:

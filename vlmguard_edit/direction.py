@@ -26,9 +26,16 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .anchors import AnchorSet
-from .checkpoint import FLOAT_DTYPES, ModelSource, parse_header, read_tensor, write_safetensors
+from .checkpoint import (
+    FLOAT_DTYPES,
+    ModelSource,
+    decode_provenance,
+    read_provenance,
+    read_tensor,
+    save_with_provenance,
+)
 from .compat import family_of, forward_errors
-from .errors import CheckpointError, DirectionError, InputError, VlmguardError
+from .errors import DirectionError, InputError, VlmguardError
 from .layout import text_config
 
 log = logging.getLogger(__name__)
@@ -60,26 +67,16 @@ class Direction:
         tensors = {
             f"layer.{layer}": self.vectors[layer].float().contiguous() for layer in self.layers
         }
-        metadata = {"format": "pt", "vlmguard.format": DIRECTION_FORMAT}
-        for key, value in sorted(self.meta.items()):
-            metadata[f"vlmguard.{key}"] = json.dumps(value, sort_keys=True)
-        metadata["vlmguard.stats"] = json.dumps(
-            {str(k): v for k, v in sorted(self.stats.items())}, sort_keys=True
-        )
-        write_safetensors(path, tensors, metadata)
+        stats = {str(k): v for k, v in sorted(self.stats.items())}
+        meta = {**self.meta, "stats": stats}  # stats last: as before, it wins over a meta key
+        save_with_provenance(path, tensors, {"vlmguard.format": DIRECTION_FORMAT}, meta)
 
     @classmethod
     def load(cls, path: Path) -> Direction:
         """Read a direction file with the project's own safetensors reader: an interrupt
         (Ctrl-C, SIGTERM) while reading stays an interrupt (safetensors' reader turned one
         into "could not determine the shape")."""
-        if not Path(path).is_file():
-            raise InputError(f"direction file {path} does not exist")
-        try:
-            header = parse_header(Path(path))
-        except CheckpointError as exc:
-            raise DirectionError(f"{path} is not a readable direction file: {exc}") from exc
-        metadata = header.metadata or {}
+        header, metadata = read_provenance(path, "direction file", DirectionError)
         vectors = {}
         for key, info in header.tensors.items():
             if not key.startswith("layer.") or not key[6:].isdigit():
@@ -92,11 +89,7 @@ class Direction:
         shapes = {tuple(v.shape) for v in vectors.values()}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise DirectionError(f"{path}: layers have inconsistent shapes {sorted(shapes)}")
-        meta = {
-            k[len("vlmguard.") :]: json.loads(v)
-            for k, v in metadata.items()
-            if k.startswith("vlmguard.") and k not in ("vlmguard.format", "vlmguard.stats")
-        }
+        meta = decode_provenance(metadata, ("vlmguard.format", "vlmguard.stats"))
         stats = {int(k): v for k, v in json.loads(metadata.get("vlmguard.stats", "{}")).items()}
         return cls(vectors, stats, meta)
 

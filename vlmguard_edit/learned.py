@@ -22,7 +22,6 @@ checkpoint key, provenance and the calibration report in its metadata (``Edit``)
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass, field, replace
@@ -32,8 +31,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import parse_header, read_tensor, write_safetensors
-from .errors import CheckpointError, DirectionError, InputError, PlanError
+from .checkpoint import decode_provenance, read_provenance, read_tensor, save_with_provenance
+from .errors import DirectionError, InputError, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -71,28 +70,16 @@ class Edit:
 
     def save(self, path: Path) -> None:
         tensors = {key: d.float().contiguous() for key, d in sorted(self.deltas.items())}
-        metadata = {"format": "pt", "vlmguard.format": EDIT_FORMAT, "vlmguard.kind": KIND}
-        for key, value in sorted(self.meta.items()):
-            metadata[f"vlmguard.{key}"] = json.dumps(value, sort_keys=True)
-        write_safetensors(path, tensors, metadata)
+        fmt = {"vlmguard.format": EDIT_FORMAT, "vlmguard.kind": KIND}
+        save_with_provenance(path, tensors, fmt, self.meta)
 
     @classmethod
     def load(cls, path: Path) -> Edit:
-        if not Path(path).is_file():
-            raise InputError(f"edit file {path} does not exist")
-        try:
-            header = parse_header(Path(path))
-        except CheckpointError as exc:
-            raise DirectionError(f"{path} is not a readable edit file: {exc}") from exc
-        metadata = header.metadata or {}
+        header, metadata = read_provenance(path, "edit file", DirectionError)
         if metadata.get("vlmguard.format") != EDIT_FORMAT:
             raise DirectionError(f"{path} is not a vlmguard-edit {KIND} edit file")
         deltas = {key: read_tensor(Path(path), info) for key, info in header.tensors.items()}
-        meta = {
-            k.removeprefix("vlmguard."): json.loads(v)
-            for k, v in metadata.items()
-            if k.startswith("vlmguard.") and k not in ("vlmguard.format", "vlmguard.kind")
-        }
+        meta = decode_provenance(metadata, ("vlmguard.format", "vlmguard.kind"))
         return cls(deltas, meta)
 
 
