@@ -202,9 +202,39 @@ def direction_options(func):
         ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _stacked(options)(func)
+
+
+def learned_options(prefix: str):
+    """The image-path options shared by `convert` (``prefix`` "image-path: ") and `calibrate`."""
+    options = [
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            help=f"{prefix}Passes over the data (default 40).",
+        ),
+        click.option(
+            "--learning-rate",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            help=f"{prefix}Adam learning rate (default 1e-3).",
+        ),
+        click.option(
+            "--images",
+            help=f"{prefix}Training images, from blank,noise,scene (default all three).",
+        ),
+    ]
+    return _stacked(options)
+
+
+def _stacked(options: list):
+    """One decorator applying ``options`` in the order listed."""
+
+    def apply(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return apply
 
 
 @main.command(epilog=EXAMPLES_CONVERT)
@@ -232,15 +262,7 @@ def direction_options(func):
     "harmful anchors with an image as it does text only (text-only outputs unchanged). "
     "Default: writers.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="image-path: passes (default 40).")
-@click.option(
-    "--learning-rate",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="image-path: Adam learning rate (default 1e-3).",
-)
-@click.option(
-    "--images", help="image-path: training images, from blank,noise,scene (default all three)."
-)
+@learned_options("image-path only. ")
 @click.option(
     "--search",
     metavar="EPOCHS:RATE,...",
@@ -439,13 +461,7 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
     help="Teacher: the base LLM (folder or Hub id, same tokenizer), text only; default 'self' "
     "(the VLM's own language model, text only).",
 )
-@click.option("--epochs", type=click.IntRange(min=1), help="Passes over the data (default 40).")
-@click.option(
-    "--learning-rate",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Adam learning rate (default 1e-3).",
-)
-@click.option("--images", help="Training images, from blank,noise,scene (default all three).")
+@learned_options("")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per step (default 8).")
 @click.option("--revision", help="Hub revision of SOURCE.")
 @click.option("--device", help="Device (default: cuda if available, else cpu).")
