@@ -66,7 +66,6 @@ class Edit:
 
     deltas: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
-    stats: dict[int, Any] = field(default_factory=dict)  # none: as a Direction's, for records
 
     def save(self, path: Path) -> None:
         tensors = {key: d.float().contiguous() for key, d in sorted(self.deltas.items())}
