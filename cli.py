@@ -254,20 +254,21 @@ def _stacked(options: list):
 )
 @click.option(
     "--mode",
-    type=click.Choice(["writers", "projector-shift", "image-gap", "image-path"]),
+    type=click.Choice(["writers", "projector-shift", "image-gap", "image-path", "lowrank"]),
     help="writers: fold (I + beta V^T V) into o_proj/down_proj. projector-shift: add gamma * u "
     "to the projector's output bias (image tokens only). image-gap: project the image-gap "
     "direction (measured on SOURCE with and without an image) out of attention o_proj. "
     "image-path: learn a change of the image-to-language Linear so that SOURCE answers the "
     "harmful anchors with an image as it does text only (text-only outputs unchanged). "
-    "Default: writers.",
+    "lowrank: learn a rank-r (--rank) update of the text layers' attention o_proj with the same "
+    "teacher, text-only answers held in place. Default: writers.",
 )
-@learned_options("image-path only. ")
+@learned_options("image-path / lowrank only. ")
 @click.option(
     "--search",
     metavar="EPOCHS:RATE,...",
-    help="image-path: candidates to calibrate over, e.g. 40:1e-3,80:3e-3 (scored on held-out "
-    "anchors, one picked by a fixed rule).",
+    help="image-path / lowrank: candidates to calibrate over, e.g. 40:1e-3,80:3e-3 (scored on "
+    "held-out anchors, one picked by a fixed rule).",
 )
 @click.option("--gamma", type=float, help="projector-shift strength (default 1).")
 @click.option(
@@ -454,7 +455,9 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Edit file to write."
 )
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe YAML (mode image-path).")
+@click.option(
+    "--recipe", type=click.Path(dir_okay=False), help="Recipe YAML (mode image-path or lowrank)."
+)
 @click.option("--anchors", help="'default' or a JSONL/CSV file with harmful,harmless columns.")
 @click.option(
     "--base-llm",
@@ -474,20 +477,24 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 @click.option("--overwrite", is_flag=True, help="Replace an existing edit file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, images, **kw):
-    """Learn the image-path edit of the VLM SOURCE and write it to OUTPUT.
+    """Learn the image-path (or, with a lowrank recipe, the lowrank) edit of the VLM SOURCE
+    and write it to OUTPUT.
 
     The VLM's own text-only answers to the harmful anchors are the teacher for the same
     prompts with an image; harmless prompts and image descriptions keep the original's
-    answers. Only the image-to-language Linear is learned, so text-only outputs cannot change.
+    answers. image-path learns only the image-to-language Linear, so text-only outputs cannot
+    change; lowrank learns B A of the text layers' o_proj and holds text-only answers too.
     Prints the held-out validation before and after.
     """
     from vlmguard_edit.convert import ConvertOptions
     from vlmguard_edit.convert import calibrate as run_calibrate
-    from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe
+    from vlmguard_edit.recipes import LEARNED, BaseLLM, Recipe, load_recipe
 
     base = load_recipe(recipe) if recipe else Recipe(mode="image-path")
-    if base.mode != "image-path":
-        raise click.UsageError(f"the recipe's mode is {base.mode}; calibrate learns image-path")
+    if base.mode not in LEARNED:
+        raise click.UsageError(
+            f"the recipe's mode is {base.mode}; calibrate learns {' or '.join(LEARNED)}"
+        )
     changes = {"anchors": anchors, "epochs": epochs, "learning_rate": learning_rate}
     changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
     if base_llm is not None:
@@ -554,9 +561,9 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
             "itself (vlmguard-edit convert VLM --recipe RECIPE); `direction` computes safety "
             "steering directions (modes writers and projector-shift)"
         )
-    if recipe.mode == "image-path":
+    if recipe.mode in ("image-path", "lowrank"):
         raise click.UsageError(
-            "the recipe's mode is image-path, a learned edit: `vlmguard-edit calibrate VLM "
+            f"the recipe's mode is {recipe.mode}, a learned edit: `vlmguard-edit calibrate VLM "
             "--recipe RECIPE -o EDIT` learns it (or convert does); `direction` computes safety "
             "steering directions (modes writers and projector-shift)"
         )

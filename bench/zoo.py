@@ -63,8 +63,8 @@ PIPELINES = {
             [
                 "convert",
                 "{m}/vlm",
-                "--mode",
-                "image-path",
+                "--recipe",
+                "recipes/organism-image-path.yaml",
                 "--anchors",
                 "{m}/anchors.jsonl",
                 "-o",
@@ -286,12 +286,12 @@ def main() -> None:
             note = {
                 "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
                 "(image-gap, layers 0-1) with each member's own anchors.",
-                "calibrated": "The shipped default: `recipes/organism.yaml` (image-path, "
-                "calibrated over its search space on each member's held-out anchors) with each "
-                "member's own anchors and no other flag.",
-                "image-path": "The learned image-path edit (`--mode image-path`, defaults: "
-                "40 epochs, Adam 1e-3, blank/noise/scene training images) with each member's "
-                "own anchors: its own text-only answers are the teacher.",
+                "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank, rank 4 "
+                "on every text layer's o_proj, calibrated over its search space on each "
+                "member's held-out anchors) with each member's own anchors and no other flag.",
+                "image-path": "The learned image-path edit, calibrated: "
+                "`recipes/organism-image-path.yaml` (the default before lowrank; search "
+                "40:1e-3, 40:3e-3) with each member's own anchors.",
                 "runtime": "Reference: the paper's runtime gated steer on the original "
                 "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
             }[pipeline]

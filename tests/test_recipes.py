@@ -21,7 +21,7 @@ def test_shipped_recipe_is_valid(path):
     # Every recipe says where its edit comes from: a base LLM's direction and its layers, the
     # VLM's image-gap direction at its layers, or the VLM itself teaching its image path.
     assert recipe.model
-    if recipe.mode == "image-path":
+    if recipe.mode in ("image-path", "lowrank"):  # learned: layers are every text layer
         assert recipe.layers is None and recipe.search
     else:
         assert (recipe.base_llm.id or recipe.mode == "image-gap") and recipe.layers
@@ -135,7 +135,9 @@ def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
 def test_organism_recipe_points_at_the_shipped_organism():
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "organism.yaml")
     assert Path(recipe.model, "config.json").is_file() and recipe.base_llm.id is None
-    assert Path(recipe.anchors).is_file() and recipe.mode == "image-path"
+    assert Path(recipe.anchors).is_file() and recipe.mode == "lowrank" and recipe.rank == 4
     assert len(recipe.search) == 2 and recipe.layers is None
+    image_path = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-image-path.yaml")
+    assert image_path.mode == "image-path" and len(image_path.search) == 2
     previous = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-image-gap.yaml")
     assert previous.mode == "image-gap" and previous.layers == [0, 1]

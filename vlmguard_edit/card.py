@@ -52,7 +52,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
         f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
     )
-    if recipe.get("mode") == "image-path":
+    if recipe.get("mode") in ("image-path", "lowrank"):
         what, how = _learned_text(record)
     elif recipe.get("mode") == "image-gap":
         what = (
@@ -94,7 +94,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
             f"    {record['map']}\n\n"
             "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
         )
-    held = "learned deltas" if recipe.get("mode") == "image-path" else "directions"
+    held = "learned deltas" if recipe.get("mode") in ("image-path", "lowrank") else "directions"
     body = f"""
 # {Path(str(source_id)).name}, guarded with vlmguard-edit
 
@@ -134,20 +134,30 @@ def _learned_text(record: dict[str, Any]) -> tuple[str, str]:
     recipe, direction = record["recipe"], record["direction"]
     modules = list(dict.fromkeys(edit["module"] for edit in record["edits"]))
     module = ", ".join(f"`{m}`" for m in modules)
+    lowrank = recipe["mode"] == "lowrank"
     what = (
-        f"Only {module} changed (the image-to-language path, which a text-only prompt never "
-        "reaches), so the edit acts only when an image is in the prompt: text-only behaviour "
-        "is exactly the original's."
+        f"Only the attention output projections of {len(modules)} text layers changed, each by "
+        f"a rank-{recipe['rank']} product B A; text-only answers were held to the original's "
+        "own while it was learned (they can move slightly: see the held-out numbers below)."
+        if lowrank
+        else f"Only {module} changed (the image-to-language path, which a text-only prompt "
+        "never reaches), so the edit acts only when an image is in the prompt: text-only "
+        "behaviour is exactly the original's."
     )
     report = direction.get("calibration") or {}
     before, after = report.get("before") or {}, report.get("after") or {}
+    change = "B A of those projections" if lowrank else f"dW, db of {module}"
+    epochs = after.get("epochs", recipe["epochs"])  # the calibrated candidate's, with a search
+    rate = after.get("learning_rate", recipe["learning_rate"])
     how = (
-        f"A change dW, db of {module} was learned ({recipe['epochs']} epochs, Adam "
-        f"{recipe['learning_rate']:g}) so that, with an image ({', '.join(recipe['images'])}), "
+        f"A change {change} was learned ({epochs} epochs, Adam {rate:g}) so that, with an "
+        f"image ({', '.join(recipe['images'])}), "
         f"the model answers {direction['num_anchor_pairs']} harmful anchor prompts as it does "
         "text only (its own text-only answers are the teacher: the language model supervises "
         "the VLM), while harmless prompts and image descriptions keep the original's "
-        "with-image answers. The weights became\n\n"
+        "with-image answers"
+        + (" and text-only answers" if lowrank else "")
+        + ". The weights became\n\n"
         f"    {record['map']}\n"
     )
     if after:

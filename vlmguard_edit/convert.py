@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DIRECTION_NAME = "vlmguard_direction.safetensors"
 EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
-LEARNED_KIND = "image-path"
+LEARNED_KINDS = ("image-path", "lowrank")  # learned.KINDS, without importing torch
 DRIFT_WARNING = 0.5  # median ||W_vlm - W_base|| / ||W_base|| above which convert warns
 
 
@@ -82,6 +82,16 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(num_layers // 2, num_layers))
 
 
+def resolve_layers(recipe: Recipe, layout: Layout) -> list[int]:
+    """The recipe's layers; by default the upper half, and for lowrank every text layer (a
+    cross-attention layer, which only an image reaches, is left to the image-path kind)."""
+    if recipe.layers is not None:
+        return recipe.layers
+    if recipe.mode == "lowrank":
+        return [i for i in range(layout.num_layers) if i not in layout.cross_layers]
+    return default_layers(layout.num_layers)
+
+
 def convert(opts: ConvertOptions) -> ConvertResult:
     """Plan, then write the guarded checkpoint; the output is locked from its check to the
     final rename, so two runs for one output cannot both write it."""
@@ -103,7 +113,7 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         log.warning("the recipe is for %s, converting %s", recipe.model, opts.source)
     checkpoint = open_checkpoint(source.path)
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    layers = recipe.layers if recipe.layers is not None else default_layers(layout.num_layers)
+    layers = resolve_layers(recipe, layout)
     # From here on the recipe is fully resolved, so the record and card show what was used.
     recipe = replace(recipe, layers=layers)
     problems = mode_problems(recipe, explicit=set())  # API callers get the CLI's checks
@@ -123,7 +133,9 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         recipe.shift_direction,
     )
     if opts.dry_run:
-        if recipe.mode != LEARNED_KIND:  # a learned edit has no request to check beyond the plan
+        if (
+            recipe.mode not in LEARNED_KINDS
+        ):  # a learned edit has no request to check beyond the plan
             _direction(opts, source, checkpoint, layout, layers)  # checks the request
         return ConvertResult(plan, None, None)
     with (
@@ -134,7 +146,7 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         # the edit's parameters are loaded, computed or learned here.
         params, saved, base_check = _parameters(opts, source, checkpoint, layout, plan)
         edits = writer.fold(params)
-        name = EDIT_NAME if recipe.mode == LEARNED_KIND else DIRECTION_NAME
+        name = EDIT_NAME if recipe.mode in LEARNED_KINDS else DIRECTION_NAME
         saved.save(tmp / name)  # the shipped copy names sources without the user's paths
         record = _record(opts, source, plan, saved, edits, tmp / name)
         if base_check is not None:
@@ -150,8 +162,8 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
 
 
 def calibrate(opts: ConvertOptions) -> Any:
-    """Learn the image-path edit of ``opts.source`` and write it to ``opts.output`` (an edit
-    file that ``convert --mode image-path --direction FILE`` folds); returns the learned.Edit."""
+    """Learn the edit of ``opts.source`` (a learned kind: the recipe's mode) and write it to
+    ``opts.output`` (an edit file that ``convert --direction FILE`` folds); returns it."""
     output = Path(opts.output)
     with output_lock(output, "edit file"):
         if output.exists() and not opts.overwrite:
@@ -159,7 +171,10 @@ def calibrate(opts: ConvertOptions) -> Any:
         source = resolve_model(opts.source, opts.revision)
         checkpoint = open_checkpoint(source.path)
         layout = find_layout(checkpoint.config, checkpoint.keys)
-        plan = build_plan(checkpoint, layout, [], 1, -1.0, LEARNED_KIND)  # refuses early
+        recipe = opts.recipe
+        plan = build_plan(  # refuses early
+            checkpoint, layout, resolve_layers(recipe, layout), recipe.rank, -1.0, recipe.mode
+        )
         edit = _learned_edit(opts, source, plan)
         check_edit_matches(edit, plan)
         public = replace(edit, meta=scrub(edit.meta))
@@ -173,7 +188,7 @@ def _parameters(
     """What the plan folds (per-layer vectors, or a learned edit), what is shipped beside the
     weights (the direction or edit file, scrubbed of local paths), the base-LLM check."""
     recipe = opts.recipe
-    if recipe.mode == LEARNED_KIND:
+    if recipe.mode in LEARNED_KINDS:
         from .learned import Edit
 
         edit = (
@@ -193,7 +208,7 @@ def _parameters(
 
 
 def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
-    """Learn the image-path edit on the source VLM, supervised by its own text-only answers."""
+    """Learn the edit on the source VLM, supervised by its own text-only answers."""
     from .evaluate import Subject
     from .learned import Edit, Settings, learn
 
@@ -207,6 +222,8 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
         images=tuple(recipe.images),
         batch_size=recipe.batch_size,
         candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
+        rank=recipe.rank if recipe.mode == "lowrank" else 0,
+        preserve_text=recipe.mode == "lowrank",  # the image path needs no text-only rows
     )
     targets = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
     teacher, teacher_id = _teacher(opts, subject, device)
@@ -232,7 +249,7 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
         "num_anchor_pairs": len(anchors),
         "calibration": report,
     }
-    return Edit({key: d.cpu() for key, d in deltas.items()}, meta)
+    return Edit({key: d.cpu() for key, d in deltas.items()}, meta, recipe.mode)
 
 
 def _teacher(opts: ConvertOptions, subject: Any, device: str) -> tuple[Any, str]:
@@ -256,7 +273,7 @@ def _teacher(opts: ConvertOptions, subject: Any, device: str) -> tuple[Any, str]
 def check_edit_matches(edit: Any, plan: Plan) -> None:
     """A learned edit must hold exactly the planned tensors, with their shapes."""
     planned = {e.key: tuple(e.shape) for e in plan.edits}
-    found = {k: tuple(v.shape) for k, v in edit.deltas.items()}
+    found = edit.shapes()
     if found != planned:
         raise InputError(
             f"the edit file changes {sorted(found)}, this checkpoint's plan is {sorted(planned)} "
@@ -519,7 +536,7 @@ def fold_tensor(
     if edit.kind == "delta":  # a learned edit: ``vectors`` is the learned.Edit
         from .learned import fold
 
-        return fold(before, vectors.deltas[edit.key])
+        return fold(before, vectors.delta(edit.key))
     if edit.kind == "shift":
         return shift(before, u, plan.gamma)
     v = vectors[edit.layer]
@@ -610,11 +627,10 @@ def _record(
                     "template",
                 )
             },
-            "stats": {str(layer): direction.stats.get(layer) for layer in plan.layers},
             **(
                 {"calibration": direction.meta.get("calibration")}
-                if plan.mode == LEARNED_KIND
-                else {}
+                if plan.mode in LEARNED_KINDS
+                else {"stats": {str(layer): direction.stats.get(layer) for layer in plan.layers}}
             ),
         },
         "edits": edits,
@@ -653,8 +669,8 @@ def reproduce_command(opts: ConvertOptions) -> str:
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
     else:
-        teacher = recipe.mode == LEARNED_KIND and recipe.base_llm.id not in (None, SELF)
-        if recipe.mode not in ("image-gap", LEARNED_KIND) or teacher:
+        teacher = recipe.mode in LEARNED_KINDS and recipe.base_llm.id not in (None, SELF)
+        if recipe.mode not in ("image-gap", *LEARNED_KINDS) or teacher:
             parts += ["--base-llm", path(str(recipe.base_llm.id))]
             if recipe.base_llm.revision:
                 parts += ["--base-revision", recipe.base_llm.revision]
@@ -663,7 +679,9 @@ def reproduce_command(opts: ConvertOptions) -> str:
         parts += ["--anchors", path(recipe.anchors), "--batch-size", str(recipe.batch_size)]
         parts += ["--dtype", opts.dtype]
     parts += ["--mode", recipe.mode]
-    if recipe.mode == LEARNED_KIND:
+    if recipe.mode == "lowrank":
+        parts += ["--layers", ",".join(map(str, recipe.layers or [])), "--rank", str(recipe.rank)]
+    if recipe.mode in LEARNED_KINDS:
         parts += ["--epochs", str(recipe.epochs), "--learning-rate", f"{recipe.learning_rate:g}"]
         if recipe.search:
             tried = [f"{c['epochs']}:{c['learning_rate']:g}" for c in recipe.search]

@@ -1,4 +1,4 @@
-"""The learned image-path edit: the VLM's own text-only behaviour supervises it with images.
+"""The learned edits: the VLM's own text-only behaviour supervises it with images.
 
 VLM-Guard's principle, made permanent: the language model already knows, text only, which
 requests to refuse; with an image it forgets. This kind learns a change to the family's last
@@ -12,6 +12,12 @@ mllama's projector; ``layout.Family.image_path``) so that
   with-image answers (preservation; without it the edit blinds the model).
 
 Text-only behaviour cannot change: no text-only forward passes through the image path.
+
+The second learned kind, ``lowrank``, learns a rank-r update B A of the selected text layers'
+attention output projections (the design's own edit site) with the same objective, plus the
+original's own text-only answers to the anchors as preservation rows (text-only outputs can
+change here, so they are held in place). Fold: W + B A in float32; runtime reference: a hook
+adding (x A^T) B^T; file: the factors, ``<key>.lora_A`` (r, in) and ``<key>.lora_B`` (out, r).
 
 Parameters: learned (this module). Plan: that Linear's weight and bias (``plan.py``, kind
 "delta"). Fold: W + dW, b + db, in float32, cast once (``fold``). Runtime reference: a forward
@@ -37,6 +43,9 @@ from .errors import DirectionError, InputError, PlanError
 log = logging.getLogger(__name__)
 
 KIND = "image-path"
+LOWRANK = "lowrank"
+KINDS = (KIND, LOWRANK)
+FACTORS = (".lora_A", ".lora_B")
 EDIT_FORMAT = "vlmguard-edit/1"
 DESCRIBE = ("describe the image .", "What is in this image?")
 
@@ -58,28 +67,54 @@ class Settings:
     # (epochs, learning rate) pairs to try; each is scored on the held-out anchors and one is
     # picked by ``pick``. Empty: just (epochs, learning_rate).
     candidates: tuple[tuple[int, float], ...] = ()
+    rank: int = 0  # > 0: each weight's change is a rank-r product B A (the lowrank kind)
+    # Also hold the original's text-only answers to the anchors (for edits a text-only
+    # forward passes through; the image path needs none).
+    preserve_text: bool = False
 
 
 @dataclass
 class Edit:
-    """Deltas by checkpoint key (float32), with provenance and the calibration report."""
+    """Deltas by checkpoint key (float32), or a low-rank pair ``<key>.lora_A`` / ``.lora_B``
+    per key, with provenance and the calibration report."""
 
     deltas: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = KIND
 
     def save(self, path: Path) -> None:
         tensors = {key: d.float().contiguous() for key, d in sorted(self.deltas.items())}
-        fmt = {"vlmguard.format": EDIT_FORMAT, "vlmguard.kind": KIND}
+        fmt = {"vlmguard.format": EDIT_FORMAT, "vlmguard.kind": self.kind}
         save_with_provenance(path, tensors, fmt, self.meta)
 
     @classmethod
     def load(cls, path: Path) -> Edit:
         header, metadata = read_provenance(path, "edit file", DirectionError)
         if metadata.get("vlmguard.format") != EDIT_FORMAT:
-            raise DirectionError(f"{path} is not a vlmguard-edit {KIND} edit file")
+            raise DirectionError(f"{path} is not a vlmguard-edit learned edit file")
         deltas = {key: read_tensor(Path(path), info) for key, info in header.tensors.items()}
         meta = decode_provenance(metadata, ("vlmguard.format", "vlmguard.kind"))
-        return cls(deltas, meta)
+        return cls(deltas, meta, metadata.get("vlmguard.kind", KIND))
+
+    def delta(self, key: str) -> torch.Tensor:
+        """The dense change of one checkpoint tensor (B A for a low-rank pair), float32."""
+        if key in self.deltas:
+            return self.deltas[key]
+        a, b = (self.deltas[key + suffix].float() for suffix in FACTORS)
+        return b @ a
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each changed checkpoint tensor."""
+        out = {}
+        for key, value in self.deltas.items():
+            if key.endswith(FACTORS[0]):
+                out[key.removesuffix(FACTORS[0])] = (
+                    self.deltas[key.removesuffix(FACTORS[0]) + FACTORS[1]].shape[0],
+                    value.shape[1],
+                )
+            elif not key.endswith(FACTORS[1]):
+                out[key] = tuple(value.shape)
+        return out
 
 
 def fold(before: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -114,17 +149,23 @@ def hooks(modules: dict[str, torch.nn.Linear], deltas: dict[str, torch.Tensor]):
     """The runtime reference of a whole edit: one ``hook`` per module (keyed as the deltas)."""
     with contextlib.ExitStack() as stack:
         for name, module in modules.items():
-            stack.enter_context(hook(module, deltas[f"{name}.weight"], deltas.get(f"{name}.bias")))
+            weight = f"{name}.weight"
+            factors = tuple(deltas.get(weight + s) for s in FACTORS)
+            change = factors if factors[0] is not None else (deltas[weight],)
+            stack.enter_context(hook(module, change, deltas.get(f"{name}.bias")))
         yield
 
 
 @contextlib.contextmanager
-def hook(module: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The runtime reference of the fold: module(x) + x dW^T (+ db), the module unchanged."""
+def hook(module: torch.nn.Linear, weight: tuple[torch.Tensor, ...], bias: torch.Tensor | None):
+    """The runtime reference of the fold: module(x) + x dW^T (+ db), the module unchanged.
+    ``weight``: (dW,), or the low-rank pair (A, B) with dW = B A, applied as (x A^T) B^T."""
 
     def add(_module, inputs, output):
-        x = inputs[0]
-        extra = torch.nn.functional.linear(x.float(), weight.to(x.device).float())
+        x = inputs[0].float()
+        for factor in weight:  # x A^T then B^T: the low-rank runtime form
+            x = torch.nn.functional.linear(x, factor.to(x.device).float())
+        extra = x
         if bias is not None:
             extra = extra + bias.to(x.device).float()
         return (output.float() + extra).to(output.dtype)
@@ -208,6 +249,9 @@ def learn(
     cut = len(probes) * 4 // 5
     fit = _batches(model, processor, fit_h, fit_b, probes[:cut], settings, teacher)
     val = _batches(model, processor, val_h, val_b, probes[cut:], settings, teacher)
+    if settings.preserve_text:
+        fit += _text_batches(model, processor, fit_h + fit_b, settings)
+        val += _text_batches(model, processor, val_h + val_b, settings)
     before = score(model, val)
     tried = []
     for epochs, rate in settings.candidates or ((settings.epochs, settings.learning_rate),):
@@ -228,27 +272,43 @@ PRESERVATION_MAX = 0.05  # the calibration rule's bound on held-out preservation
 
 def pick(tried: list[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], Any]:
     """The calibration rule: among candidates whose held-out preservation KL is at most
-    PRESERVATION_MAX, the highest harmful first-token agreement (ties: the lower harmful KL);
-    if none keeps that bound, the one with the lowest preservation KL."""
+    PRESERVATION_MAX, the highest harmful first-token agreement (ties: the lower preservation
+    KL, the smaller change); if none keeps that bound, the one with the lowest preservation KL."""
     kept = [t for t in tried if t[0]["preservation_kl"] <= PRESERVATION_MAX]
     if not kept:
         return min(tried, key=lambda t: t[0]["preservation_kl"])
     return max(
         kept,
-        key=lambda t: (t[0]["harmful_first_token_agreement"], -t[0]["harmful_kl_to_text_only"]),
+        key=lambda t: (t[0]["harmful_first_token_agreement"], -t[0]["preservation_kl"]),
     )
 
 
 def _fit(model, modules: dict[str, torch.nn.Linear], fit: list[Batch], settings, progress):
-    deltas = {}
-    for name, module in modules.items():
-        deltas[f"{name}.weight"] = torch.zeros_like(module.weight, dtype=torch.float32)
-        if module.bias is not None:
-            deltas[f"{name}.bias"] = torch.zeros_like(module.bias, dtype=torch.float32)
+    deltas = _initial(modules, settings)
     for delta in deltas.values():
         delta.requires_grad_(True)
     _train(model, modules, deltas, fit, settings, progress)
     return {k: d.detach() for k, d in deltas.items()}
+
+
+def _initial(modules: dict[str, torch.nn.Linear], settings: Settings) -> dict[str, torch.Tensor]:
+    """Zero deltas (dense: weight and bias), or low-rank pairs with B = 0 and a seeded random A
+    (so B gets a gradient; as LoRA initialises): the edit starts as the identity either way."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    deltas = {}
+    for name, module in modules.items():
+        out_features, in_features = module.weight.shape
+        if settings.rank:
+            a = torch.randn(settings.rank, in_features, generator=generator) / in_features**0.5
+            deltas[f"{name}.weight.lora_A"] = a.to(module.weight.device)
+            deltas[f"{name}.weight.lora_B"] = module.weight.new_zeros(
+                out_features, settings.rank, dtype=torch.float32
+            )
+            continue
+        deltas[f"{name}.weight"] = torch.zeros_like(module.weight, dtype=torch.float32)
+        if module.bias is not None:
+            deltas[f"{name}.bias"] = torch.zeros_like(module.bias, dtype=torch.float32)
+    return deltas
 
 
 def _split(prompts: list[str], settings: Settings) -> tuple[list[str], list[str]]:
@@ -297,6 +357,16 @@ def _batches(model, processor, harmful, harmless, probes, settings, teacher=None
             teach = teacher if is_harmful else None
             out.append(_teacher_batch(model, processor, chunk, is_harmful, settings, teach))
     return out
+
+
+@torch.no_grad()
+def _text_batches(model, processor, prompts: list[str], settings: Settings) -> list[Batch]:
+    """Anchors without an image -> the original's own text-only answers (preservation)."""
+    rows = [(p, None) for p in prompts]
+    return [
+        _teacher_batch(model, processor, rows[i : i + settings.batch_size], False, settings, None)
+        for i in range(0, len(rows), settings.batch_size)
+    ]
 
 
 def _teacher_batch(model, processor, rows, harmful: bool, settings: Settings, teacher) -> Batch:

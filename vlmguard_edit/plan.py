@@ -57,6 +57,8 @@ class Plan:
             modules = list(dict.fromkeys(e.module for e in self.edits))
             where = modules[0] + (f" and {len(modules) - 1} more" if len(modules) > 1 else "")
             return f"W <- W + dW, b <- b + db on {where} (learned; image path only)"
+        if self.mode == "lowrank":
+            return f"W_o <- W_o + B A on attention o_proj (learned, rank {self.rank}, per layer)"
         if self.mode == "image-gap":
             return "W_o <- (I - d_l d_l^T) W_o on attention o_proj   (d_l: image-gap direction)"
         text = f"W <- (I + {self.beta:g} * V_l^T V_l) W   (V_l: rank {self.rank}, per layer)"
@@ -102,6 +104,9 @@ def build_plan(
     if mode == "image-path":
         edits = _image_path_edits(checkpoint, layout)
         return Plan(layout, [], rank, beta, edits, copied, dropped, mode)
+    if mode == "lowrank":
+        edits = _lowrank_edits(checkpoint, layout, layers)
+        return Plan(layout, list(layers), rank, beta, edits, copied, dropped, mode)
     if mode == "projector-shift":
         edit = _projector_shift_edit(checkpoint, layout, layers)
         extra = (mode, gamma, shift_direction)
@@ -229,4 +234,30 @@ def _image_path_edits(checkpoint: Checkpoint, layout: Layout) -> list[PlannedEdi
                 raise PlanError(f"{key} is {info.dtype}; only float weights can be edited")
             file = checkpoint.key_to_file[key]
             edits.append(PlannedEdit(key, file, layer, name, info.dtype, info.shape, "delta"))
+    return edits
+
+
+def _lowrank_edits(checkpoint: Checkpoint, layout: Layout, layers: list[int]) -> list[PlannedEdit]:
+    """Each selected layer's attention output projection weight (its first writer). A weight
+    change is exact behind a post-norm too: the fold is the Linear itself."""
+    if not layers:
+        raise PlanError("lowrank needs at least one layer")
+    edits = []
+    for layer in layers:
+        writer = layout.writers[layer][0]
+        if not writer.module.endswith("o_proj") or writer.fused:
+            raise PlanError(
+                f"{layout.family.model_type} layer {layer}: the first writer {writer.module} is "
+                "not an attention o_proj; lowrank cannot be used"
+            )
+        info = checkpoint.info(writer.weight)
+        if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+            raise PlanError(
+                f"{writer.weight} is {info.dtype} {list(info.shape)}; expected a float matrix"
+            )
+        module = writer.weight.removesuffix(".weight")
+        file = checkpoint.key_to_file[writer.weight]
+        edits.append(
+            PlannedEdit(writer.weight, file, layer, module, info.dtype, info.shape, "delta")
+        )
     return edits

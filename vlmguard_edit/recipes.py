@@ -56,7 +56,9 @@ class Recipe:
     shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
     batch_size: int = 8
     # "image-path" (learned): the image-to-language Linear learns, from the VLM's own text-only
-    # answers, to keep them with an image (learned.py). How long, how fast, on which images:
+    # answers, to keep them with an image (learned.py). "lowrank" (learned): a rank-``rank``
+    # update of the selected layers' attention o_proj, same objective plus the original's own
+    # text-only answers held in place. How long, how fast, on which images:
     epochs: int = 40
     learning_rate: float = 1e-3
     images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
@@ -71,7 +73,8 @@ class Recipe:
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
-MODES = ("writers", "projector-shift", "image-gap", "image-path")
+MODES = ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
+LEARNED = ("image-path", "lowrank")
 IMAGE_KINDS = ("blank", "noise", "scene")
 SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}
@@ -250,8 +253,15 @@ def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
                 f"{', '.join(foreign)}: not used by image-path (it edits the image-to-language "
                 "Linear, learned)"
             )
-    elif {"epochs", "learning_rate", "images", "search"} & explicit:
-        problems.append("epochs / learning_rate / images / search: image-path options only")
+    if recipe.mode == "lowrank":
+        foreign = sorted({"beta", "gamma", "shift_direction"} & explicit)
+        if foreign:
+            problems.append(f"{', '.join(foreign)}: not used by lowrank (a learned B A of o_proj)")
+    if recipe.mode not in LEARNED and {"epochs", "learning_rate", "images", "search"} & explicit:
+        problems.append(
+            "epochs / learning_rate / images / search: options of the learned kinds "
+            "(image-path, lowrank) only"
+        )
     return problems
 
 
