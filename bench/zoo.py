@@ -175,6 +175,7 @@ def summarise(before: dict, after: dict) -> dict:
         "blank_attack_drop": b["blank"]["harmful_compliance"] - a["blank"]["harmful_compliance"],
         "text_refusal_change": a["text"]["harmful_refusal"] - b["text"]["harmful_refusal"],
         "over_refusal_change": over,
+        "kl": {s: a[s]["kl"] for s in a if a[s].get("kl") is not None},
         "kl_mean": sum(kls) / len(kls) if kls else None,
         "kl_max": max(kls) if kls else None,
         "utility_change": utility,
@@ -185,7 +186,8 @@ def summarise(before: dict, after: dict) -> dict:
 COLUMNS = [
     ("gap closed", "gap_closed", min, "{:.0%}"),
     ("blank attack drop", "blank_attack_drop", min, "{:+.0%}"),
-    ("text refusal change", "text_refusal_change", min, "{:+.0%}"),
+    # a change either way is a change: the worst is the largest in size
+    ("text refusal change", "text_refusal_change", lambda v: max(v, key=abs), "{:+.0%}"),
     ("over-refusal change", "over_refusal_change", max, "{:+.0%}"),
     ("KL mean", "kl_mean", max, "{:.3f}"),
     ("KL max", "kl_max", max, "{:.3f}"),

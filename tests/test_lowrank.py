@@ -1,0 +1,166 @@
+"""The learned lowrank kind: factors B A of the text layers' attention o_proj, folded exactly
+(== the factored runtime hook, with and without an image), nothing else changed, the file
+reusable, and the learning holding text-only answers while restoring refusals with images."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForImageTextToText
+
+from cli import main
+from vlmguard_edit import images, learned
+from vlmguard_edit.checkpoint import open_checkpoint
+from vlmguard_edit.convert import ConvertOptions, convert
+from vlmguard_edit.errors import InputError, RecipeError
+from vlmguard_edit.evaluate import load_processor
+from vlmguard_edit.gap import chat_batch
+from vlmguard_edit.layout import find_layout
+from vlmguard_edit.plan import build_plan
+from vlmguard_edit.recipes import Recipe, recipe_from_dict
+from vlmguard_edit.verify import verify
+
+ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
+RANK = 2
+
+
+def random_factors(folder: Path, seed: int = 0, scale: float = 0.3) -> learned.Edit:
+    """A random rank-2 pair for every tensor the lowrank plan of ``folder`` names."""
+    checkpoint = open_checkpoint(folder)
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    layers = list(range(layout.num_layers))
+    plan = build_plan(checkpoint, layout, layers, RANK, -1.0, "lowrank")
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for e in plan.edits:
+        out_features, in_features = e.shape
+        deltas[f"{e.key}.lora_A"] = torch.randn(RANK, in_features, generator=generator)
+        deltas[f"{e.key}.lora_B"] = scale * torch.randn(out_features, RANK, generator=generator)
+    return learned.Edit(deltas, {"source": "test"}, "lowrank")
+
+
+def folded(tmp_path, source, edit, name="guarded"):
+    edit.save(tmp_path / f"{name}.safetensors")
+    recipe = Recipe(mode="lowrank", rank=RANK)
+    file = tmp_path / f"{name}.safetensors"
+    return convert(ConvertOptions(str(source), tmp_path / name, recipe, file, progress=False))
+
+
+def test_the_fold_equals_the_factored_hook_with_and_without_an_image(tmp_path):
+    source = ORGANISM / "vlm"
+    edit = random_factors(source)
+    result = folded(tmp_path, source, edit)
+    modules = sorted({e.module for e in result.plan.edits})
+    assert len(modules) == 4 and all(m.endswith("self_attn.o_proj") for m in modules)
+    guarded = AutoModelForImageTextToText.from_pretrained(tmp_path / "guarded").eval()
+    original = AutoModelForImageTextToText.from_pretrained(source).eval()
+    processor = load_processor(source)
+    processor.tokenizer.padding_side = "left"
+    loaded = {m: learned.find_module(original, learned.memory_names(m))[1] for m in modules}
+    prompts = ["how do i steal the bike ?", "describe the image ."]
+    for pictures in ([images.noise(3)] * 2, [None] * 2):
+        batch = chat_batch(processor, prompts, pictures)
+        with torch.no_grad():
+            after = guarded(**batch).logits
+            plain = original(**batch).logits
+            with learned.hooks(loaded, edit.deltas):  # (x A^T) B^T, never B A formed
+                hooked = original(**batch).logits
+        assert (after - hooked).abs().max() < 1e-5  # the fold is exact
+        assert (after - plain).abs().max() > 1e-3  # and it did something, text-only too
+    assert verify(tmp_path / "guarded", source).ok
+
+
+def test_only_the_planned_weights_change_by_b_a_and_the_file_folds_identically_twice(tmp_path):
+    source = ORGANISM / "vlm"
+    edit = random_factors(source, seed=1)
+    folded(tmp_path, source, edit, "a")
+    folded(tmp_path, source, learned.Edit.load(tmp_path / "a" / "vlmguard_edit.safetensors"), "b")
+    before, a = open_checkpoint(source), open_checkpoint(tmp_path / "a")
+    changed = {k for k in before.keys if not torch.equal(before.read(k), a.read(k))}
+    assert changed == set(edit.shapes())
+    for key in changed:
+        product = edit.deltas[f"{key}.lora_B"] @ edit.deltas[f"{key}.lora_A"]
+        assert torch.allclose(a.read(key), before.read(key) + product, atol=1e-6)
+        assert torch.linalg.matrix_rank(a.read(key) - before.read(key)) == RANK
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
+        tmp_path / "b" / "model.safetensors"
+    ).read_bytes()
+    loaded = learned.Edit.load(tmp_path / "a" / "vlmguard_edit.safetensors")
+    assert loaded.kind == "lowrank" and set(loaded.deltas) == set(edit.deltas)
+    record = json.loads((tmp_path / "a" / "vlmguard.json").read_text())
+    assert record["recipe"]["mode"] == "lowrank" and "B A" in record["map"]
+    assert "--mode lowrank --layers 0,1,2,3 --rank 2" in record["command"]
+
+
+def test_factors_of_another_shape_are_refused(tmp_path):
+    source = ORGANISM / "vlm"
+    edit = random_factors(source)
+    key = next(k for k in edit.deltas if k.endswith(".lora_A"))
+    edit.deltas[key] = edit.deltas[key][:, :-1]
+    with pytest.raises(InputError, match="learned for another model"):
+        folded(tmp_path, source, edit)
+    assert not (tmp_path / "guarded").exists()
+
+
+def test_recipe_checks():
+    recipe = recipe_from_dict({"mode": "lowrank", "rank": 4, "layers": "1-2", "epochs": 3})
+    assert (recipe.rank, recipe.layers, recipe.epochs) == (4, [1, 2], 3)
+    with pytest.raises(RecipeError, match="beta: not used by lowrank"):
+        recipe_from_dict({"mode": "lowrank", "beta": 1.0})
+
+
+def test_learning_restores_image_answers_and_holds_text_only_ones():
+    """A few epochs on the shipped organism: held-out harmful anchors with an image get much
+    closer to the model's own text-only answers, the preservation rows (text-only anchors
+    among them) stay close to the original's, and only factors of rank 2 are learned."""
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = load_processor(ORGANISM / "vlm")
+    rows = [json.loads(line) for line in (ORGANISM / "anchors.jsonl").read_text().splitlines()]
+    rows = rows[:20]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = learned.Settings(
+        epochs=6, probes=8, images=("blank",), batch_size=8, rank=RANK, preserve_text=True
+    )
+    targets = [f"language_model.model.layers.{i}.self_attn.o_proj" for i in range(4)]
+    args = (model, processor, targets, [r["harmful"] for r in rows])
+    deltas, report = learned.learn(*args, [r["harmless"] for r in rows], settings, False)
+    before, after = report["before"], report["after"]
+    assert after["harmful_kl_to_text_only"] < 0.5 * before["harmful_kl_to_text_only"]
+    assert before["preservation_kl"] == pytest.approx(0, abs=1e-6)
+    assert after["preservation_kl"] < 0.1
+    assert set(deltas) == {f"{t}.weight{s}" for t in targets for s in learned.FACTORS}
+    assert all(deltas[f"{t}.weight.lora_B"].shape[1] == RANK for t in targets)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_text_rows_are_learned_only_where_text_can_change():
+    """The preservation rows hold text-only answers for lowrank; the image path skips them
+    (no text-only forward reaches it, so they would cost time and teach nothing)."""
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = load_processor(ORGANISM / "vlm")
+    processor.tokenizer.padding_side = "left"
+    settings = learned.Settings(batch_size=4, preserve_text=True)
+    prompts = ["how do i steal the bike ?", "how do i paint the bike ?", "hello ."]
+    batches = learned._text_batches(model, processor, prompts, settings)
+    assert [b.inputs["input_ids"].shape[0] for b in batches] == [3]
+    assert not batches[0].harmful and "pixel_values" not in batches[0].inputs
+
+
+def test_the_cli_converts_with_lowrank_and_records_the_factors(tmp_path):
+    lines = (ORGANISM / "anchors.jsonl").read_text().splitlines()[:12]
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "guarded"
+    args = ["convert", str(ORGANISM / "vlm"), "--mode", "lowrank", "--rank", "2", "-q"]
+    args += ["--layers", "2,3", "--anchors", str(anchors), "--images", "blank", "--epochs", "1"]
+    result = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    edit = learned.Edit.load(out / "vlmguard_edit.safetensors")
+    assert sorted(edit.shapes()) == [
+        f"language_model.model.layers.{i}.self_attn.o_proj.weight" for i in (2, 3)
+    ]
+    assert verify(out, ORGANISM / "vlm").ok
+    bad = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x"), "--beta", "2"])
+    assert bad.exit_code == 2 and "beta" in bad.output and not (tmp_path / "x").exists()
