@@ -512,7 +512,9 @@ def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, 
     )
     edit = run_calibrate(opts)
     report = edit.meta["calibration"]
-    modules = ", ".join(report["modules"])
+    modules = report["modules"][0] + (
+        f" and {len(report['modules']) - 1} more" if len(report["modules"]) > 1 else ""
+    )
     click.echo(f"wrote {output}: {modules} learned ({report['after']['epochs']} epochs)")
     for key in ("harmful_first_token_agreement", "harmful_kl_to_text_only", "preservation_kl"):
         before, after = report["before"][key], report["after"][key]

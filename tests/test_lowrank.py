@@ -164,3 +164,11 @@ def test_the_cli_converts_with_lowrank_and_records_the_factors(tmp_path):
     assert verify(out, ORGANISM / "vlm").ok
     bad = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x"), "--beta", "2"])
     assert bad.exit_code == 2 and "beta" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_an_edit_file_of_another_kind_is_refused_by_name(tmp_path):
+    edit = ORGANISM / "lowrank-edit.safetensors"  # shipped: learned by recipes/organism.yaml
+    args = ["convert", str(ORGANISM / "vlm"), "--mode", "image-path", "--direction", str(edit)]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "is a lowrank edit, the mode is image-path" in result.output
+    assert not (tmp_path / "x").exists()

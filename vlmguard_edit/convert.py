@@ -196,6 +196,11 @@ def _parameters(
             if opts.direction_file
             else _learned_edit(opts, source, plan)
         )
+        if edit.kind != recipe.mode:
+            raise InputError(
+                f"the edit file {public_name(str(opts.direction_file))} is a {edit.kind} edit, "
+                f"the mode is {recipe.mode}: pass --mode {edit.kind}"
+            )
         check_edit_matches(edit, plan)
         return edit, replace(edit, meta=scrub(edit.meta)), None
     direction, base_check = _direction(opts, source, checkpoint, layout, plan.layers)
