@@ -1,13 +1,14 @@
-"""What the image-path calibration costs as the model grows: time and peak memory of
-learning the edit on random-weight LLaVAs of growing width, against a same-run baseline.
+"""What the learned edits' calibration costs as the model grows: time and peak memory of
+learning them on random-weight LLaVAs of growing width, against a same-run baseline.
 
     python bench/calibrate_cost.py                  # widths 64..512, 2 text layers
     python bench/calibrate_cost.py --widths 128,1024 --layers 4
 
 Per width: the seconds spent generating the teachers' answers (once per calibration), the
-time of one image-path training step (gradients for the image-path Linear only), and, as the
-same-run baseline, one plain fine-tuning step on the same batch (every parameter trainable);
-the ratio is the edit's step over the baseline's. Printed as a Markdown table (README
+time of one image-path training step (gradients for the image-path Linear only), of one
+lowrank step (rank-4 factors of every text layer's o_proj), and, as the same-run baseline,
+one plain fine-tuning step on the same batch (every parameter trainable); the ratios are
+each edit's step over the baseline's. Printed as a Markdown table (README
 "Performance").
 """
 
@@ -18,6 +19,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,6 +74,11 @@ def measure(width: int, layers: int, epochs: int) -> dict:
         learned._fit(model, modules, batches, settings, progress=False)
         steps = epochs * len(batches)
         edit_step = (time.perf_counter() - start) / steps
+        lowrank = {f"model.language_model.layers.{i}.self_attn.o_proj": None for i in range(layers)}
+        lowrank = {n: learned.find_module(model, (n,))[1] for n in lowrank}
+        start = time.perf_counter()
+        learned._fit(model, lowrank, batches, replace(settings, rank=4), progress=False)
+        lowrank_step = (time.perf_counter() - start) / steps
         plain = sum(full_step(model, b) for b in batches) / len(batches)
         params = sum(p.numel() for p in model.parameters())
     return {
@@ -79,6 +86,7 @@ def measure(width: int, layers: int, epochs: int) -> dict:
         "params": params,
         "teachers": teachers,
         "edit": edit_step,
+        "lowrank": lowrank_step,
         "plain": plain,
     }
 
@@ -93,14 +101,15 @@ def main() -> None:
     rows = [measure(int(w), args.layers, args.epochs) for w in args.widths.split(",")]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(
-        "| width | parameters | teacher answers (s) | image-path step (ms) | "
-        "full fine-tuning step (ms) | ratio |"
+        "| width | parameters | teacher answers (s) | image-path step (ms) | lowrank step (ms) "
+        "| full fine-tuning step (ms) | ratios |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['width']} | {r['params']:,} | {r['teachers']:.1f} | {1e3 * r['edit']:.1f} "
-            f"| {1e3 * r['plain']:.1f} | {r['edit'] / r['plain']:.2f} |"
+            f"| {1e3 * r['lowrank']:.1f} | {1e3 * r['plain']:.1f} "
+            f"| {r['edit'] / r['plain']:.2f}, {r['lowrank'] / r['plain']:.2f} |"
         )
     print(f"\npeak RSS of the whole run: {peak:.0f} MiB, {torch.get_num_threads()} threads")
 

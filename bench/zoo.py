@@ -73,6 +73,23 @@ PIPELINES = {
         ],
         ["{w}/guarded", "--against", "{m}/vlm"],
     ),
+    # The design's literal edit with its defaults: the base LLM's direction projected out
+    # of the upper half of the layers' writers (beta -1, rank 1).
+    "writers": (
+        [
+            [
+                "convert",
+                "{m}/vlm",
+                "--base-llm",
+                "{m}/llm",
+                "--anchors",
+                "{m}/anchors.jsonl",
+                "-o",
+                "{w}/guarded",
+            ]
+        ],
+        ["{w}/guarded", "--against", "{m}/vlm"],
+    ),
     "runtime": (
         [
             [
@@ -294,6 +311,9 @@ def main() -> None:
                 "image-path": "The learned image-path edit, calibrated: "
                 "`recipes/organism-image-path.yaml` (the default before lowrank; search "
                 "40:1e-3, 40:3e-3) with each member's own anchors.",
+                "writers": "The design's literal edit: `--base-llm {m}/llm` (the member's "
+                "own base LLM's direction, projected out of the writers of the upper half of "
+                "the layers; beta -1, rank 1, the defaults) with each member's own anchors.",
                 "runtime": "Reference: the paper's runtime gated steer on the original "
                 "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
             }[pipeline]
