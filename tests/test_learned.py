@@ -258,6 +258,15 @@ def test_convert_calibrates_over_the_search_and_records_every_candidate(tmp_path
     ]
     assert report["after"] in report["candidates"]
     assert "--search 1:0.0001,1:0.01" in record["command"]
+    # the calibration report travels with the weights: one row per candidate, one chosen
+    table = (out / "calibration.md").read_text()
+    assert "| 1 epochs, lr 0.0001 |" in table and "| 1 epochs, lr 0.01 |" in table
+    assert table.count("| yes |") == 1 and "| unedited |" in table
+    from PIL import Image
+
+    assert Image.open(out / "calibration.png").size[0] > 300
+    assert {"calibration.md", "calibration.png"} <= set(record["files"])
+    assert verify(out).ok
     bad = CliRunner().invoke(main, [*args[:5], str(tmp_path / "x"), "--search", "1e-3"])
     assert bad.exit_code == 2 and "EPOCHS:RATE" in bad.output
 

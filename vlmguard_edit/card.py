@@ -162,7 +162,8 @@ def _learned_text(record: dict[str, Any]) -> tuple[str, str]:
     )
     if after:
         how += (
-            "\nOn held-out anchors (teacher-forced): first answer token agreeing with the "
+            "\nOn held-out anchors (teacher-forced; every candidate in `calibration.md`): "
+            "first answer token agreeing with the "
             f"text-only answer {before.get('harmful_first_token_agreement', 0):.0%} -> "
             f"{after['harmful_first_token_agreement']:.0%}; KL to the original on harmless "
             f"and description prompts {after['preservation_kl']:.3f}.\n"

@@ -155,10 +155,21 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
 
         write_card(tmp, record, source_license(source.path))
         files = writer.finish()
-        files.update({n: file_entry(tmp / n) for n in (name, CARD)})
+        written = (name, CARD, *_calibration_report(record, tmp))
+        files.update({n: file_entry(tmp / n) for n in written})
         write_record(tmp, {**record, "files": dict(sorted(files.items()))})
     log.info("wrote %s (%d tensors edited)", opts.output, len(edits))
     return ConvertResult(plan, opts.output, record)
+
+
+def _calibration_report(record: dict[str, Any], folder: Path) -> tuple[str, ...]:
+    """A learned edit's calibration table and chart beside the weights (none otherwise)."""
+    report = record["direction"].get("calibration")
+    if not report:
+        return ()
+    from .calibration import write
+
+    return write(report, folder)
 
 
 def calibrate(opts: ConvertOptions) -> Any:
