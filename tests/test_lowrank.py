@@ -172,3 +172,35 @@ def test_an_edit_file_of_another_kind_is_refused_by_name(tmp_path):
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "is a lowrank edit, the mode is image-path" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_gradient_checkpointing_learns_the_same_edit_and_leaves_the_model_as_it_was():
+    """Checkpointing (on by default on CUDA) trades time for activation memory only: the
+    learned factors equal those learned without it, and the model is back in eval mode."""
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = load_processor(ORGANISM / "vlm")
+    rows = [json.loads(line) for line in (ORGANISM / "anchors.jsonl").read_text().splitlines()]
+    harmful, harmless = [r["harmful"] for r in rows[:10]], [r["harmless"] for r in rows[:10]]
+    targets = [f"language_model.model.layers.{i}.self_attn.o_proj" for i in (2, 3)]
+    learned_with, calls = {}, {}
+    # a module inside a layer: transformers checkpoints each layer's forward, so it reruns
+    inner = model.get_submodule("model.language_model.layers.3.mlp")
+    for flag in (False, True):
+        settings = learned.Settings(
+            epochs=2, probes=4, images=("blank",), batch_size=8, rank=RANK, checkpointing=flag
+        )
+        count, forward = [], inner.forward
+
+        def counted(*args, seen=count, run=forward, **kwargs):
+            seen.append(1)
+            return run(*args, **kwargs)
+
+        inner.forward = counted  # the call itself, not a module hook
+        deltas, _ = learned.learn(model, processor, targets, harmful, harmless, settings, False)
+        del inner.forward
+        learned_with[flag], calls[flag] = deltas, len(count)
+        assert not model.training and not model.is_activation_checkpointing
+    assert calls[True] > calls[False]  # the backward passes recomputed the layer: it was on
+    assert any(v.abs().max() > 1e-4 for k, v in learned_with[True].items() if "lora_B" in k)
+    for key, value in learned_with[False].items():
+        assert torch.allclose(learned_with[True][key], value, atol=1e-5), key

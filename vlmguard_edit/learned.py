@@ -71,6 +71,10 @@ class Settings:
     # Also hold the original's text-only answers to the anchors (for edits a text-only
     # forward passes through; the image path needs none).
     preserve_text: bool = False
+    # Recompute activations in the backward pass instead of keeping them (memory: about one
+    # layer's activations instead of all layers'; time: about one more forward). None: on
+    # CUDA only, where a real model's activations are what fills the GPU.
+    checkpointing: bool | None = None
 
 
 @dataclass
@@ -438,6 +442,36 @@ def _student_logits(model, batch: Batch) -> torch.Tensor:
     return logits[:, batch.start - 1 : batch.start - 1 + batch.mask.shape[1]].float()
 
 
+@contextlib.contextmanager
+def checkpointing(model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing for the training passes. transformers runs it only in training
+    mode, so the model is put in it with every dropout off (nn.Dropout modules in eval mode,
+    attention modules' attention_dropout 0): the passes compute what eval mode computes."""
+    if not enabled:
+        yield
+        return
+    saved = {m: m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")}
+    kwargs = {"use_reentrant": False}  # frozen weights and inputs: the reentrant form needs grads
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    for module in saved:
+        module.attention_dropout = 0.0
+    try:
+        yield
+    finally:
+        for module, value in saved.items():
+            module.attention_dropout = value
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+        model.eval()
+
+
 def _train(model, modules, deltas, batches, settings: Settings, progress: bool) -> None:
     optimizer = torch.optim.Adam(list(deltas.values()), lr=settings.learning_rate)
     for p in model.parameters():
@@ -445,7 +479,9 @@ def _train(model, modules, deltas, batches, settings: Settings, progress: bool) 
     order = list(range(len(batches)))
     rng = random.Random(settings.seed)
     bar = tqdm(total=settings.epochs * len(batches), desc="learning", disable=not progress)
-    with hooks(modules, deltas):
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    save_memory = on_cuda if settings.checkpointing is None else settings.checkpointing
+    with hooks(modules, deltas), checkpointing(model, save_memory):
         for _ in range(settings.epochs):
             rng.shuffle(order)
             for i in order:
