@@ -132,20 +132,22 @@ def fold(before: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def find_module(model: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, torch.nn.Linear]:
-    """The image-path Linear in a loaded model, by any of its family's module names."""
+    """A planned Linear in a loaded model, by any of the names it may have there."""
     for name in names:
         with contextlib.suppress(AttributeError):
             module = model.get_submodule(name)
             if isinstance(module, torch.nn.Linear):
                 return name, module
-    raise PlanError(f"no image-path Linear found in the loaded model (tried {', '.join(names)})")
+    raise PlanError(f"no planned Linear found in the loaded model (tried {', '.join(names)})")
 
 
 def memory_names(module: str) -> tuple[str, ...]:
     """The names a checkpoint module may have in the loaded model (transformers 5 nests the
     Hub's ``language_model.model.`` and top-level projectors under ``model.``)."""
     nested = module.replace("language_model.model.", "model.language_model.", 1)
-    return tuple(dict.fromkeys((module, f"model.{module}", nested)))
+    # Qwen2/2.5-VL's Hub keys name the text layers model.layers.N (legacy layout)
+    legacy = module.replace("model.layers.", "model.language_model.layers.", 1)
+    return tuple(dict.fromkeys((module, f"model.{module}", nested, legacy)))
 
 
 @contextlib.contextmanager
