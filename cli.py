@@ -26,6 +26,8 @@ Examples:
   vlmguard-edit convert ./my-llava --direction ssd.safetensors --layers 20,21 --beta -1 -o ./out
   vlmguard-edit convert ./my-llava --recipe r.yaml -o ./out --dry-run
   vlmguard-edit convert ./my-llava --mode image-path --anchors anchors.jsonl -o ./out
+  vlmguard-edit convert examples/organism/vlm --mode lowrank --rank 4 --epochs 20 \\
+      --anchors examples/organism/anchors.jsonl -o ./organism-lowrank
 """
 
 EXAMPLES_CALIBRATE = """
@@ -38,6 +40,8 @@ Examples:
   vlmguard-edit calibrate ./my-llava --epochs 20 --images blank,scene -o edit.safetensors
   vlmguard-edit calibrate examples/organism/vlm --base-llm examples/organism/llm \\
       --anchors examples/organism/anchors.jsonl -o from-base.safetensors
+  vlmguard-edit calibrate examples/organism/vlm --recipe recipes/organism.yaml \\
+      -o lowrank-edit.safetensors
 """
 
 EXAMPLES_DIRECTION = """
