@@ -226,7 +226,7 @@ def _parameters(
 def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
     """Learn the edit on the source VLM, supervised by its own text-only answers."""
     from .evaluate import Subject
-    from .learned import Edit, Settings, learn
+    from .learned import KINDS, Edit, Settings, learn
 
     recipe = opts.recipe
     anchors = load_anchors(recipe.anchors)
@@ -238,8 +238,8 @@ def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
         images=tuple(recipe.images),
         batch_size=recipe.batch_size,
         candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
-        rank=recipe.rank if recipe.mode == "lowrank" else 0,
-        preserve_text=recipe.mode == "lowrank",  # the image path needs no text-only rows
+        rank=recipe.rank if KINDS[recipe.mode].factored else 0,
+        preserve_text=KINDS[recipe.mode].preserve_text,
     )
     targets = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
     teacher, teacher_id = _teacher(opts, subject, device)
