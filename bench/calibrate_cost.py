@@ -45,22 +45,30 @@ def build(folder: Path, width: int, layers: int) -> Path:
     return vlm
 
 
+def sync(model) -> None:
+    """Wait for queued GPU work, so that wall-clock times are the work's."""
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def full_step(model, batch) -> float:
     """Seconds for one plain fine-tuning step (every parameter trainable) on ``batch``."""
     for p in model.parameters():
         p.requires_grad_(True)
+    sync(model)
     start = time.perf_counter()
     model(**batch.inputs).logits.float().mean().backward()
     model.zero_grad(set_to_none=True)
+    sync(model)
     return time.perf_counter() - start
 
 
-def measure(width: int, layers: int, epochs: int) -> dict:
+def measure(width: int, layers: int, epochs: int, device: str = "cpu", dtype=None) -> dict:
     from transformers import AutoModelForImageTextToText
 
     with tempfile.TemporaryDirectory() as tmp:
         vlm = build(Path(tmp), width, layers)
-        model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
+        model = AutoModelForImageTextToText.from_pretrained(vlm, dtype=dtype).to(device).eval()
         processor = load_processor(vlm)
         processor.tokenizer.padding_side = "left"
         settings = learned.Settings(epochs=epochs, probes=8, images=("blank",), batch_size=8)
@@ -70,15 +78,20 @@ def measure(width: int, layers: int, epochs: int) -> dict:
         name = "model.multi_modal_projector.linear_2"
         modules = {name: learned.find_module(model, (name,))[1]}
         full_step(model, batches[0])  # warm-up: first calls allocate
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         learned._fit(model, modules, batches, settings, progress=False)
+        sync(model)
         steps = epochs * len(batches)
         edit_step = (time.perf_counter() - start) / steps
         lowrank = {f"model.language_model.layers.{i}.self_attn.o_proj": None for i in range(layers)}
         lowrank = {n: learned.find_module(model, (n,))[1] for n in lowrank}
         start = time.perf_counter()
         learned._fit(model, lowrank, batches, replace(settings, rank=4), progress=False)
+        sync(model)
         lowrank_step = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
         plain = sum(full_step(model, b) for b in batches) / len(batches)
         params = sum(p.numel() for p in model.parameters())
     return {
@@ -87,6 +100,7 @@ def measure(width: int, layers: int, epochs: int) -> dict:
         "teachers": teachers,
         "edit": edit_step,
         "lowrank": lowrank_step,
+        "peak_gib": peak,
         "plain": plain,
     }
 
@@ -96,9 +110,15 @@ def main() -> None:
     parser.add_argument("--widths", default="64,128,256,512")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = [measure(int(w), args.layers, args.epochs) for w in args.widths.split(",")]
+    dtype = getattr(torch, args.dtype)
+    rows = [
+        measure(int(w), args.layers, args.epochs, args.device, dtype)
+        for w in args.widths.split(",")
+    ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(
         "| width | parameters | teacher answers (s) | image-path step (ms) | lowrank step (ms) "
@@ -112,6 +132,9 @@ def main() -> None:
             f"| {r['edit'] / r['plain']:.2f}, {r['lowrank'] / r['plain']:.2f} |"
         )
     print(f"\npeak RSS of the whole run: {peak:.0f} MiB, {torch.get_num_threads()} threads")
+    for r in rows:
+        if r["peak_gib"] is not None:  # GPU: checkpointing is on there by default
+            print(f"width {r['width']}: peak GPU memory while learning {r['peak_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":
