@@ -556,7 +556,7 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
     from vlmguard_edit.convert import default_layers
     from vlmguard_edit.direction import compute_direction
     from vlmguard_edit.layout import text_config
-    from vlmguard_edit.recipes import SELF
+    from vlmguard_edit.recipes import LEARNED, SELF
 
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
@@ -567,7 +567,7 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
             "itself (vlmguard-edit convert VLM --recipe RECIPE); `direction` computes safety "
             "steering directions (modes writers and projector-shift)"
         )
-    if recipe.mode in ("image-path", "lowrank"):
+    if recipe.mode in LEARNED:
         raise click.UsageError(
             f"the recipe's mode is {recipe.mode}, a learned edit: `vlmguard-edit calibrate VLM "
             "--recipe RECIPE -o EDIT` learns it (or convert does); `direction` computes safety "

@@ -85,8 +85,8 @@ def measure(width: int, layers: int, epochs: int, device: str = "cpu", dtype=Non
         sync(model)
         steps = epochs * len(batches)
         edit_step = (time.perf_counter() - start) / steps
-        lowrank = {f"model.language_model.layers.{i}.self_attn.o_proj": None for i in range(layers)}
-        lowrank = {n: learned.find_module(model, (n,))[1] for n in lowrank}
+        names = [f"model.language_model.layers.{i}.self_attn.o_proj" for i in range(layers)]
+        lowrank = {n: learned.find_module(model, (n,))[1] for n in names}
         start = time.perf_counter()
         learned._fit(model, lowrank, batches, replace(settings, rank=4), progress=False)
         sync(model)

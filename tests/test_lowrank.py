@@ -207,9 +207,8 @@ def test_gradient_checkpointing_learns_the_same_edit_and_leaves_the_model_as_it_
 
 
 def test_the_torch_free_lists_of_learned_kinds_match_learned_kinds():
-    """convert and recipes name the learned kinds without importing torch: same set."""
-    from vlmguard_edit.convert import LEARNED_KINDS
+    """recipes names the learned kinds without importing torch: the same set as learned's."""
     from vlmguard_edit.recipes import LEARNED
 
-    assert set(LEARNED_KINDS) == set(LEARNED) == set(learned.KINDS)
+    assert set(LEARNED) == set(learned.KINDS)
     assert learned.KINDS["lowrank"].preserve_text and not learned.KINDS["image-path"].factored

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .checkpoint import file_entry
 from .errors import InputError
 from .layout import span
+from .recipes import LEARNED
 from .writes import remove_stale, replace_file
 
 TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
@@ -52,7 +53,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
         f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
     )
-    if recipe.get("mode") in ("image-path", "lowrank"):
+    if recipe.get("mode") in LEARNED:
         what, how = _learned_text(record)
     elif recipe.get("mode") == "image-gap":
         what = (
@@ -94,7 +95,7 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
             f"    {record['map']}\n\n"
             "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
         )
-    held = "learned deltas" if recipe.get("mode") in ("image-path", "lowrank") else "directions"
+    held = "learned deltas" if recipe.get("mode") in LEARNED else "directions"
     body = f"""
 # {Path(str(source_id)).name}, guarded with vlmguard-edit
 

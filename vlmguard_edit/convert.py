@@ -37,7 +37,7 @@ from .errors import DirectionError, InputError, PlanError
 from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
 from .public import public_name, runnable_path, scrub
-from .recipes import SELF, Recipe, mode_problems, strength_warnings
+from .recipes import LEARNED, SELF, Recipe, mode_problems, strength_warnings
 from .writes import atomic_output_dir, check_output_free, output_lock
 
 if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 DIRECTION_NAME = "vlmguard_direction.safetensors"
 EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
-LEARNED_KINDS = ("image-path", "lowrank")  # learned.KINDS, without importing torch
 DRIFT_WARNING = 0.5  # median ||W_vlm - W_base|| / ||W_base|| above which convert warns
 
 
@@ -133,9 +132,8 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         recipe.shift_direction,
     )
     if opts.dry_run:
-        if (
-            recipe.mode not in LEARNED_KINDS
-        ):  # a learned edit has no request to check beyond the plan
+        # a learned edit has no request to check beyond the plan
+        if recipe.mode not in LEARNED:
             _direction(opts, source, checkpoint, layout, layers)  # checks the request
         return ConvertResult(plan, None, None)
     with (
@@ -146,7 +144,7 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         # the edit's parameters are loaded, computed or learned here.
         params, saved, base_check = _parameters(opts, source, checkpoint, layout, plan)
         edits = writer.fold(params)
-        name = EDIT_NAME if recipe.mode in LEARNED_KINDS else DIRECTION_NAME
+        name = EDIT_NAME if recipe.mode in LEARNED else DIRECTION_NAME
         saved.save(tmp / name)  # the shipped copy names sources without the user's paths
         record = _record(opts, source, plan, saved, edits, tmp / name)
         if base_check is not None:
@@ -199,7 +197,7 @@ def _parameters(
     """What the plan folds (per-layer vectors, or a learned edit), what is shipped beside the
     weights (the direction or edit file, scrubbed of local paths), the base-LLM check."""
     recipe = opts.recipe
-    if recipe.mode in LEARNED_KINDS:
+    if recipe.mode in LEARNED:
         from .learned import Edit
 
         edit = (
@@ -645,7 +643,7 @@ def _record(
             },
             **(
                 {"calibration": direction.meta.get("calibration")}
-                if plan.mode in LEARNED_KINDS
+                if plan.mode in LEARNED
                 else {"stats": {str(layer): direction.stats.get(layer) for layer in plan.layers}}
             ),
         },
@@ -685,8 +683,8 @@ def reproduce_command(opts: ConvertOptions) -> str:
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
     else:
-        teacher = recipe.mode in LEARNED_KINDS and recipe.base_llm.id not in (None, SELF)
-        if recipe.mode not in ("image-gap", *LEARNED_KINDS) or teacher:
+        teacher = recipe.mode in LEARNED and recipe.base_llm.id not in (None, SELF)
+        if recipe.mode not in ("image-gap", *LEARNED) or teacher:
             parts += ["--base-llm", path(str(recipe.base_llm.id))]
             if recipe.base_llm.revision:
                 parts += ["--base-revision", recipe.base_llm.revision]
@@ -697,7 +695,7 @@ def reproduce_command(opts: ConvertOptions) -> str:
     parts += ["--mode", recipe.mode]
     if recipe.mode == "lowrank":
         parts += ["--layers", ",".join(map(str, recipe.layers or [])), "--rank", str(recipe.rank)]
-    if recipe.mode in LEARNED_KINDS:
+    if recipe.mode in LEARNED:
         parts += ["--epochs", str(recipe.epochs), "--learning-rate", f"{recipe.learning_rate:g}"]
         if recipe.search:
             tried = [f"{c['epochs']}:{c['learning_rate']:g}" for c in recipe.search]

@@ -74,7 +74,7 @@ class Recipe:
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
 MODES = ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
-LEARNED = ("image-path", "lowrank")
+LEARNED = ("image-path", "lowrank")  # learned.KINDS, named without importing torch
 IMAGE_KINDS = ("blank", "noise", "scene")
 SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}

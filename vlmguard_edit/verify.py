@@ -155,14 +155,15 @@ def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
 def _check_against_source(
     folder: Path, source: Path, record: dict, report: VerifyReport, progress: bool
 ) -> None:
-    from .convert import LEARNED_KINDS, fold_tensor, shift_vector
+    from .convert import fold_tensor, shift_vector
     from .direction import Direction
     from .learned import Edit
+    from .recipes import LEARNED
 
     guarded, original = open_checkpoint(folder), open_checkpoint(source)
     plan = recorded_plan(original, record["recipe"])
     path = folder / record["direction"]["file"]
-    if plan.mode in LEARNED_KINDS:
+    if plan.mode in LEARNED:
         vectors = Edit.load(path)
     else:
         vectors = Direction.load(path).select(plan.layers, plan.rank)
