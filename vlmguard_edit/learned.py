@@ -124,12 +124,12 @@ class Edit:
         """The shape of each changed checkpoint tensor."""
         out = {}
         for key, value in self.deltas.items():
+            if key.endswith(FACTORS[1]):
+                continue  # read with its lora_A
             if key.endswith(FACTORS[0]):
-                out[key.removesuffix(FACTORS[0])] = (
-                    self.deltas[key.removesuffix(FACTORS[0]) + FACTORS[1]].shape[0],
-                    value.shape[1],
-                )
-            elif not key.endswith(FACTORS[1]):
+                base = key.removesuffix(FACTORS[0])
+                out[base] = (self.deltas[base + FACTORS[1]].shape[0], value.shape[1])
+            else:
                 out[key] = tuple(value.shape)
         return out
 
