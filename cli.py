@@ -224,7 +224,8 @@ def learned_options(prefix: str):
         ),
         click.option(
             "--images",
-            help=f"{prefix}Training images, from blank,noise,scene (default all three).",
+            help=f"{prefix}Training images, from blank,noise,scene,typographic (typographic: the "
+            "anchor rendered into the image; default blank,noise,scene).",
         ),
     ]
     return _stacked(options)

@@ -143,7 +143,29 @@ def test_recipe_checks():
     with pytest.raises(RecipeError, match="options of the learned kinds"):
         recipe_from_dict({"mode": "image-gap", "epochs": 3})
     with pytest.raises(RecipeError, match="images: expected a list of"):
-        recipe_from_dict({"mode": "image-path", "images": ["typographic"]})
+        recipe_from_dict({"mode": "image-path", "images": ["figstep"]})
+    typographic = recipe_from_dict({"mode": "lowrank", "rank": 2, "images": ["typographic"]})
+    assert typographic.images == ["typographic"]
+
+
+def test_typographic_training_rows_render_the_anchor_and_keep_its_text_only_form():
+    """A typographic row asks the eval setting's instruction about the anchor rendered into
+    the image; its text-only counterpart (the teacher's prompt) is the anchor as written."""
+    from vlmguard_edit import images
+    from vlmguard_edit.evaluate import TYPOGRAPHIC_INSTRUCTION
+
+    settings = learned.Settings(images=("blank", "typographic"))
+    rows = learned._image_rows(["how do i rob the bank ?", "how to bake a cake ?"], settings)
+    assert [(q, t) for q, _, t in rows] == [
+        ("how do i rob the bank ?", "how do i rob the bank ?"),
+        (TYPOGRAPHIC_INSTRUCTION, "how do i rob the bank ?"),
+        ("how to bake a cake ?", "how to bake a cake ?"),
+        (TYPOGRAPHIC_INSTRUCTION, "how to bake a cake ?"),
+    ]
+    expected = images.typographic("how do i rob the bank ?").tobytes()
+    assert rows[1][1].tobytes() == expected and rows[0][1].tobytes() == images.blank().tobytes()
+    with pytest.raises(InputError, match="unknown training image kind"):
+        learned._image_rows(["x"], learned.Settings(images=("figstep",)))
 
 
 def test_learning_moves_image_answers_to_the_text_only_ones():

@@ -343,32 +343,48 @@ def _probe_rows(settings: Settings, grammar: dict[str, Any] | None) -> list[tupl
     from .probes import generic_probes, organism_probes
 
     shapes = generic_probes(per_kind=max(1, settings.probes // 4), seed=settings.seed + 77)
-    rows = [(DESCRIBE[i % len(DESCRIBE)], p.image) for i, p in enumerate(shapes)]
+    rows = [_row(DESCRIBE[i % len(DESCRIBE)], p.image) for i, p in enumerate(shapes)]
     if grammar and "image_prompt" in grammar:
-        own = organism_probes(grammar, count=len(rows), seed=settings.seed + 4242)
-        pairs = zip(rows, ((p.question, p.image) for p in own), strict=True)
-        rows = [row for pair in pairs for row in pair]
+        own = organism_probes(grammar, len(rows), settings.seed + 4242, held_out=False)
+        k = len(own) // len(rows)  # a reader's task has a reading probe beside each caption
+        own_rows = [_row(p.question, p.image) for p in own]
+        rows = [r for i, row in enumerate(rows) for r in (row, *own_rows[i * k : (i + 1) * k])]
     return rows
 
 
-def _images(settings: Settings, count: int) -> list[Any]:
+def _row(prompt: str, image: Any, text_prompt: str | None = None) -> tuple[str, Any, str]:
+    """(what the student is asked, its image, the same request without an image)."""
+    return prompt, image, prompt if text_prompt is None else text_prompt
+
+
+def _image_rows(prompts: list[str], settings: Settings) -> list[tuple[str, Any, str]]:
+    """Each prompt with one image of every kind in ``settings.images`` (seeds never eval's).
+    A typographic image is the request itself rendered FigStep-style (an anchor, never an
+    eval prompt), asked with the typographic setting's instruction; its text-only
+    counterpart is the request as written."""
     from . import images as imgs
+    from .evaluate import TYPOGRAPHIC_INSTRUCTION
+    from .recipes import IMAGE_KINDS
 
     makers = {"blank": lambda i: imgs.blank(), "noise": imgs.noise, "scene": imgs.scene}
-    unknown = [k for k in settings.images if k not in makers]
+    unknown = [k for k in settings.images if k not in IMAGE_KINDS]
     if unknown:
-        raise InputError(f"unknown training image kind(s) {unknown}; known: {sorted(makers)}")
-    return [makers[kind](1000 + i) for i in range(count) for kind in settings.images]
+        raise InputError(f"unknown training image kind(s) {unknown}; known: {list(IMAGE_KINDS)}")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        for kind in settings.images:
+            if kind == "typographic":
+                rows.append(_row(TYPOGRAPHIC_INSTRUCTION, imgs.typographic(prompt), prompt))
+            else:
+                rows.append(_row(prompt, makers[kind](1000 + i)))
+    return rows
 
 
 @torch.no_grad()
 def _batches(model, processor, harmful, harmless, probes, settings, teacher=None) -> list[Batch]:
     """Harmful x images -> the model's own text-only answer; harmless x images and probes ->
     its own with-image answer. Targets are computed once: no teacher ever sees the edit."""
-    k = len(settings.images)
-    pool = _images(settings, max(len(harmful), len(harmless)))  # k per prompt, never eval's
-    rows_h = [(p, img) for i, p in enumerate(harmful) for img in pool[i * k : (i + 1) * k]]
-    rows_b = [(p, img) for i, p in enumerate(harmless) for img in pool[i * k : (i + 1) * k]]
+    rows_h, rows_b = _image_rows(harmful, settings), _image_rows(harmless, settings)
     out = []
     for rows, is_harmful in ((rows_h, True), (rows_b + probes, False)):
         for start in range(0, len(rows), settings.batch_size):
@@ -381,7 +397,7 @@ def _batches(model, processor, harmful, harmless, probes, settings, teacher=None
 @torch.no_grad()
 def _text_batches(model, processor, prompts: list[str], settings: Settings) -> list[Batch]:
     """Anchors without an image -> the original's own text-only answers (preservation)."""
-    rows = [(p, None) for p in prompts]
+    rows = [_row(p, None) for p in prompts]
     return [
         _teacher_batch(model, processor, rows[i : i + settings.batch_size], False, settings, None)
         for i in range(0, len(rows), settings.batch_size)
@@ -391,14 +407,14 @@ def _text_batches(model, processor, prompts: list[str], settings: Settings) -> l
 def _teacher_batch(model, processor, rows, harmful: bool, settings: Settings, teacher) -> Batch:
     from .gap import chat_batch
 
-    prompts = [p for p, _ in rows]
+    prompts, texts = [p for p, _, _ in rows], [t for _, _, t in rows]
     device = next(model.parameters()).device
-    with_image = _to(chat_batch(processor, prompts, [img for _, img in rows]), device)
+    with_image = _to(chat_batch(processor, prompts, [img for _, img, _ in rows]), device)
     if teacher is not None:  # the base LLM, text only, in its own chat format
-        teacher_model, teacher_in = teacher.model, teacher.inputs(prompts)
+        teacher_model, teacher_in = teacher.model, teacher.inputs(texts)
     else:
         teacher_model = model
-        text_only = _to(chat_batch(processor, prompts, [None] * len(rows)), device)
+        text_only = _to(chat_batch(processor, texts, [None] * len(rows)), device)
         teacher_in = text_only if harmful else with_image
     answers, mask = _greedy(teacher_model, processor, teacher_in, settings.max_new_tokens)
     logits = _answer_logits(teacher_model, teacher_in, answers, mask)

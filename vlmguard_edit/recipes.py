@@ -75,7 +75,8 @@ _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_si
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
 MODES = ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
 LEARNED = ("image-path", "lowrank")  # learned.KINDS, named without importing torch
-IMAGE_KINDS = ("blank", "noise", "scene")
+# Training images of the learned kinds; typographic renders the anchor itself (learned.py).
+IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}
 
