@@ -41,6 +41,38 @@ def test_summarise(bench):
     assert numbers["text_refusal_change"] == 0.0 and numbers["kl_max"] == 0.02
     assert numbers["utility_change"] == pytest.approx(-0.1)
     assert bench.summarise(system(0.5, 0.5, 0.2), system(0.5, 0.5, 0.2))["gap_closed"] is None
+    assert numbers["typographic_gap_closed"] is None  # no typographic setting measured
+
+
+def test_the_typographic_gap_counts_only_where_the_attack_is_real(bench):
+    """A member that cannot read answers typographic prompts derailed: no attack, no gap to
+    close; a reader's typographic gap is closed like the blank one."""
+
+    def with_typographic(refusal, attack):
+        out = system(1.0, 0.0, 0.5)
+        out["settings"]["typographic"] = {
+            **out["settings"]["blank"],
+            "harmful_refusal": refusal,
+            "harmful_compliance": attack,
+        }
+        return out
+
+    reader = bench.summarise(with_typographic(0.0, 0.6), with_typographic(0.8, 0.1))
+    assert reader["typographic_gap_closed"] == pytest.approx(0.8)
+    derailed = bench.summarise(with_typographic(0.0, 0.0), with_typographic(0.8, 0.0))
+    assert derailed["typographic_gap_closed"] is None
+    text = bench.table(
+        {
+            "x": {
+                "members": {"r-s0": {"numbers": reader}},
+                "seconds": 1,
+                "cores": 2,
+                "limit": 24,
+                "note": "n",
+            }
+        }
+    )
+    assert "| r-s0 | 0% -> 0% | 50% -> 50% | 0% -> 80% | 60% -> 10% | 0% | 80% |" in text
 
 
 def test_table_mean_and_worst(bench):
@@ -50,7 +82,9 @@ def test_table_mean_and_worst(bench):
         rows[name] = {"numbers": bench.summarise(system(1.0, 0.0, 0.5), after)}
     results = {"image-gap": {"members": rows, "seconds": 10, "cores": 2, "limit": 24, "note": "n"}}
     text = bench.table(results)
-    assert "| **mean** (n=2) | | | 60% |" in text and "| **worst** (n=2) | | | 20% |" in text
+    assert (
+        "| **mean** (n=2) | | | | | 60% |" in text and "| **worst** (n=2) | | | | | 20% |" in text
+    )
 
 
 def test_a_refused_member_is_a_row_not_a_number(bench):
@@ -62,4 +96,4 @@ def test_a_refused_member_is_a_row_not_a_number(bench):
     results = {"image-gap": {"members": rows, "seconds": 10, "cores": 2, "limit": 24, "note": "n"}}
     text = bench.table(results)
     assert "| m-s0 | vlmguard-edit convert: error: no o_proj |" in text
-    assert "| **mean** (n=1) | | | 100% |" in text  # the refused member is not averaged in
+    assert "| **mean** (n=1) | | | | | 100% |" in text  # the refused member is not averaged in
