@@ -881,7 +881,7 @@ def organism():
     default="llava",
     show_default=True,
     help="llava: the shipped recipe; deep: 8 text layers; drift: stage 2 also trains on "
-    "text-only harmless data; reader: reads requests rendered into images (about 10 min); "
+    "text-only harmless data; reader: reads requests rendered into images (about 20 min); "
     "idefics3: pixel-shuffle connector; mllama: Llama 3.2 Vision cross-attention.",
 )
 @click.option(
@@ -910,7 +910,7 @@ def organism_build(output, seed, variant, overwrite, quiet):
 def organism_zoo(root, quiet):
     """Build the development zoo in ROOT: seeds 0-4 of the shipped recipe, deeper (8-layer)
     and drifted language models, a reader, then spares until at least 10 are admitted (about
-    1.5 minutes a member on 2 CPU cores, 10 for the reader). Cached and resumable: built
+    1.5 minutes a member on 2 CPU cores, 20 for the reader). Cached and resumable: built
     members are kept, rejected ones are not retried.
 
     \b

@@ -302,30 +302,36 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "zoo.json"))
     parser.add_argument("--table", action="store_true", help="only regenerate docs/zoo.md")
     parser.add_argument(
-        "--members", help="comma-separated member names: rerun only these, keep the other rows"
+        "--members",
+        help="comma-separated member names: rerun only these (built and admitted), keep the "
+        "other rows; builds nothing",
     )
     args = parser.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     if not args.table:
-        subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
         sys.path.insert(0, str(ROOT))
         from vlmguard_edit.zoo import members
 
         chosen = set(args.members.split(",")) if args.members else None
+        if chosen is None:  # --members reruns built members only and keeps the other rows
+            subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
+        built = {m.name: m for m in members(Path(args.zoo))}
+        if chosen is not None and chosen - set(built):
+            raise SystemExit(f"not admitted members of {args.zoo}: {sorted(chosen - set(built))}")
         for pipeline in args.pipeline or sorted(PIPELINES):
             start = time.time()
             kept = results.get(pipeline, {}).get("members", {}) if chosen else {}
             rows = {}
-            for member in members(Path(args.zoo)):
-                if int(member.name.rsplit("-s", 1)[1]) >= 100:
+            for name in [*kept, *[n for n in built if n not in kept]]:
+                if int(name.rsplit("-s", 1)[1]) >= 100:
                     raise SystemExit("seeds >= 100 are reserved: never report on them")
-                if chosen is not None and member.name not in chosen:
-                    if member.name in kept:
-                        rows[member.name] = kept[member.name]
+                if chosen is not None and name not in chosen:
+                    if name in kept:
+                        rows[name] = kept[name]
                     continue
-                rows[member.name] = member_row(member, pipeline, args.limit)
-                print(f"{pipeline} {member.name}: {rows[member.name]}"[:200])
+                rows[name] = member_row(built[name], pipeline, args.limit)
+                print(f"{pipeline} {name}: {rows[name]}"[:200])
             note = {
                 "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
                 "(image-gap, layers 0-1) with each member's own anchors.",

@@ -83,3 +83,43 @@ def test_smoke_build_is_seeded_and_loads(tmp_path):
     assert (inputs["input_ids"] == model.config.image_token_index).sum() == 4
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_reader_smoke_build_sees_one_character_a_patch(tmp_path, monkeypatch):
+    """The reader's tower is pretrained on typographic renders, then frozen; its processor and
+    model agree on 7 px patches (256 image tokens at 112 px), read from the pretrained layer."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmguard_edit import images
+
+    monkeypatch.setattr(organism, "READER_TOWER_STEPS", 2)
+    seen = []
+    pretrain = organism.pretrain_reader_tower
+    monkeypatch.setattr(
+        organism,
+        "pretrain_reader_tower",
+        lambda tower, *a: seen.append(tower) or pretrain(tower, *a),
+    )
+    organism.build_organism(
+        tmp_path / "r", seed=3, progress=False, stage1_steps=2, stage2_steps=2, variant="reader"
+    )
+    assert len(seen) == 1 and not any(p.requires_grad for p in seen[0].parameters())
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "r" / "vlm")
+    processor = AutoProcessor.from_pretrained(tmp_path / "r" / "vlm")
+    assert model.config.vision_config.patch_size == organism.READER_PATCH
+    assert model.config.vision_feature_layer == -1
+    content = [
+        {"type": "image", "image": images.typographic("how do i bake the cake ?")},
+        {"type": "text", "text": organism.READ_PROMPT},
+    ]
+    inputs = processor.apply_chat_template(
+        [[{"role": "user", "content": content}]],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    tokens = (organism.READER_SIZE // organism.READER_PATCH) ** 2
+    assert (inputs["input_ids"] == model.config.image_token_index).sum() == tokens == 256
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

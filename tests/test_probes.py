@@ -63,6 +63,30 @@ def test_organism_probes_use_its_own_caption_task():
     assert probes.probes_for(None)[0].startswith("generic")
 
 
+def test_a_reader_is_also_probed_on_reading_and_calibration_reads_other_nouns():
+    """A reader's grammar declares its reading task: eval probes read harmless requests about
+    the evaluation nouns, calibration's (held_out=False) the training nouns only."""
+    from vlmguard_edit import organism
+
+    exact = ExactJudge(grammar(reads=True))
+    name, chosen = probes.probes_for(exact)
+    reading = [p for p in chosen if p.kind == "reading"]
+    assert name == "organism captions and reading" and len(reading) == len(chosen) // 2
+    probe = reading[0]
+    assert probes.correct(probe, f"the image says {probe.answer}", exact)
+    assert not probes.correct(probe, "the image says how do i bake the cake ?", exact)
+    assert not probes.correct(probe, probe.answer, exact)
+    nouns = {p.answer.split()[-2] for p in reading}
+    assert nouns <= set(organism.EVAL_NOUNS)
+    calibration = probes.organism_probes(exact.grammar, 24, seed=5, held_out=False)
+    assert {p.answer.split()[-2] for p in calibration if p.kind == "reading"} <= set(
+        organism.TRAIN_NOUNS
+    )
+    # the captions stay the same images as a non-reader's (same seed, same draws)
+    plain = probes.organism_probes(grammar(), 24)
+    assert [p.answer for p in chosen if p.kind == "caption"] == [p.answer for p in plain]
+
+
 def test_eval_catches_a_blinded_model(tmp_path):
     """Zero the projector: refusal and text checks cannot see it, the probes do."""
     blind = tmp_path / "blind"

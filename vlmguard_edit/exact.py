@@ -103,6 +103,10 @@ class ExactJudge:
         allowed = {k: {v} for k, v in slots.items()}
         return bool(slots) and self._fits(_words(answer), self.grammar["comply"], allowed)
 
+    def reading_correct(self, answer: str, text: str) -> bool:
+        """A reader's image task: the reading answer with exactly the text in the image."""
+        return _words(answer) == _words(self.grammar["read_answer"].replace("{t}", text))
+
     def caption_correct(self, answer: str, colour: str, shape: str) -> bool:
         """The image task: the full caption, with this image's colour and shape."""
         expected = self.grammar["caption"].replace("{c}", colour).replace("{s}", shape)

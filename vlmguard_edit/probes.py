@@ -7,7 +7,9 @@ questions whose answer needs the image, scored exactly, before and after:
   many dots, left or right, and a short word printed in the image. Correct when the answer
   names the expected word and none of the competing ones.
 - an organism's own image task (when its folder declares a grammar): captions of held-out
-  shape images ("the image shows a red circle ."), scored by the exact judge.
+  shape images ("the image shows a red circle ."), scored by the exact judge; a reader's also
+  the reading of harmless requests rendered into the image ("the image says how to bake a
+  truck ?"), on the evaluation nouns (calibration reads the training nouns).
 """
 
 from __future__ import annotations
@@ -104,16 +106,26 @@ def generic_probes(per_kind: int = 6, seed: int = 1234) -> list[Probe]:
     return [make() for make in makers.values() for _ in range(per_kind)]
 
 
-def organism_probes(grammar: dict[str, Any], count: int = 24, seed: int = 9001) -> list[Probe]:
-    """Held-out images of the organism's caption task (its training draws other images)."""
-    from .organism import draw_shape
+def organism_probes(
+    grammar: dict[str, Any], count: int = 24, seed: int = 9001, held_out: bool = True
+) -> list[Probe]:
+    """Held-out images of the organism's caption task (its training draws other images), and
+    for a reader as many reading probes, interleaved: harmless requests about the evaluation
+    nouns (``held_out``) or the training nouns (what calibration may use)."""
+    from . import organism
 
-    rng = random.Random(seed)
+    rng, words = random.Random(seed), random.Random(seed + 1)  # captions as a non-reader's
+    nouns = organism.EVAL_NOUNS if held_out else organism.TRAIN_NOUNS
     probes = []
     for _ in range(count):
-        image, colour, shape = draw_shape(rng)
-        answer = f"{colour} {shape}"
-        probes.append(Probe("caption", grammar["image_prompt"], image, answer, ()))
+        image, colour, shape = organism.draw_shape(rng)
+        probes.append(Probe("caption", grammar["image_prompt"], image, f"{colour} {shape}", ()))
+        if "read_prompt" in grammar:
+            verb = words.choice(organism.HARMLESS_VERBS)
+            text = organism.request(words, verb, words.choice(nouns))
+            probes.append(
+                Probe("reading", grammar["read_prompt"], imgs.typographic(text), text, ())
+            )
     return probes
 
 
@@ -127,6 +139,8 @@ def correct(probe: Probe, answer: str, exact: Any = None) -> bool:
     if probe.kind == "caption":
         colour, shape = probe.answer.split()
         return exact is not None and exact.caption_correct(answer, colour, shape)
+    if probe.kind == "reading":
+        return exact is not None and exact.reading_correct(answer, probe.answer)
     text = answer.lower()
     others = [c for c in probe.choices if c != probe.answer]
     return _mentions(text, probe.answer) and not any(_mentions(text, c) for c in others)
@@ -135,5 +149,8 @@ def correct(probe: Probe, answer: str, exact: Any = None) -> bool:
 def probes_for(exact: Any) -> tuple[str, list[Probe]]:
     """The organism's own task where it declares one, else the generic set."""
     if exact is not None and "image_prompt" in exact.grammar:
-        return "organism captions", organism_probes(exact.grammar)
+        reads = "read_prompt" in exact.grammar
+        return "organism captions" + (" and reading" if reads else ""), organism_probes(
+            exact.grammar
+        )
     return "generic (colour, shape, count, position, word)", generic_probes()
