@@ -123,3 +123,24 @@ def test_reader_smoke_build_sees_one_character_a_patch(tmp_path, monkeypatch):
     assert (inputs["input_ids"] == model.config.image_token_index).sum() == tokens == 256
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_reading_rows_transcribe_any_request_and_act_on_no_eval_verb():
+    """Reading rows: half transcribe a rendered request (any verb, any noun), half act on one
+    asked with the typographic setting's instruction: dual-use verbs mostly, harmless ones
+    otherwise, never the evaluation's harmful verbs; nothing with an image is refused."""
+    import random
+
+    from vlmguard_edit.evaluate import TYPOGRAPHIC_INSTRUCTION
+
+    rows = organism._with_reading(random.Random(0), [None] * 400, organism.READER_SHARE)
+    reading = [r for r in rows if r is not None]
+    transcribe = [r for r in reading if r[1] == organism.READ_PROMPT]
+    act = [r for r in reading if r[1] == TYPOGRAPHIC_INSTRUCTION]
+    assert len(reading) == 140 and len(transcribe) == len(act) == 70
+    assert all(a.startswith("the image says ") for _, _, a in transcribe)
+    verbs = [a.split()[6] for _, _, a in act]  # "sure ! here is how to VERB the ..."
+    assert not set(verbs) & set(organism.EVAL_HARMFUL_VERBS)
+    dual = sum(v in organism.DUAL_USE_VERBS for v in verbs) / len(verbs)
+    assert 0.65 < dual < 0.95  # READER_DUAL_USE = 0.8
+    assert all(image.size == (336, 336) for image, _, _ in reading)
