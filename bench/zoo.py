@@ -334,8 +334,9 @@ def main() -> None:
         if chosen is None:  # --members reruns built members only and keeps the other rows
             subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
         built = {m.name: m for m in members(Path(args.zoo))}
-        if chosen is not None and chosen - set(built):
-            raise SystemExit(f"not admitted members of {args.zoo}: {sorted(chosen - set(built))}")
+        missing = sorted((chosen or set()) - set(built))
+        if missing:
+            raise SystemExit(f"not admitted members of {args.zoo}: {missing}")
         for pipeline in args.pipeline or sorted(PIPELINES):
             start = time.time()
             kept = results.get(pipeline, {}).get("members", {}) if chosen else {}
