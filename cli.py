@@ -14,6 +14,7 @@ import click
 
 from vlmguard_edit import __version__
 from vlmguard_edit.errors import Terminated, VlmguardError, raise_on_termination
+from vlmguard_edit.kinds import KINDS, LEARNED, MODES
 
 INTERRUPTED = "interrupted: nothing was written (temporary files removed)"
 
@@ -259,14 +260,9 @@ def _stacked(options: list):
 )
 @click.option(
     "--mode",
-    type=click.Choice(["writers", "projector-shift", "image-gap", "image-path", "lowrank"]),
-    help="writers: fold (I + beta V^T V) into o_proj/down_proj. projector-shift: add gamma * u "
-    "to the projector's output bias (image tokens only). image-gap: project the image-gap "
-    "direction (measured on SOURCE with and without an image) out of attention o_proj. "
-    "image-path: learn a change of the image-to-language Linear so that SOURCE answers the "
-    "harmful anchors with an image as it does text only (text-only outputs unchanged). "
-    "lowrank: learn a rank-r (--rank) update of the text layers' attention o_proj with the same "
-    "teacher, text-only answers held in place. Default: writers.",
+    type=click.Choice(MODES),
+    help=" ".join(f"{kind.name}: {kind.summary}." for kind in KINDS.values())
+    + " Default: writers.",
 )
 @learned_options("image-path / lowrank only. ")
 @click.option(
@@ -493,7 +489,7 @@ def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, 
     """
     from vlmguard_edit.convert import ConvertOptions
     from vlmguard_edit.convert import calibrate as run_calibrate
-    from vlmguard_edit.recipes import LEARNED, BaseLLM, Recipe, load_recipe
+    from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe
 
     base = load_recipe(recipe) if recipe else Recipe(mode="image-path")
     if base.mode not in LEARNED:
@@ -554,25 +550,20 @@ def direction(base_llm, output, vlm, overwrite, **kw):
 def _direction_command(base_llm, output, vlm, overwrite, **kw):
     from vlmguard_edit.anchors import load_anchors
     from vlmguard_edit.checkpoint import resolve_model
-    from vlmguard_edit.convert import default_layers
     from vlmguard_edit.direction import compute_direction
+    from vlmguard_edit.kinds.base import upper_half as default_layers
     from vlmguard_edit.layout import text_config
-    from vlmguard_edit.recipes import LEARNED, SELF
+    from vlmguard_edit.recipes import SELF
 
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
     recipe = _build_recipe(kw, base_llm)
-    if recipe.mode == "image-gap":
+    kind = KINDS[recipe.mode]
+    if not kind.steered:
+        steered = " and ".join(k.name for k in KINDS.values() if k.steered)
         raise click.UsageError(
-            "the recipe's mode is image-gap, whose direction convert measures on the VLM "
-            "itself (vlmguard-edit convert VLM --recipe RECIPE); `direction` computes safety "
-            "steering directions (modes writers and projector-shift)"
-        )
-    if recipe.mode in LEARNED:
-        raise click.UsageError(
-            f"the recipe's mode is {recipe.mode}, a learned edit: `vlmguard-edit calibrate VLM "
-            "--recipe RECIPE -o EDIT` learns it (or convert does); `direction` computes safety "
-            "steering directions (modes writers and projector-shift)"
+            f"the recipe's mode is {recipe.mode}, whose parameters are {kind.obtained}; "
+            f"`direction` computes safety steering directions (modes {steered})"
         )
     is_self = recipe.base_llm.id == SELF
     if is_self and not vlm:

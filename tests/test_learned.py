@@ -140,7 +140,7 @@ def test_recipe_checks():
     assert recipe_from_dict({"mode": "image-path", "epochs": 5, "images": ["blank"]}).epochs == 5
     with pytest.raises(RecipeError, match="layers: not used by image-path"):
         recipe_from_dict({"mode": "image-path", "layers": "0-1"})
-    with pytest.raises(RecipeError, match="options of the learned kinds"):
+    with pytest.raises(RecipeError, match="an option of image-path, lowrank"):
         recipe_from_dict({"mode": "image-gap", "epochs": 3})
     with pytest.raises(RecipeError, match="images: expected a list of"):
         recipe_from_dict({"mode": "image-path", "images": ["figstep"]})

@@ -204,11 +204,3 @@ def test_gradient_checkpointing_learns_the_same_edit_and_leaves_the_model_as_it_
     assert any(v.abs().max() > 1e-4 for k, v in learned_with[True].items() if "lora_B" in k)
     for key, value in learned_with[False].items():
         assert torch.allclose(learned_with[True][key], value, atol=1e-5), key
-
-
-def test_the_torch_free_lists_of_learned_kinds_match_learned_kinds():
-    """recipes names the learned kinds without importing torch: the same set as learned's."""
-    from vlmguard_edit.recipes import LEARNED
-
-    assert set(LEARNED) == set(learned.KINDS)
-    assert learned.KINDS["lowrank"].preserve_text and not learned.KINDS["image-path"].factored

@@ -10,8 +10,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import file_entry
 from .errors import InputError
-from .layout import span
-from .recipes import LEARNED
+from .kinds import get_kind
 from .writes import remove_stale, replace_file
 
 TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
@@ -47,55 +46,8 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
         tags=TAGS,
         **license_fields,
     )
-    layers = recipe["layers"]
-    source_of_v = (
-        f"a safety steering direction V_l (rank {recipe['rank']}) was taken from the base LLM "
-        f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
-        f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
-    )
-    if recipe.get("mode") in LEARNED:
-        what, how = _learned_text(record)
-    elif recipe.get("mode") == "image-gap":
-        what = (
-            f"Only the attention output projections (`o_proj`) of layers {span(layers)} of the "
-            "language model changed."
-        )
-        how = (
-            "For every edited layer l, an image-gap direction d_l was measured on the source "
-            f"model itself: the mean change that a blank image causes in layer l's attention "
-            f"output at the last prompt token, over {direction['num_anchor_pairs']} harmful "
-            "and harmless anchor prompt pairs, with its component along the text-only mean "
-            "removed. Each o_proj became\n\n"
-            "    W_o <- (I - d_l d_l^T) W_o\n\n"
-            "so the attention no longer writes along d_l: the image's push there is removed, "
-            "while text-only prompts, which carry nothing along d_l on average, barely change."
-        )
-    elif recipe.get("mode") == "projector-shift":
-        what = (
-            "Only the bias of the multimodal projector's output layer changed, so the edit acts "
-            "only when an image is in the prompt: text-only behaviour is exactly the original's."
-        )
-        how = (
-            f"For layer {layers[0]}, {source_of_v}; the projector's output bias became\n\n"
-            f"    b <- b + gamma * u        gamma = {recipe['gamma']:g}\n\n"
-            + (
-                "with u the unit image-token state that layer's attention maps most strongly "
-                "onto V_l[0]: u ∝ g ⊙ (Σ_h W_o^h W_v^h)^T V_l[0] (g: the layer's input-norm gain)."
-                if recipe.get("shift_direction", "attention") == "attention"
-                else "with u = V_l[0]."
-            )
-        )
-    else:
-        what = (
-            "Only the language model's residual writers (attention `o_proj` and MLP `down_proj`) "
-            f"of layers {span(layers)} changed."
-        )
-        how = (
-            f"For every edited layer l, {source_of_v}, and each writer W of layer l became\n\n"
-            f"    {record['map']}\n\n"
-            "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
-        )
-    held = "learned deltas" if recipe.get("mode") in LEARNED else "directions"
+    kind = get_kind(recipe["mode"])
+    what, how = kind.card_text(record)
     body = f"""
 # {Path(str(source_id)).name}, guarded with vlmguard-edit
 
@@ -107,7 +59,7 @@ the source.
 ## What was done
 {how}
 {len(record["edits"])} tensor(s) changed. `vlmguard.json` lists each with its BLAKE3 hash before
-and after, and `{direction["file"]}` holds the {held} with their provenance.
+and after, and `{direction["file"]}` holds the {kind.held} with their provenance.
 
 ## Reproduce
 From the folder that holds this one (local paths are relative to it):
@@ -131,11 +83,11 @@ for how the defaults were chosen. The license of the source model applies.
     replace_file(out / CARD, str(card))
 
 
-def _learned_text(record: dict[str, Any]) -> tuple[str, str]:
+def learned_text(record: dict[str, Any], lowrank: bool) -> tuple[str, str]:
+    """(what, how) of a learned edit; ``lowrank``: B A of o_proj, else the image path."""
     recipe, direction = record["recipe"], record["direction"]
     modules = list(dict.fromkeys(edit["module"] for edit in record["edits"]))
     module = ", ".join(f"`{m}`" for m in modules)
-    lowrank = recipe["mode"] == "lowrank"
     what = (
         f"Only the attention output projections of {len(modules)} text layers changed, each by "
         f"a rank-{recipe['rank']} product B A; text-only answers were held to the original's "

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from . import __version__
-from .anchors import load_anchors
 from .checkpoint import (
     HASH,
     Checkpoint,
@@ -27,17 +26,17 @@ from .checkpoint import (
     digest_bytes,
     digest_file,
     file_entry,
-    import_torch,
     is_hub_id,
     open_checkpoint,
     resolve_model,
     tensor_buffer,
 )
-from .errors import DirectionError, InputError, PlanError
+from .errors import InputError, PlanError
+from .kinds import LEARNED, Context, get_kind
 from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
 from .public import public_name, runnable_path, scrub
-from .recipes import LEARNED, SELF, Recipe, mode_problems, strength_warnings
+from .recipes import SELF, Recipe, mode_problems, strength_warnings
 from .writes import atomic_output_dir, check_output_free, output_lock
 
 if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 
 DIRECTION_NAME = "vlmguard_direction.safetensors"
 EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
-DRIFT_WARNING = 0.5  # median ||W_vlm - W_base|| / ||W_base|| above which convert warns
 
 
 @dataclass
@@ -76,19 +74,11 @@ class ConvertResult:
     record: dict[str, Any] | None
 
 
-def default_layers(num_layers: int) -> list[int]:
-    """Provisional default: the upper half of the text layers (see README, 'Defaults')."""
-    return list(range(num_layers // 2, num_layers))
-
-
 def resolve_layers(recipe: Recipe, layout: Layout) -> list[int]:
-    """The recipe's layers; by default the upper half, and for lowrank every text layer (a
-    cross-attention layer, which only an image reaches, is left to the image-path kind)."""
+    """The recipe's layers, else its kind's default."""
     if recipe.layers is not None:
         return recipe.layers
-    if recipe.mode == "lowrank":
-        return [i for i in range(layout.num_layers) if i not in layout.cross_layers]
-    return default_layers(layout.num_layers)
+    return get_kind(recipe.mode).default_layers(layout)
 
 
 def convert(opts: ConvertOptions) -> ConvertResult:
@@ -131,10 +121,9 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         recipe.gamma,
         recipe.shift_direction,
     )
+    kind = plan.kind
     if opts.dry_run:
-        # a learned edit has no request to check beyond the plan
-        if recipe.mode not in LEARNED:
-            _direction(opts, source, checkpoint, layout, layers)  # checks the request
+        kind.check_request(Context(opts, source, checkpoint, layout, plan))
         return ConvertResult(plan, None, None)
     with (
         atomic_output_dir(opts.output) as tmp,
@@ -142,13 +131,13 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
     ):
         # Worker threads copy the untouched bytes in the kernel while torch is imported and
         # the edit's parameters are loaded, computed or learned here.
-        params, saved, base_check = _parameters(opts, source, checkpoint, layout, plan)
-        edits = writer.fold(params)
-        name = EDIT_NAME if recipe.mode in LEARNED else DIRECTION_NAME
-        saved.save(tmp / name)  # the shipped copy names sources without the user's paths
-        record = _record(opts, source, plan, saved, edits, tmp / name)
-        if base_check is not None:
-            record["base_llm_check"] = base_check
+        params = kind.parameters(Context(opts, source, checkpoint, layout, plan))
+        edits = writer.fold(params.value)
+        name = kind.file_name
+        params.saved.save(tmp / name)  # the shipped copy names sources without the user's paths
+        record = _record(opts, source, plan, params.saved, edits, tmp / name)
+        if params.base_check is not None:
+            record["base_llm_check"] = params.base_check
         from .card import CARD, source_license, write_card, write_record
 
         write_card(tmp, record, source_license(source.path))
@@ -181,242 +170,16 @@ def calibrate(opts: ConvertOptions) -> Any:
         checkpoint = open_checkpoint(source.path)
         layout = find_layout(checkpoint.config, checkpoint.keys)
         recipe = opts.recipe
+        kind = get_kind(recipe.mode)
+        if not kind.learned:
+            raise InputError(f"the mode is {recipe.mode}; calibrate learns {' or '.join(LEARNED)}")
         plan = build_plan(  # refuses early
             checkpoint, layout, resolve_layers(recipe, layout), recipe.rank, -1.0, recipe.mode
         )
-        edit = _learned_edit(opts, source, plan)
-        check_edit_matches(edit, plan)
-        public = replace(edit, meta=scrub(edit.meta))
+        opts = replace(opts, direction_file=None)  # learned here, never read back
+        public = kind.parameters(Context(opts, source, checkpoint, layout, plan)).saved
         public.save(output)  # written beside and renamed
     return public
-
-
-def _parameters(
-    opts: ConvertOptions, source: ModelSource, checkpoint: Checkpoint, layout: Layout, plan: Plan
-) -> tuple[Any, Any, dict[str, Any] | None]:
-    """What the plan folds (per-layer vectors, or a learned edit), what is shipped beside the
-    weights (the direction or edit file, scrubbed of local paths), the base-LLM check."""
-    recipe = opts.recipe
-    if recipe.mode in LEARNED:
-        from .learned import Edit
-
-        edit = (
-            Edit.load(opts.direction_file)
-            if opts.direction_file
-            else _learned_edit(opts, source, plan)
-        )
-        if edit.kind != recipe.mode:
-            raise InputError(
-                f"the edit file {public_name(str(opts.direction_file))} is a {edit.kind} edit, "
-                f"the mode is {recipe.mode}: pass --mode {edit.kind}"
-            )
-        check_edit_matches(edit, plan)
-        return edit, replace(edit, meta=scrub(edit.meta)), None
-    direction, base_check = _direction(opts, source, checkpoint, layout, plan.layers)
-    vectors = direction.select(plan.layers, recipe.rank)
-    from .fold import check_orthonormal
-
-    for layer, v in vectors.items():
-        check_orthonormal(v, f"direction layer {layer}")
-    return vectors, replace(direction, meta=scrub(direction.meta)), base_check
-
-
-def _learned_edit(opts: ConvertOptions, source: ModelSource, plan: Plan):
-    """Learn the edit on the source VLM, supervised by its own text-only answers."""
-    from .evaluate import Subject
-    from .learned import KINDS, Edit, Settings, learn
-
-    recipe = opts.recipe
-    anchors = load_anchors(recipe.anchors)
-    device = opts.device or ("cuda" if import_torch().cuda.is_available() else "cpu")
-    subject = Subject(source.path, device, opts.dtype)
-    settings = Settings(
-        epochs=recipe.epochs,
-        learning_rate=recipe.learning_rate,
-        images=tuple(recipe.images),
-        batch_size=recipe.batch_size,
-        candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
-        rank=recipe.rank if KINDS[recipe.mode].factored else 0,
-        preserve_text=KINDS[recipe.mode].preserve_text,
-    )
-    targets = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
-    teacher, teacher_id = _teacher(opts, subject, device)
-    from .exact import load_exact_judge
-
-    judge = load_exact_judge(source.path)  # an organism: its own image task is preserved too
-    deltas, report = learn(
-        subject.model,
-        subject.processor,
-        targets,
-        list(anchors.harmful),
-        list(anchors.harmless),
-        settings,
-        opts.progress,
-        teacher,
-        judge.grammar if judge is not None else None,
-    )
-    meta = {
-        "teacher": teacher_id,
-        "source": source.id,
-        "anchors": recipe.anchors,
-        "anchors_sha256": anchors.sha256,
-        "num_anchor_pairs": len(anchors),
-        "calibration": report,
-    }
-    return Edit({key: d.cpu() for key, d in deltas.items()}, meta, recipe.mode)
-
-
-def _teacher(opts: ConvertOptions, subject: Any, device: str) -> tuple[Any, str]:
-    """The harmful rows' teacher: the base LLM text only (--base-llm ID), or the VLM itself
-    without an image (no base LLM, or 'self')."""
-    base = opts.recipe.base_llm
-    if base.id in (None, SELF):
-        return None, SELF
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .learned import Teacher, check_same_tokenizer
-
-    llm = resolve_model(base.id, base.revision, opts.allow_pickle)
-    tokenizer = AutoTokenizer.from_pretrained(llm.path)
-    check_same_tokenizer(subject.processor.tokenizer, tokenizer, base.id)
-    dtype = next(subject.model.parameters()).dtype
-    model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=dtype).to(device).eval()
-    return Teacher(model, tokenizer, base.template), llm.id
-
-
-def check_edit_matches(edit: Any, plan: Plan) -> None:
-    """A learned edit must hold exactly the planned tensors, with their shapes."""
-    planned = {e.key: tuple(e.shape) for e in plan.edits}
-    found = edit.shapes()
-    if found != planned:
-        raise InputError(
-            f"the edit file changes {sorted(found)}, this checkpoint's plan is {sorted(planned)} "
-            "(shapes must match too): it was learned for another model"
-        )
-
-
-def _direction(
-    opts: ConvertOptions,
-    source: ModelSource,
-    checkpoint: Checkpoint,
-    layout: Layout,
-    layers: list[int],
-) -> tuple[Direction, dict[str, Any] | None]:
-    """The direction, and (when it comes from a separate base LLM) how that LLM compares
-    with the VLM's language model: config differences and per-writer weight drift."""
-    torch = import_torch()
-
-    from .direction import (
-        Direction,
-        check_base_matches,
-        check_direction_request,
-        compute_direction,
-        weight_drift,
-    )
-
-    recipe = opts.recipe
-    if opts.direction_file is not None:
-        direction = Direction.load(opts.direction_file)
-        if direction.hidden_size != layout.hidden_size:
-            raise DirectionError(
-                f"direction {opts.direction_file} has hidden size {direction.hidden_size}, the "
-                f"VLM's text model has {layout.hidden_size}; it was computed for another model"
-            )
-        is_gap = direction.meta.get("kind") == "image-gap"
-        if is_gap != (recipe.mode == "image-gap"):
-            raise DirectionError(
-                f"direction {opts.direction_file} is "
-                + ("an image-gap direction" if is_gap else "a safety steering direction")
-                + f", but the mode is {recipe.mode}; "
-                + ("use --mode image-gap" if is_gap else "image-gap needs an image-gap direction")
-            )
-        base_model = direction.meta.get("base_model")
-        if (
-            layout.cross_layers
-            and base_model not in (None, SELF)
-            and ("source_layers" not in direction.meta)
-        ):
-            raise DirectionError(
-                f"direction {opts.direction_file} is numbered by {base_model}'s layers, but "
-                f"{layout.family.model_type}'s cross-attention layers {list(layout.cross_layers)} "
-                "shift the numbering; compute it for this VLM: vlmguard-edit direction "
-                f"{base_model} --vlm {opts.source} ..."
-            )
-        return direction, None
-    if recipe.mode == "image-gap":
-        return _gap_direction(opts, source, layout, layers), None
-    if recipe.base_llm.id is None:
-        raise InputError(
-            "say where the steering direction comes from: --base-llm ID (or 'self' for the "
-            "VLM's own language model), --direction FILE, or a recipe with base_llm"
-        )
-    anchors = load_anchors(recipe.anchors)
-    is_self = recipe.base_llm.id == SELF
-    base, base_check = source, None
-    if not is_self:
-        # A dry run only checks the base LLM's config, so it downloads nothing else.
-        base_id, revision = recipe.base_llm.id, recipe.base_llm.revision
-        base = resolve_model(base_id, revision, opts.allow_pickle, config_only=opts.dry_run)
-        base_check = {"config_warnings": check_base_matches(base, checkpoint.config)}
-    layer_map = layout.direction_layers(layers, in_base=not is_self)
-    check_direction_request(base, anchors, sorted(set(layer_map.values())), recipe.rank, is_self)
-    if opts.dry_run:
-        # A dry run reads no weights: describe the plan with a placeholder direction.
-        placeholder = torch.eye(layout.hidden_size)[: recipe.rank]
-        return Direction(dict.fromkeys(layers, placeholder)), base_check
-    direction = compute_direction(
-        base,
-        anchors,
-        layers,
-        recipe.rank,
-        is_vlm=is_self,
-        template=recipe.base_llm.template,
-        batch_size=recipe.batch_size,
-        device=opts.device,
-        dtype=opts.dtype,
-        allow_pickle=opts.allow_pickle,
-        trust_remote_code=opts.trust_remote_code,
-        progress=opts.progress,
-        layer_map=layer_map,
-    )
-    if base_check is not None:
-        drift = weight_drift(base, checkpoint, layout, layers)
-        base_check["weight_drift"] = drift
-        if drift:
-            median = sorted(d["relative_difference"] for d in drift.values())[len(drift) // 2]
-            base_check["median_relative_difference"] = median
-            if median > DRIFT_WARNING:
-                log.warning(
-                    "the VLM's language model has drifted far from %s (median relative weight "
-                    "difference %.2f over the edited writers): its hidden states may not match "
-                    "the base LLM's; consider --base-llm self",
-                    base.id,
-                    median,
-                )
-    return direction, base_check
-
-
-def _gap_direction(
-    opts: ConvertOptions, source: ModelSource, layout: Layout, layers: list[int]
-) -> Direction:
-    """The image-gap direction, measured on the source VLM itself (gap.py)."""
-    torch = import_torch()
-    from .direction import Direction
-    from .gap import compute_gap_direction
-
-    anchors = load_anchors(opts.recipe.anchors)
-    if opts.dry_run:  # reads no weights: a placeholder for the plan
-        return Direction(dict.fromkeys(layers, torch.eye(layout.hidden_size)[:1]))
-    return compute_gap_direction(
-        source,
-        anchors,
-        layers,
-        batch_size=opts.recipe.batch_size,
-        device=opts.device,
-        dtype=opts.dtype,
-        trust_remote_code=opts.trust_remote_code,
-        progress=opts.progress,
-    )
 
 
 class GuardedWriter:
@@ -467,7 +230,7 @@ class GuardedWriter:
     def fold(self, vectors: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
         """Fold every planned edit into its slot; one record per edited tensor."""
         checkpoint, plan = self.checkpoint, self.plan
-        u = shift_vector(checkpoint, plan, vectors) if plan.mode == "projector-shift" else None
+        u = plan.kind.prepare(checkpoint, plan, vectors)
         records = []
         for name, edits in sorted(self.by_file.items()):
             target = self.out / name
@@ -538,55 +301,12 @@ def fold_tensor(
     checkpoint: Checkpoint,
     edit: PlannedEdit,
     before: torch.Tensor,
-    vectors: dict[int, torch.Tensor],
+    params: Any,
     plan: Plan,
-    u: torch.Tensor | None,
+    prepared: Any,
 ) -> torch.Tensor:
     """The edited value of one planned tensor (convert writes it, verify recomputes it)."""
-    from .fold import apply_map, norm_weighted, shift
-
-    torch = import_torch()
-
-    if edit.kind == "delta":  # a learned edit: ``vectors`` is the learned.Edit
-        from .learned import fold
-
-        return fold(before, vectors.delta(edit.key))
-    if edit.kind == "shift":
-        return shift(before, u, plan.gamma)
-    v = vectors[edit.layer]
-    if edit.kind == "experts":  # every expert's matrix, hidden axis first for apply_map
-        out = torch.empty_like(before)
-        for e in range(before.shape[0]):
-            w = before[e] if edit.axis == 1 else before[e].T
-            folded = apply_map(w, v, plan.beta)
-            out[e] = folded if edit.axis == 1 else folded.T
-        return out
-    if edit.norm is not None:  # a norm follows the writer: project off u ∝ g ⊙ v (beta -1)
-        gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
-        v = norm_weighted(v, gain)
-    return apply_map(before, v, plan.beta)
-
-
-def shift_vector(
-    checkpoint: Checkpoint, plan: Plan, vectors: dict[int, torch.Tensor]
-) -> torch.Tensor:
-    """The unit vector the projector-shift adds: V_l[0], or its attention-aware form at layer l."""
-    from .fold import attention_direction
-
-    layer = plan.layers[0]
-    v = vectors[layer][0]
-    if plan.shift_direction == "ssd":
-        return v / v.norm()
-    layout = plan.layout
-    o_proj = next(w for w in layout.writers[layer] if w.module == "self_attn.o_proj")
-    return attention_direction(
-        checkpoint.read(o_proj.weight),
-        checkpoint.read(layout.layer_key(layer, layout.family.value_proj + ".weight")),
-        checkpoint.read(layout.layer_key(layer, layout.family.input_norm)),
-        v,
-        layout.num_heads,
-        layout.num_kv_heads,
-    )
+    return plan.kind.fold(checkpoint, plan, edit, before, params, prepared)
 
 
 def _record(
@@ -641,11 +361,7 @@ def _record(
                     "template",
                 )
             },
-            **(
-                {"calibration": direction.meta.get("calibration")}
-                if plan.mode in LEARNED
-                else {"stats": {str(layer): direction.stats.get(layer) for layer in plan.layers}}
-            ),
+            **plan.kind.record_fields(direction, plan),
         },
         "edits": edits,
         "copied_files": plan.copied,
@@ -683,8 +399,9 @@ def reproduce_command(opts: ConvertOptions) -> str:
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
     else:
-        teacher = recipe.mode in LEARNED and recipe.base_llm.id not in (None, SELF)
-        if recipe.mode not in ("image-gap", *LEARNED) or teacher:
+        kind = get_kind(recipe.mode)
+        teacher = recipe.base_llm.id not in (None, SELF)
+        if kind.steered or teacher:
             parts += ["--base-llm", path(str(recipe.base_llm.id))]
             if recipe.base_llm.revision:
                 parts += ["--base-revision", recipe.base_llm.revision]
@@ -692,20 +409,5 @@ def reproduce_command(opts: ConvertOptions) -> str:
                 parts += ["--template", recipe.base_llm.template]
         parts += ["--anchors", path(recipe.anchors), "--batch-size", str(recipe.batch_size)]
         parts += ["--dtype", opts.dtype]
-    parts += ["--mode", recipe.mode]
-    if recipe.mode == "lowrank":
-        parts += ["--layers", ",".join(map(str, recipe.layers or [])), "--rank", str(recipe.rank)]
-    if recipe.mode in LEARNED:
-        parts += ["--epochs", str(recipe.epochs), "--learning-rate", f"{recipe.learning_rate:g}"]
-        if recipe.search:
-            tried = [f"{c['epochs']}:{c['learning_rate']:g}" for c in recipe.search]
-            parts += ["--search", ",".join(tried)]
-        return shlex.join([*parts, "--images", ",".join(recipe.images)])
-    if recipe.mode == "projector-shift":
-        parts += ["--gamma", f"{recipe.gamma:g}", "--shift-direction", recipe.shift_direction]
-    parts += ["--layers", ",".join(map(str, recipe.layers or []))]
-    if recipe.mode != "image-gap":
-        parts += ["--rank", str(recipe.rank)]
-    if recipe.mode == "writers":
-        parts += ["--beta", f"{recipe.beta:g}"]
+    parts += ["--mode", recipe.mode, *get_kind(recipe.mode).command_args(recipe)]
     return shlex.join(parts)

@@ -42,22 +42,7 @@ from .errors import DirectionError, InputError, PlanError
 
 log = logging.getLogger(__name__)
 
-KIND = "image-path"
-LOWRANK = "lowrank"
-
-
-@dataclass(frozen=True)
-class Kind:
-    """What sets one learned kind apart; everything else (objective, learner, file, fold,
-    hook) is shared."""
-
-    factored: bool  # learns B A at the recipe's rank instead of dense deltas
-    # text-only forwards pass through its tensors, so the original's text-only answers are
-    # held too (the image path needs no such rows: they would cost time and teach nothing)
-    preserve_text: bool
-
-
-KINDS = {KIND: Kind(factored=False, preserve_text=False), LOWRANK: Kind(True, True)}
+KIND = "image-path"  # the kind of an edit file written before kinds were recorded
 FACTORS = (".lora_A", ".lora_B")
 EDIT_FORMAT = "vlmguard-edit/1"
 DESCRIBE = ("describe the image .", "What is in this image?")

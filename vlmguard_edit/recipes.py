@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError, RecipeError
+from .kinds import MODES, foreign_options, get_kind
 
 SELF = "self"  # base_llm id meaning "the VLM's own language model, text only"
 
@@ -46,23 +47,17 @@ class Recipe:
     layers: list[int] | None = None  # None: the upper half of the text layers (provisional)
     rank: int = 1
     beta: float = -1.0
-    # "writers": W <- (I + beta V^T V) W on each selected layer's residual writers.
-    # "projector-shift": the projector's output bias b <- b + gamma * u, u from the (single)
-    # selected layer's direction: image tokens only, so text-only behaviour is unchanged.
-    # "image-gap": W_o <- (I - d d^T) W_o on each selected layer's attention output projection,
-    # d the image-gap direction measured on the VLM itself (gap.py); base_llm unused.
+    # The edit kind, one module each in kinds/ (writers, projector-shift, image-gap: measured
+    # directions; image-path, lowrank: learned); each says which options below it reads.
     mode: str = "writers"
     gamma: float = 1.0
     shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
     batch_size: int = 8
-    # "image-path" (learned): the image-to-language Linear learns, from the VLM's own text-only
-    # answers, to keep them with an image (learned.py). "lowrank" (learned): a rank-``rank``
-    # update of the selected layers' attention o_proj, same objective plus the original's own
-    # text-only answers held in place. How long, how fast, on which images:
+    # The learned kinds: how long, how fast, on which images (learned.py).
     epochs: int = 40
     learning_rate: float = 1e-3
     images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
-    # image-path calibration: candidates {epochs, learning_rate} tried one by one, each
+    # Calibration: candidates {epochs, learning_rate} tried one by one, each
     # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
     search: list[dict[str, Any]] = field(default_factory=list)
     notes: str | None = None
@@ -73,8 +68,6 @@ class Recipe:
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
-MODES = ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
-LEARNED = ("image-path", "lowrank")  # learned.KINDS, named without importing torch
 # Training images of the learned kinds; typographic renders the anchor itself (learned.py).
 IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
@@ -196,74 +189,30 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-# The strengths the organism search measured (docs/organism_search.md): outside them an
-# edit is untested, so convert and validate warn and name this range.
-MEASURED = {"beta": (-2.0, 4.0), "gamma": (0.25, 2.0)}
-
-
 def strength_problems(recipe: Recipe) -> list[str]:
-    """Strengths that cannot be right: not finite, or an edit that changes nothing."""
+    """Strengths that cannot be right: not finite (every kind); 0 for the kind that uses it."""
     problems = []
     for name in ("beta", "gamma"):
         value = getattr(recipe, name)
         if not math.isfinite(value):
             problems.append(f"{name}: expected a finite number, got {value!r}")
-    if recipe.mode == "writers" and recipe.beta == 0:
-        problems.append("beta: 0 changes nothing (W <- W); use -1 to project out, > 0 to amplify")
-    if recipe.mode == "projector-shift" and recipe.gamma == 0:
-        problems.append("gamma: 0 changes nothing (the bias stays as it is)")
     return problems
 
 
 def strength_warnings(recipe: Recipe) -> list[str]:
     """Strengths far outside anything measured (allowed, but said)."""
-    used = {"writers": "beta", "projector-shift": "gamma"}.get(recipe.mode)
-    if used is None:
-        return []
-    value, (low, high) = getattr(recipe, used), MEASURED[used]
-    if math.isfinite(value) and not low <= value <= high:
-        return [
-            f"{used} {value:g} is outside the measured range [{low:g}, {high:g}] "
-            "(docs/organism_search.md): measure the result with vlmguard-edit eval"
-        ]
+    if not strength_problems(recipe):
+        warning = get_kind(recipe.mode).strength_warning(recipe)
+        return [warning] if warning else []
     return []
 
 
 def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
-    """What the recipe's mode rules out (shared by recipe files and command-line options).
+    """What the recipe's kind rules out (shared by recipe files and command-line options).
     ``explicit``: the keys the user gave (a default value is never a problem)."""
-    problems = strength_problems(recipe)
-    if recipe.mode == "projector-shift" and recipe.layers is not None and len(recipe.layers) != 1:
-        problems.append("layers: projector-shift takes exactly one layer (whose direction is used)")
-    if recipe.mode == "image-gap":
-        if recipe.base_llm.id not in (None, SELF):
-            problems.append(
-                "base_llm: image-gap measures its direction on the VLM itself (with and without "
-                "an image); leave base_llm out"
-            )
-        if recipe.rank != 1:
-            problems.append("rank: image-gap has rank 1")
-        if recipe.beta != -1.0:
-            problems.append("beta: image-gap folds the projection (beta -1) only")
-        if "shift_direction" in explicit or "gamma" in explicit:
-            problems.append("gamma / shift_direction: projector-shift options, not image-gap's")
-    if recipe.mode == "image-path":
-        foreign = sorted({"layers", "rank", "beta", "gamma", "shift_direction"} & explicit)
-        if foreign:
-            problems.append(
-                f"{', '.join(foreign)}: not used by image-path (it edits the image-to-language "
-                "Linear, learned)"
-            )
-    if recipe.mode == "lowrank":
-        foreign = sorted({"beta", "gamma", "shift_direction"} & explicit)
-        if foreign:
-            problems.append(f"{', '.join(foreign)}: not used by lowrank (a learned B A of o_proj)")
-    if recipe.mode not in LEARNED and {"epochs", "learning_rate", "images", "search"} & explicit:
-        problems.append(
-            "epochs / learning_rate / images / search: options of the learned kinds "
-            "(image-path, lowrank) only"
-        )
-    return problems
+    kind = get_kind(recipe.mode)
+    problems = strength_problems(recipe) + kind.problems(recipe, explicit)
+    return problems + foreign_options(recipe.mode, explicit)
 
 
 def _search(value: Any, problems: list[str]) -> list[dict[str, Any]]:

@@ -155,19 +155,12 @@ def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
 def _check_against_source(
     folder: Path, source: Path, record: dict, report: VerifyReport, progress: bool
 ) -> None:
-    from .convert import fold_tensor, shift_vector
-    from .direction import Direction
-    from .learned import Edit
-    from .recipes import LEARNED
+    from .convert import fold_tensor
 
     guarded, original = open_checkpoint(folder), open_checkpoint(source)
     plan = recorded_plan(original, record["recipe"])
-    path = folder / record["direction"]["file"]
-    if plan.mode in LEARNED:
-        vectors = Edit.load(path)
-    else:
-        vectors = Direction.load(path).select(plan.layers, plan.rank)
-    u = shift_vector(original, plan, vectors) if plan.mode == "projector-shift" else None
+    vectors = plan.kind.load(folder / record["direction"]["file"], plan)
+    u = plan.kind.prepare(original, plan, vectors)
     edits = {edit.key: edit for edit in plan.edits}
     if set(guarded.keys) != set(original.keys):
         report.problems.append("the tensor names differ from the source's")

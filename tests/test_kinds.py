@@ -1,0 +1,127 @@
+"""Every edit kind through the one interface (vlmguard_edit.kinds): planned, folded by
+convert from a parameter file, recomputed by verify, and equal to its own runtime-hook
+reference on an unmodified model (< 1e-5 in float32, with and without an image), while
+changing exactly the planned tensors, visibly."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from tests.test_convert import all_tensors, logits
+from vlmguard_edit import tiny
+from vlmguard_edit.checkpoint import open_checkpoint
+from vlmguard_edit.convert import ConvertOptions, convert
+from vlmguard_edit.direction import Direction
+from vlmguard_edit.errors import RecipeError
+from vlmguard_edit.kinds import KINDS, LEARNED, MODES, get_kind
+from vlmguard_edit.learned import Edit
+from vlmguard_edit.plan import build_plan
+from vlmguard_edit.recipes import Recipe, recipe_from_dict
+from vlmguard_edit.verify import verify
+
+# One recipe per kind: its layers and strengths (what the parameter file must fit).
+RECIPES = {
+    "writers": {"layers": [1, 3], "rank": 2, "beta": -1.0},
+    "projector-shift": {"layers": [2], "rank": 2, "gamma": 3.0},
+    "image-gap": {"layers": [1, 3], "rank": 1},
+    "image-path": {},
+    "lowrank": {"layers": [0, 2], "rank": 2},
+}
+IMAGE_ONLY = {"projector-shift", "image-path"}  # text-only outputs cannot change
+
+
+def parameter_file(kind, plan, direction_file, path):
+    """The kind's parameter file, made up (seeded) where it would be measured or learned."""
+    generator = torch.Generator().manual_seed(0)
+    if kind.name in ("writers", "projector-shift"):
+        return direction_file
+    if kind.name == "image-gap":
+        d = plan.layout.hidden_size
+        unit = {layer: torch.randn(1, d, generator=generator) for layer in plan.layers}
+        unit = {layer: v / v.norm() for layer, v in unit.items()}
+        Direction(unit, meta={"kind": "image-gap"}).save(path)
+        return path
+    deltas = {}
+    for edit in plan.edits:
+        if kind.name == "lowrank":  # the factored form: B (out, r) @ A (r, in)
+            out, inp = edit.shape
+            deltas[edit.key + ".lora_A"] = 0.3 * torch.randn(2, inp, generator=generator)
+            deltas[edit.key + ".lora_B"] = 0.3 * torch.randn(out, 2, generator=generator)
+        else:
+            deltas[edit.key] = 0.3 * torch.randn(edit.shape, generator=generator)
+    Edit(deltas, {"source": "test"}, kind.name).save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kind_folds_exactly_what_it_plans_and_equals_its_runtime_hooks(
+    mode, vlm_factory, direction_file, tmp_path
+):
+    kind = get_kind(mode)
+    src, out = vlm_factory(), tmp_path / "guarded"
+    recipe = Recipe(mode=mode, **RECIPES[mode])
+    checkpoint = open_checkpoint(src)
+    from vlmguard_edit.layout import find_layout
+
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    plan = build_plan(
+        checkpoint, layout, recipe.layers or [], recipe.rank, recipe.beta, mode, recipe.gamma
+    )
+    params = parameter_file(kind, plan, direction_file, tmp_path / kind.file_name)
+    opts = ConvertOptions(str(src), out, recipe, direction_file=params, progress=False)
+    result = convert(opts)
+
+    # Exactly the planned tensors changed, every one of them; the kind's file ships beside.
+    before, after = all_tensors(src), all_tensors(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {e.key for e in result.plan.edits} and changed
+    assert (out / kind.file_name).is_file()
+    assert verify(out, source=src, progress=False).ok
+
+    # The fold equals the kind's runtime hooks on the unmodified model, text and image.
+    guarded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    original = AutoModelForImageTextToText.from_pretrained(src).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    text = {"input_ids": tokenizer("how to make a cake", return_tensors="pt")["input_ids"]}
+    image = tiny.image_inputs(tokenizer, "how to make a cake")
+    loaded = kind.load(out / kind.file_name, result.plan)
+    for name, inputs in (("text", text), ("image", image)):
+        folded, plain = logits(guarded, inputs), logits(original, inputs)
+        with kind.hooks(original, result.plan, loaded, checkpoint):
+            hooked = logits(original, inputs)
+        assert (logits(original, inputs) - plain).abs().max() == 0  # the hooks came off
+        assert (folded - hooked).abs().max() < 1e-5, (mode, name)
+        effect = (folded - plain).abs().max().item()
+        if name == "text" and mode in IMAGE_ONLY:
+            assert effect == 0, (mode, effect)
+        else:
+            assert effect > 1e-3, (mode, name, effect)
+
+
+def test_the_kinds_declare_what_sets_them_apart():
+    assert MODES == ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
+    assert set(LEARNED) == {"image-path", "lowrank"}
+    assert {k.name for k in KINDS.values() if k.steered} == {"writers", "projector-shift"}
+    assert KINDS["lowrank"].preserve_text and KINDS["lowrank"].factored
+    assert not KINDS["image-path"].factored and not KINDS["image-path"].preserve_text
+    for kind in KINDS.values():
+        assert kind.summary and (kind.steered or kind.obtained), kind.name
+        assert kind.uses <= {"layers", "rank", "beta", "gamma", "shift_direction", "epochs"} | {
+            "learning_rate",
+            "images",
+            "search",
+        }
+
+
+@pytest.mark.parametrize(
+    ("mode", "key", "value", "message"),
+    [
+        ("lowrank", "beta", -2.0, "beta: not used by lowrank .an option of writers, image-gap"),
+        ("image-path", "layers", [1], "layers: not used by image-path"),
+        ("writers", "epochs", 3, "epochs: not used by writers .an option of image-path, lowrank"),
+        ("image-gap", "gamma", 2.0, "gamma: not used by image-gap .an option of projector-shift"),
+    ],
+)
+def test_an_option_another_kind_reads_is_refused_with_who_reads_it(mode, key, value, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"mode": mode, key: value}, source="recipe.yaml")

@@ -1,0 +1,41 @@
+"""Edit kinds, one module each, behind the interface of ``base.EditKind``.
+
+Importing this package imports no torch: convert imports it before the byte copies start.
+"""
+
+from __future__ import annotations
+
+from ..errors import InputError
+from .base import Context, EditKind, Parameters
+from .image_gap import ImageGap
+from .image_path import ImagePath
+from .lowrank import LowRank
+from .projector_shift import ProjectorShift
+from .writers import Writers
+
+KINDS: dict[str, EditKind] = {
+    kind.name: kind for kind in (Writers(), ProjectorShift(), ImageGap(), ImagePath(), LowRank())
+}
+MODES = tuple(KINDS)
+LEARNED = tuple(name for name, kind in KINDS.items() if kind.learned)
+ALL_OPTIONS = frozenset().union(*(kind.uses for kind in KINDS.values()))
+
+
+def get_kind(name: str) -> EditKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise InputError(f"unknown edit kind {name!r}; known: {', '.join(KINDS)}") from None
+
+
+def foreign_options(name: str, explicit: set[str]) -> list[str]:
+    """A problem for each option given explicitly that the kind ``name`` does not read."""
+    problems = []
+    for key in sorted((explicit & ALL_OPTIONS) - KINDS[name].uses):
+        users = ", ".join(kind.name for kind in KINDS.values() if key in kind.uses)
+        problems.append(f"{key}: not used by {name} (an option of {users})")
+    return problems
+
+
+__all__ = ["KINDS", "LEARNED", "MODES", "Context", "EditKind", "Parameters"]
+__all__ += ["foreign_options", "get_kind"]

@@ -1,0 +1,151 @@
+"""What the learned kinds share: the edit is learned on the VLM itself, supervised by its own
+text-only answers (or a base LLM's, --base-llm ID), and shipped as an edit file of deltas or
+low-rank factors (learned.Edit) that the fold adds to the planned tensors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import import_torch, resolve_model
+from ..errors import InputError
+from ..plan import Plan
+from ..public import public_name, scrub
+from .base import Context, EditKind, Parameters
+
+LEARNED_OPTIONS = frozenset({"epochs", "learning_rate", "images", "search"})
+
+
+class LearnedKind(EditKind):
+    learned = True
+    file_name = "vlmguard_edit.safetensors"
+    uses = LEARNED_OPTIONS
+    obtained = "learned: vlmguard-edit calibrate VLM --recipe RECIPE -o EDIT (or convert)"
+    factored = False  # learns B A at the recipe's rank instead of dense deltas
+    preserve_text = False  # text-only answers are held to the original's while learning
+
+    def parameters(self, ctx: Context) -> Parameters:
+        from ..learned import Edit
+
+        path = ctx.opts.direction_file
+        edit = Edit.load(path) if path else learn_edit(ctx.opts, ctx.source, ctx.plan, self)
+        if edit.kind != self.name:
+            raise InputError(
+                f"the edit file {public_name(str(path))} is a {edit.kind} edit, "
+                f"the mode is {self.name}: pass --mode {edit.kind}"
+            )
+        check_edit_matches(edit, ctx.plan)
+        return Parameters(edit, replace(edit, meta=scrub(edit.meta)))
+
+    def load(self, path: Path, plan: Plan) -> Any:
+        from ..learned import Edit
+
+        return Edit.load(path)
+
+    def record_fields(self, saved, plan):
+        return {"calibration": saved.meta.get("calibration")}
+
+    def fold(self, checkpoint, plan, edit, before, params, prepared):
+        from ..learned import fold
+
+        return fold(before, params.delta(edit.key))
+
+    def hooks(self, model, plan, params, checkpoint):
+        from ..learned import find_module, hooks, memory_names
+
+        names = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
+        modules = {name: find_module(model, memory_names(name))[1] for name in names}
+        return hooks(modules, params.deltas)
+
+    def card_text(self, record):
+        from ..card import learned_text
+
+        return learned_text(record, self.factored)
+
+    def command_args(self, recipe):
+        parts = ["--epochs", str(recipe.epochs), "--learning-rate", f"{recipe.learning_rate:g}"]
+        if recipe.search:
+            tried = [f"{c['epochs']}:{c['learning_rate']:g}" for c in recipe.search]
+            parts += ["--search", ",".join(tried)]
+        return [*parts, "--images", ",".join(recipe.images)]
+
+
+def check_edit_matches(edit: Any, plan: Plan) -> None:
+    """A learned edit must hold exactly the planned tensors, with their shapes."""
+    planned = {e.key: tuple(e.shape) for e in plan.edits}
+    found = edit.shapes()
+    if found != planned:
+        raise InputError(
+            f"the edit file changes {sorted(found)}, this checkpoint's plan is {sorted(planned)} "
+            "(shapes must match too): it was learned for another model"
+        )
+
+
+def learn_edit(opts, source, plan: Plan, kind: LearnedKind):
+    """Learn the edit on the source VLM, supervised by its own text-only answers."""
+    from ..anchors import load_anchors
+    from ..evaluate import Subject
+    from ..exact import load_exact_judge
+    from ..learned import Edit, learn
+
+    recipe = opts.recipe
+    anchors = load_anchors(recipe.anchors)
+    device = opts.device or ("cuda" if import_torch().cuda.is_available() else "cpu")
+    subject = Subject(source.path, device, opts.dtype)
+    teacher, teacher_id = _teacher(opts, subject, device)
+    judge = load_exact_judge(source.path)  # an organism: its own image task is preserved too
+    deltas, report = learn(
+        subject.model,
+        subject.processor,
+        sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits}),
+        list(anchors.harmful),
+        list(anchors.harmless),
+        _settings(recipe, kind),
+        opts.progress,
+        teacher,
+        judge.grammar if judge is not None else None,
+    )
+    meta = {
+        "teacher": teacher_id,
+        "source": source.id,
+        "anchors": recipe.anchors,
+        "anchors_sha256": anchors.sha256,
+        "num_anchor_pairs": len(anchors),
+        "calibration": report,
+    }
+    return Edit({key: d.cpu() for key, d in deltas.items()}, meta, kind.name)
+
+
+def _settings(recipe, kind: LearnedKind):
+    from ..learned import Settings
+
+    return Settings(
+        epochs=recipe.epochs,
+        learning_rate=recipe.learning_rate,
+        images=tuple(recipe.images),
+        batch_size=recipe.batch_size,
+        candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
+        rank=recipe.rank if kind.factored else 0,
+        preserve_text=kind.preserve_text,
+    )
+
+
+def _teacher(opts, subject: Any, device: str) -> tuple[Any, str]:
+    """The harmful rows' teacher: the base LLM text only (--base-llm ID), or the VLM itself
+    without an image (no base LLM, or 'self')."""
+    from ..recipes import SELF
+
+    base = opts.recipe.base_llm
+    if base.id in (None, SELF):
+        return None, SELF
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..learned import Teacher, check_same_tokenizer
+
+    llm = resolve_model(base.id, base.revision, opts.allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(llm.path)
+    check_same_tokenizer(subject.processor.tokenizer, tokenizer, base.id)
+    dtype = next(subject.model.parameters()).dtype
+    model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=dtype).to(device).eval()
+    return Teacher(model, tokenizer, base.template), llm.id

@@ -1,0 +1,57 @@
+"""lowrank (learned): a rank-r update B A of every selected text layer's attention output
+projection, the design's own edit site, learned as image-path is but also holding text-only
+answers to the original's: for a VLM whose text-only behaviour must change too, and the
+default (docs/zoo.md). A weight change is exact behind a post-norm too: the fold is the
+Linear itself."""
+
+from __future__ import annotations
+
+from ..checkpoint import FLOAT_DTYPES
+from ..errors import PlanError
+from ..plan import PlannedEdit
+from ._learned import LEARNED_OPTIONS, LearnedKind
+
+
+class LowRank(LearnedKind):
+    name = "lowrank"
+    factored = True
+    uses = frozenset({"layers", "rank"}) | LEARNED_OPTIONS
+    preserve_text = True
+    summary = (
+        "learn a rank-r (--rank) update of the text layers' attention o_proj with the same "
+        "teachers, text-only answers held too (the default)"
+    )
+
+    def default_layers(self, layout):
+        # Every text layer; a cross-attention layer, which only an image reaches, is left to
+        # the image-path kind.
+        return [i for i in range(layout.num_layers) if i not in layout.cross_layers]
+
+    def plan_edits(self, checkpoint, layout, layers, beta):
+        if not layers:
+            raise PlanError("lowrank needs at least one layer")
+        return [_o_proj_edit(checkpoint, layout, layer) for layer in layers]
+
+    def map_text(self, plan):
+        return f"W_o <- W_o + B A on attention o_proj (learned, rank {plan.rank}, per layer)"
+
+    def command_args(self, recipe):
+        layers = ",".join(map(str, recipe.layers or []))
+        return ["--layers", layers, "--rank", str(recipe.rank), *super().command_args(recipe)]
+
+
+def _o_proj_edit(checkpoint, layout, layer: int) -> PlannedEdit:
+    writer = layout.writers[layer][0]
+    if not writer.module.endswith("o_proj") or writer.fused:
+        raise PlanError(
+            f"{layout.family.model_type} layer {layer}: the first writer {writer.module} is "
+            "not an attention o_proj; lowrank cannot be used"
+        )
+    info = checkpoint.info(writer.weight)
+    if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
+        raise PlanError(
+            f"{writer.weight} is {info.dtype} {list(info.shape)}; expected a float matrix"
+        )
+    module = writer.weight.removesuffix(".weight")
+    file = checkpoint.key_to_file[writer.weight]
+    return PlannedEdit(writer.weight, file, layer, module, info.dtype, info.shape, "delta")

@@ -1,0 +1,114 @@
+"""writers: the design's own edit. The base LLM's safety steering direction V_l (rank m, SVD
+of harmful-minus-harmless last-token states) folded into every residual writer of layer l
+(attention o_proj and MLP down_proj): W <- (I + beta V_l^T V_l) W. beta -1 removes each
+write's component along V_l (the orthogonal projection); beta > 0 amplifies it."""
+
+from __future__ import annotations
+
+import contextlib
+
+from ._direction import DirectionKind, writer_edits
+
+# The strengths the organism search measured (docs/organism_search.md): outside them the
+# edit is untested, so convert and validate warn and name this range.
+MEASURED_BETA = (-2.0, 4.0)
+
+
+class Writers(DirectionKind):
+    name = "writers"
+    uses = frozenset({"layers", "rank", "beta"})
+    steered = True
+    summary = "fold (I + beta V^T V) into o_proj/down_proj (V: the base LLM's steering direction)"
+
+    def problems(self, recipe, explicit):
+        if recipe.beta == 0:
+            return ["beta: 0 changes nothing (W <- W); use -1 to project out, > 0 to amplify"]
+        return []
+
+    def strength_warning(self, recipe):
+        low, high = MEASURED_BETA
+        if low <= recipe.beta <= high:
+            return None
+        return (
+            f"beta {recipe.beta:g} is outside the measured range [{low:g}, {high:g}] "
+            "(docs/organism_search.md): measure the result with vlmguard-edit eval"
+        )
+
+    def plan_edits(self, checkpoint, layout, layers, beta):
+        chosen = {layer: layout.writers[layer] for layer in layers}
+        return writer_edits(checkpoint, layout, chosen, beta)
+
+    def map_text(self, plan):
+        text = f"W <- (I + {plan.beta:g} * V_l^T V_l) W   (V_l: rank {plan.rank}, per layer)"
+        if any(edit.norm for edit in plan.edits):
+            text += "; behind a post-norm with gain g, V_l -> orthonormal basis of g ⊙ V_l"
+        return text
+
+    def hooks(self, model, plan, params, checkpoint):
+        return writer_hooks(model, plan, params, checkpoint)
+
+    def card_text(self, record):
+        from ..layout import span
+
+        layers = record["recipe"]["layers"]
+
+        what = (
+            "Only the language model's residual writers (attention `o_proj` and MLP `down_proj`) "
+            f"of layers {span(layers)} changed."
+        )
+        how = (
+            f"For every edited layer l, {steering_source(record)}, and each writer W of layer l "
+            f"became\n\n    {record['map']}\n\n"
+            "(beta = -1 removes the component of each write along V_l; beta > 0 amplifies it)."
+        )
+        return what, how
+
+    def command_args(self, recipe):
+        layers = ",".join(map(str, recipe.layers or []))
+        return ["--layers", layers, "--rank", str(recipe.rank), "--beta", f"{recipe.beta:g}"]
+
+
+def steering_source(record) -> str:
+    """How V_l was obtained, for the card (writers and projector-shift)."""
+    recipe, direction = record["recipe"], record["direction"]
+    return (
+        f"a safety steering direction V_l (rank {recipe['rank']}) was taken from the base LLM "
+        f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
+        f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
+    )
+
+
+def writer_hooks(model, plan, vectors, checkpoint, attention_only: bool = False):
+    """Each edited writer's output mapped by (I + beta V^T V) at run time; behind a post-norm
+    (beta -1), projected off the orthonormal basis of g ⊙ V, as the fold does."""
+    from ..runtime import WriterHooks
+
+    if not any(edit.norm for edit in plan.edits):
+        return WriterHooks(model, vectors, plan.beta, attention_only)
+    return _post_norm_hooks(model, plan, vectors, checkpoint)
+
+
+@contextlib.contextmanager
+def _post_norm_hooks(model, plan, vectors, checkpoint):
+    from ..fold import map_hidden, norm_weighted
+    from ..learned import find_module, memory_names
+
+    handles = []
+    try:
+        for edit in plan.edits:
+            if not edit.key.endswith(".weight"):
+                continue
+            _, module = find_module(model, memory_names(edit.key.removesuffix(".weight")))
+            v = vectors[edit.layer]
+            if edit.norm is not None:
+                gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
+                v = norm_weighted(v, gain)
+
+            def hook(_m, _i, out, v=v):
+                return map_hidden(out, v, plan.beta)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
