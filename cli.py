@@ -500,6 +500,7 @@ def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, 
     changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
     if base_llm is not None:
         changes["base_llm"] = BaseLLM(id=base_llm)
+    changes = _training(changes)
     resolved = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
     opts = ConvertOptions(
         source,
@@ -967,8 +968,17 @@ def _build_recipe(kw: dict, base_llm: str | None, **extra):
         **extra,
     }
     return dataclasses.replace(
-        recipe, base_llm=base, **{k: v for k, v in changes.items() if v is not None}
+        recipe, base_llm=base, **{k: v for k, v in _training(changes).items() if v is not None}
     )
+
+
+def _training(changes: dict) -> dict:
+    """An --epochs or --learning-rate given without --search is the training length to use:
+    it replaces the recipe's search (which would otherwise pick its own candidates)."""
+    given = changes.get("epochs") is not None or changes.get("learning_rate") is not None
+    if given and changes.get("search") is None:
+        return {**changes, "search": []}
+    return changes
 
 
 def _image_kinds(images: str | None) -> list[str] | None:

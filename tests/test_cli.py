@@ -209,3 +209,21 @@ def test_quiet_is_accepted_everywhere(path, command):
     if not hasattr(command, "commands"):
         assert "-q, --quiet" in run([*path, "--help"]).output
     assert run(["-q", *path, "--help"]).exit_code == 0
+
+
+def test_an_explicit_training_length_replaces_the_recipes_search():
+    """--epochs / --learning-rate without --search: that length is trained, not the search."""
+    import cli
+
+    recipe = str(Path(__file__).parent.parent / "recipes" / "organism.yaml")
+
+    def build(**extra):
+        kw = dict.fromkeys(("layers", "template", "base_revision", "rank", "anchors"))
+        kw |= {"recipe": recipe, "batch_size": None}
+        return cli._build_recipe(kw, None, **extra)
+
+    assert len(build(epochs=None, learning_rate=None, search=None).search) == 2
+    assert build(epochs=3, learning_rate=None, search=None).search == []
+    assert build(epochs=None, learning_rate=0.01, search=None).search == []
+    kept = [{"epochs": 5, "learning_rate": 0.002}]
+    assert build(epochs=3, learning_rate=None, search=kept).search == kept
