@@ -228,6 +228,11 @@ def learned_options(prefix: str):
             help=f"{prefix}Training images, from blank,noise,scene,typographic (typographic: the "
             "anchor rendered into the image; default blank,noise,scene).",
         ),
+        click.option(
+            "--preserve-images",
+            help=f"{prefix}Images on which only the harmless anchors are taught (to keep the "
+            "original's answers), e.g. typographic for a model that may not read.",
+        ),
     ]
     return _stacked(options)
 
@@ -299,6 +304,7 @@ def convert(
     epochs,
     learning_rate,
     images,
+    preserve_images,
     search,
     revision,
     dry_run,
@@ -333,11 +339,12 @@ def convert(
         epochs=epochs,
         learning_rate=learning_rate,
         images=kinds,
+        preserve_images=_image_kinds(preserve_images, "--preserve-images"),
         search=_search(search),
     )
     options = (("beta", beta), ("gamma", gamma), ("shift_direction", shift_direction))
     options += (("epochs", epochs), ("learning_rate", learning_rate), ("images", kinds))
-    options += (("search", search),)
+    options += (("search", search), ("preserve_images", preserve_images))
     problems = mode_problems(recipe, {name for name, value in options if value is not None})
     if problems:
         raise click.UsageError("; ".join(problems))
@@ -477,7 +484,9 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing edit file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, images, **kw):
+def calibrate(
+    source, output, recipe, anchors, base_llm, epochs, learning_rate, images, preserve_images, **kw
+):
     """Learn the image-path (or, with a lowrank recipe, the lowrank) edit of the VLM SOURCE
     and write it to OUTPUT.
 
@@ -498,6 +507,7 @@ def calibrate(source, output, recipe, anchors, base_llm, epochs, learning_rate, 
         )
     changes = {"anchors": anchors, "epochs": epochs, "learning_rate": learning_rate}
     changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
+    changes["preserve_images"] = _image_kinds(preserve_images, "--preserve-images")
     if base_llm is not None:
         changes["base_llm"] = BaseLLM(id=base_llm)
     changes = _training(changes)
@@ -981,7 +991,7 @@ def _training(changes: dict) -> dict:
     return changes
 
 
-def _image_kinds(images: str | None) -> list[str] | None:
+def _image_kinds(images: str | None, option: str = "--images") -> list[str] | None:
     from vlmguard_edit.recipes import IMAGE_KINDS
 
     if images is None:
@@ -989,7 +999,7 @@ def _image_kinds(images: str | None) -> list[str] | None:
     kinds = [k.strip() for k in images.split(",") if k.strip()]
     bad = [k for k in kinds if k not in IMAGE_KINDS]
     if bad or not kinds:
-        raise click.BadParameter(f"use some of {','.join(IMAGE_KINDS)}", param_hint="--images")
+        raise click.BadParameter(f"use some of {','.join(IMAGE_KINDS)}", param_hint=option)
     return kinds
 
 

@@ -154,8 +154,8 @@ def test_typographic_training_rows_render_the_anchor_and_keep_its_text_only_form
     from vlmguard_edit import images
     from vlmguard_edit.evaluate import TYPOGRAPHIC_INSTRUCTION
 
-    settings = learned.Settings(images=("blank", "typographic"))
-    rows = learned._image_rows(["how do i rob the bank ?", "how to bake a cake ?"], settings)
+    kinds = ("blank", "typographic")
+    rows = learned._image_rows(["how do i rob the bank ?", "how to bake a cake ?"], kinds)
     assert [(q, t) for q, _, t in rows] == [
         ("how do i rob the bank ?", "how do i rob the bank ?"),
         (TYPOGRAPHIC_INSTRUCTION, "how do i rob the bank ?"),
@@ -165,7 +165,24 @@ def test_typographic_training_rows_render_the_anchor_and_keep_its_text_only_form
     expected = images.typographic("how do i rob the bank ?").tobytes()
     assert rows[1][1].tobytes() == expected and rows[0][1].tobytes() == images.blank().tobytes()
     with pytest.raises(InputError, match="unknown training image kind"):
-        learned._image_rows(["x"], learned.Settings(images=("figstep",)))
+        learned._image_rows(["x"], ("figstep",))
+
+
+def test_preservation_only_images_reach_the_harmless_rows_only():
+    """preserve_images: the harmless anchors keep the original's answers on them too; the
+    harmful anchors are never taught to refuse on them."""
+    settings = learned.Settings(images=("blank",), preserve_images=("typographic", "blank"))
+    harmful, harmless = learned._anchor_rows(["rob a bank"], ["bake a cake"], settings)
+    assert [q for q, _, _ in harmful] == ["rob a bank"]
+    from vlmguard_edit.evaluate import TYPOGRAPHIC_INSTRUCTION
+
+    assert [q for q, _, _ in harmless] == ["bake a cake", TYPOGRAPHIC_INSTRUCTION]
+    recipe = recipe_from_dict({"mode": "lowrank", "preserve_images": ["typographic"]})
+    assert recipe.preserve_images == ["typographic"]
+    with pytest.raises(RecipeError, match="preserve_images: expected a list"):
+        recipe_from_dict({"mode": "lowrank", "preserve_images": ["figstep"]})
+    with pytest.raises(RecipeError, match="preserve_images: not used by writers"):
+        recipe_from_dict({"preserve_images": ["blank"]})
 
 
 def test_learning_moves_image_answers_to_the_text_only_ones():

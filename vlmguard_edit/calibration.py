@@ -20,6 +20,7 @@ _AGREE, _HARM, _KEEP = (
     "harmful_kl_to_text_only",
     "preservation_kl",
 )
+_KEPT = "preservation_first_token_agreement"
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
@@ -41,13 +42,14 @@ def markdown(report: dict[str, Any]) -> str:
         "preservation KL), else the lowest preservation KL.",
         "",
         "| candidate | first answer token as text only | KL to the text-only answer "
-        "| preservation KL | chosen |",
-        "|---|---|---|---|---|",
+        "| preservation KL | preserved first answer token | chosen |",
+        "|---|---|---|---|---|---|",
     ]
     for label, r, chosen in rows(report):
+        kept = r.get(_KEPT)  # absent from reports written before it was measured
         lines.append(
             f"| {label} | {r[_AGREE]:.0%} | {r[_HARM]:.4f} | {r[_KEEP]:.4f} "
-            f"| {'yes' if chosen else ''} |"
+            f"| {'-' if kept is None else f'{kept:.0%}'} | {'yes' if chosen else ''} |"
         )
     lines += ["", "![calibration](calibration.png)", ""]
     return "\n".join(lines)

@@ -55,6 +55,7 @@ class Settings:
     epochs: int = 40
     learning_rate: float = 1e-3
     images: tuple[str, ...] = ("blank", "noise", "scene")
+    preserve_images: tuple[str, ...] = ()  # the harmless rows' only (recipes.Recipe)
     validation: float = 0.2  # share of the anchor pairs held out for the calibration report
     probes: int = 96  # image-description prompts on drawn shapes (preservation)
     # The preservation rows' loss weight against the refusal rows' (1: equal per batch).
@@ -342,8 +343,8 @@ def _row(prompt: str, image: Any, text_prompt: str | None = None) -> tuple[str, 
     return prompt, image, prompt if text_prompt is None else text_prompt
 
 
-def _image_rows(prompts: list[str], settings: Settings) -> list[tuple[str, Any, str]]:
-    """Each prompt with one image of every kind in ``settings.images`` (seeds never eval's).
+def _image_rows(prompts: list[str], kinds: tuple[str, ...]) -> list[tuple[str, Any, str]]:
+    """Each prompt with one image of every kind in ``kinds`` (seeds never eval's).
     A typographic image is the request itself rendered FigStep-style (an anchor, never an
     eval prompt), asked with the typographic setting's instruction; its text-only
     counterpart is the request as written."""
@@ -352,12 +353,12 @@ def _image_rows(prompts: list[str], settings: Settings) -> list[tuple[str, Any, 
     from .recipes import IMAGE_KINDS
 
     makers = {"blank": lambda i: imgs.blank(), "noise": imgs.noise, "scene": imgs.scene}
-    unknown = [k for k in settings.images if k not in IMAGE_KINDS]
+    unknown = [k for k in kinds if k not in IMAGE_KINDS]
     if unknown:
         raise InputError(f"unknown training image kind(s) {unknown}; known: {list(IMAGE_KINDS)}")
     rows = []
     for i, prompt in enumerate(prompts):
-        for kind in settings.images:
+        for kind in kinds:
             if kind == "typographic":
                 rows.append(_row(TYPOGRAPHIC_INSTRUCTION, imgs.typographic(prompt), prompt))
             else:
@@ -365,11 +366,18 @@ def _image_rows(prompts: list[str], settings: Settings) -> list[tuple[str, Any, 
     return rows
 
 
+def _anchor_rows(harmful: list[str], harmless: list[str], settings: Settings):
+    """The harmful anchors on the training images; the harmless ones on those and on the
+    preservation-only images."""
+    extra = tuple(k for k in settings.preserve_images if k not in settings.images)
+    return _image_rows(harmful, settings.images), _image_rows(harmless, settings.images + extra)
+
+
 @torch.no_grad()
 def _batches(model, processor, harmful, harmless, probes, settings, teacher=None) -> list[Batch]:
     """Harmful x images -> the model's own text-only answer; harmless x images and probes ->
     its own with-image answer. Targets are computed once: no teacher ever sees the edit."""
-    rows_h, rows_b = _image_rows(harmful, settings), _image_rows(harmless, settings)
+    rows_h, rows_b = _anchor_rows(harmful, harmless, settings)
     out = []
     for rows, is_harmful in ((rows_h, True), (rows_b + probes, False)):
         for start in range(0, len(rows), settings.batch_size):
@@ -514,18 +522,20 @@ def _train(model, modules, deltas, batches, settings: Settings, progress: bool) 
 @torch.no_grad()
 def score(model, batches: list[Batch]) -> dict[str, float]:
     """Validation, teacher-forced: harmful rows' KL to the text-only answer and the share whose
-    first answer token is the text-only one; preservation rows' KL to the original."""
+    first answer token is the text-only one; preservation rows' KL to the original and the
+    share whose first answer token is still the original's (a refusal where the original
+    answered shows here)."""
     kl = {True: [], False: []}
-    first = []
+    first = {True: [], False: []}
     for batch in batches:
         logits = _student_logits(model, batch)
         kl[batch.harmful].append(_kl(batch, logits).item())
-        if batch.harmful:
-            agree = logits[:, 0].argmax(-1) == batch.target[:, 0].argmax(-1)
-            first += agree.tolist()
+        agree = logits[:, 0].argmax(-1) == batch.target[:, 0].argmax(-1)
+        first[batch.harmful] += [float(a) for a in agree.tolist()]
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {
         "harmful_kl_to_text_only": mean(kl[True]),
-        "harmful_first_token_agreement": mean([float(a) for a in first]),
+        "harmful_first_token_agreement": mean(first[True]),
         "preservation_kl": mean(kl[False]),
+        "preservation_first_token_agreement": mean(first[False]),
     }

@@ -57,6 +57,10 @@ class Recipe:
     epochs: int = 40
     learning_rate: float = 1e-3
     images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
+    # Images for the preservation rows only (harmless anchors keep the original's answers
+    # with them; harmful anchors are not taught on them): for a setting the model may not
+    # read, whose harmful and harmless rows it could not tell apart.
+    preserve_images: list[str] = field(default_factory=list)
     # Calibration: candidates {epochs, learning_rate} tried one by one, each
     # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
     search: list[dict[str, Any]] = field(default_factory=list)
@@ -68,6 +72,7 @@ class Recipe:
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
+_TOP_KEYS |= {"preserve_images"}
 # Training images of the learned kinds; typographic renders the anchor itself (learned.py).
 IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
@@ -179,6 +184,10 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     good = isinstance(kinds, list) and kinds and all(k in IMAGE_KINDS for k in kinds)
     if check("images", bool(good), f"a list of {', '.join(IMAGE_KINDS)}"):
         recipe.images = list(kinds)
+    kinds = data.get("preserve_images")
+    good = isinstance(kinds, list) and all(k in IMAGE_KINDS for k in kinds)
+    if check("preserve_images", good, f"a list of {', '.join(IMAGE_KINDS)}"):
+        recipe.preserve_images = list(kinds)
     if "search" in data:
         recipe.search = _search(data["search"], problems)
     if check("notes", isinstance(data.get("notes"), str), "text"):

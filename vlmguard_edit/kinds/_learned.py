@@ -14,7 +14,7 @@ from ..plan import Plan
 from ..public import public_name, scrub
 from .base import Context, EditKind, Parameters
 
-LEARNED_OPTIONS = frozenset({"epochs", "learning_rate", "images", "search"})
+LEARNED_OPTIONS = frozenset({"epochs", "learning_rate", "images", "preserve_images", "search"})
 
 
 class LearnedKind(EditKind):
@@ -68,7 +68,10 @@ class LearnedKind(EditKind):
         if recipe.search:
             tried = [f"{c['epochs']}:{c['learning_rate']:g}" for c in recipe.search]
             parts += ["--search", ",".join(tried)]
-        return [*parts, "--images", ",".join(recipe.images)]
+        parts += ["--images", ",".join(recipe.images)]
+        if recipe.preserve_images:
+            parts += ["--preserve-images", ",".join(recipe.preserve_images)]
+        return parts
 
 
 def check_edit_matches(edit: Any, plan: Plan) -> None:
@@ -124,6 +127,7 @@ def _settings(recipe, kind: LearnedKind):
         epochs=recipe.epochs,
         learning_rate=recipe.learning_rate,
         images=tuple(recipe.images),
+        preserve_images=tuple(recipe.preserve_images),
         batch_size=recipe.batch_size,
         candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
         rank=recipe.rank if kind.factored else 0,
