@@ -73,6 +73,21 @@ PIPELINES = {
         ],
         ["{w}/guarded", "--against", "{m}/vlm"],
     ),
+    "lowrank-image-path": (
+        [
+            [
+                "convert",
+                "{m}/vlm",
+                "--recipe",
+                "recipes/organism-lowrank-image-path.yaml",
+                "--anchors",
+                "{m}/anchors.jsonl",
+                "-o",
+                "{w}/guarded",
+            ]
+        ],
+        ["{w}/guarded", "--against", "{m}/vlm"],
+    ),
     "image-path": (
         [
             [
@@ -359,6 +374,9 @@ def main() -> None:
                 "typographic": "A lead (not the default): `recipes/organism-typographic.yaml` "
                 "(the default recipe with typographic training images too: the anchors rendered "
                 "into the image) with each member's own anchors.",
+                "lowrank-image-path": "A lead for a VLM that reads: "
+                "`recipes/organism-lowrank-image-path.yaml` (the typographic recipe with the "
+                "image-to-language Linear learned too, rank 4) with each member's own anchors.",
                 "image-path": "The learned image-path edit, calibrated: "
                 "`recipes/organism-image-path.yaml` (the default before lowrank; search "
                 "40:1e-3, 40:3e-3) with each member's own anchors.",

@@ -26,6 +26,7 @@ RECIPES = {
     "image-gap": {"layers": [1, 3], "rank": 1},
     "image-path": {},
     "lowrank": {"layers": [0, 2], "rank": 2},
+    "lowrank-image-path": {"layers": [1], "rank": 2},
 }
 IMAGE_ONLY = {"projector-shift", "image-path"}  # text-only outputs cannot change
 
@@ -43,7 +44,7 @@ def parameter_file(kind, plan, direction_file, path):
         return path
     deltas = {}
     for edit in plan.edits:
-        if kind.name == "lowrank":  # the factored form: B (out, r) @ A (r, in)
+        if kind.factored:  # the factored form: B (out, r) @ A (r, in)
             out, inp = edit.shape
             deltas[edit.key + ".lora_A"] = 0.3 * torch.randn(2, inp, generator=generator)
             deltas[edit.key + ".lora_B"] = 0.3 * torch.randn(out, 2, generator=generator)
@@ -99,18 +100,14 @@ def test_kind_folds_exactly_what_it_plans_and_equals_its_runtime_hooks(
 
 
 def test_the_kinds_declare_what_sets_them_apart():
-    assert MODES == ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
-    assert set(LEARNED) == {"image-path", "lowrank"}
+    assert MODES[:5] == ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
+    assert set(LEARNED) == {"image-path", "lowrank", "lowrank-image-path"}
     assert {k.name for k in KINDS.values() if k.steered} == {"writers", "projector-shift"}
     assert KINDS["lowrank"].preserve_text and KINDS["lowrank"].factored
     assert not KINDS["image-path"].factored and not KINDS["image-path"].preserve_text
     for kind in KINDS.values():
         assert kind.summary and (kind.steered or kind.obtained), kind.name
-        assert kind.uses <= {"layers", "rank", "beta", "gamma", "shift_direction", "epochs"} | {
-            "learning_rate",
-            "images",
-            "search",
-        }
+        assert kind.uses <= set(Recipe().to_dict()), kind.name  # recipe keys only
 
 
 @pytest.mark.parametrize(

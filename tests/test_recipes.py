@@ -21,7 +21,9 @@ def test_shipped_recipe_is_valid(path):
     # Every recipe says where its edit comes from: a base LLM's direction and its layers, the
     # VLM's image-gap direction at its layers, or the VLM itself teaching its image path.
     assert recipe.model
-    if recipe.mode in ("image-path", "lowrank"):  # learned: layers are every text layer
+    from vlmguard_edit.kinds import LEARNED
+
+    if recipe.mode in LEARNED:  # learned: layers are every text layer
         assert recipe.layers is None and recipe.search
     else:
         assert (recipe.base_llm.id or recipe.mode == "image-gap") and recipe.layers

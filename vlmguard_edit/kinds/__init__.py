@@ -10,11 +10,20 @@ from .base import Context, EditKind, Parameters
 from .image_gap import ImageGap
 from .image_path import ImagePath
 from .lowrank import LowRank
+from .lowrank_image_path import LowRankImagePath
 from .projector_shift import ProjectorShift
 from .writers import Writers
 
 KINDS: dict[str, EditKind] = {
-    kind.name: kind for kind in (Writers(), ProjectorShift(), ImageGap(), ImagePath(), LowRank())
+    kind.name: kind
+    for kind in (
+        Writers(),
+        ProjectorShift(),
+        ImageGap(),
+        ImagePath(),
+        LowRank(),
+        LowRankImagePath(),
+    )
 }
 MODES = tuple(KINDS)
 LEARNED = tuple(name for name, kind in KINDS.items() if kind.learned)

@@ -30,7 +30,7 @@ class LowRank(LearnedKind):
     def plan_edits(self, checkpoint, layout, layers, beta):
         if not layers:
             raise PlanError("lowrank needs at least one layer")
-        return [_o_proj_edit(checkpoint, layout, layer) for layer in layers]
+        return [o_proj_edit(checkpoint, layout, layer) for layer in layers]
 
     def map_text(self, plan):
         return f"W_o <- W_o + B A on attention o_proj (learned, rank {plan.rank}, per layer)"
@@ -40,7 +40,7 @@ class LowRank(LearnedKind):
         return ["--layers", layers, "--rank", str(recipe.rank), *super().command_args(recipe)]
 
 
-def _o_proj_edit(checkpoint, layout, layer: int) -> PlannedEdit:
+def o_proj_edit(checkpoint, layout, layer: int) -> PlannedEdit:
     writer = layout.writers[layer][0]
     if not writer.module.endswith("o_proj") or writer.fused:
         raise PlanError(
