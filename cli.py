@@ -14,6 +14,7 @@ import click
 
 from vlmguard_edit import __version__
 from vlmguard_edit.errors import Terminated, VlmguardError, raise_on_termination
+from vlmguard_edit.formats import FORMATS
 from vlmguard_edit.kinds import KINDS, LEARNED, MODES
 
 INTERRUPTED = "interrupted: nothing was written (temporary files removed)"
@@ -258,7 +259,17 @@ def _stacked(options: list):
     "--direction",
     "direction_file",
     type=click.Path(dir_okay=False),
-    help="Precomputed direction file.",
+    help="Precomputed direction file (or, for a learned kind, edit file).",
+)
+@click.option(
+    "--direction-format",
+    type=click.Choice(FORMATS),
+    default="native",
+    show_default=True,
+    help="Who wrote --direction: this tool (native), refusal-direction (direction.pt with "
+    "direction_metadata.json beside it), llm-abliteration, sumandora, repeng (a GGUF control "
+    "vector) or a bare safetensors file of per-layer vectors; the layer numbering is converted "
+    "and recorded (README, 'Directions from other tools').",
 )
 @click.option(
     "--beta", type=float, help="Strength: -1 projects the direction out (default), >0 amplifies."
@@ -297,6 +308,7 @@ def convert(
     output,
     base_llm,
     direction_file,
+    direction_format,
     beta,
     mode,
     gamma,
@@ -356,6 +368,7 @@ def convert(
         output=Path(output),
         recipe=recipe,
         direction_file=Path(direction_file) if direction_file else None,
+        direction_format=direction_format,
         revision=revision,
         overwrite=overwrite,
         dry_run=dry_run,

@@ -56,6 +56,7 @@ class ConvertOptions:
     output: Path
     recipe: Recipe
     direction_file: Path | None = None
+    direction_format: str = "native"  # formats.FORMATS: a file another tool wrote
     revision: str | None = None
     overwrite: bool = False
     dry_run: bool = False
@@ -359,6 +360,8 @@ def _record(
                     "anchors_sha256",
                     "num_anchor_pairs",
                     "template",
+                    "imported_from",
+                    "layer_convention",
                 )
             },
             **plan.kind.record_fields(direction, plan),
@@ -398,6 +401,8 @@ def reproduce_command(opts: ConvertOptions) -> str:
         parts += ["--revision", opts.revision]
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
+        if opts.direction_format != "native":
+            parts += ["--direction-format", opts.direction_format]
     else:
         kind = get_kind(recipe.mode)
         teacher = recipe.base_llm.id not in (None, SELF)

@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .compat import family_of, forward_errors
 from .errors import DirectionError, InputError, VlmguardError
+from .formats import orthonormal
 from .layout import text_config
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,11 @@ class Direction:
                 raise DirectionError(f"{path}: unexpected tensor {key!r} (expected layer.N)")
             if info.dtype not in FLOAT_DTYPES:
                 raise DirectionError(f"{path}: {key} is {info.dtype}, not a float tensor")
-            vectors[int(key[6:])] = read_tensor(Path(path), info).float()
+            v = read_tensor(Path(path), info)
+            half = v.dtype not in (torch.float32, torch.float64)
+            v = v.float().reshape(1, -1) if v.ndim == 1 else v.float()  # (d,): one row
+            # A half-precision unit vector is unit only to its precision: re-orthonormalised.
+            vectors[int(key[6:])] = orthonormal(v, f"{path} {key}") if half else v
         if metadata.get("vlmguard.format") != DIRECTION_FORMAT or not vectors:
             raise DirectionError(f"{path} is not a vlmguard-edit direction file")
         shapes = {tuple(v.shape) for v in vectors.values()}

@@ -63,7 +63,13 @@ def load_direction_file(ctx: Context, accepts_gap: bool):
     from ..direction import Direction
     from ..public import public_name
 
-    path, layout = ctx.opts.direction_file, ctx.layout
+    path, layout, fmt = ctx.opts.direction_file, ctx.layout, ctx.opts.direction_format
+    if fmt != "native":  # another tool's file, converted to this project's layers
+        from ..formats import import_direction
+
+        if accepts_gap:
+            raise DirectionError(f"image-gap folds its own measured direction, not a {fmt} file")
+        return import_direction(path, fmt, layout.num_layers, layout.hidden_size)
     direction = Direction.load(path)
     if direction.hidden_size != layout.hidden_size:
         raise DirectionError(

@@ -29,6 +29,10 @@ class LearnedKind(EditKind):
         from ..learned import Edit
 
         path = ctx.opts.direction_file
+        if path and ctx.opts.direction_format != "native":
+            raise InputError(
+                f"a {self.name} edit file is vlmguard-edit's own format: no --direction-format"
+            )
         edit = Edit.load(path) if path else learn_edit(ctx.opts, ctx.source, ctx.plan, self)
         if edit.kind != self.name:
             raise InputError(

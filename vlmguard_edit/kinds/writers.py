@@ -71,6 +71,12 @@ class Writers(DirectionKind):
 def steering_source(record) -> str:
     """How V_l was obtained, for the card (writers and projector-shift)."""
     recipe, direction = record["recipe"], record["direction"]
+    if direction.get("imported_from"):
+        return (
+            f"a safety steering direction V_l (rank {recipe['rank']}) was imported from a "
+            f"{direction['imported_from']} file ({direction['layer_convention']}; converted to "
+            "the output of block l)"
+        )
     return (
         f"a safety steering direction V_l (rank {recipe['rank']}) was taken from the base LLM "
         f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
