@@ -302,6 +302,12 @@ def _stacked(options: list):
     "--push-to-hub", "push_to_hub", metavar="ORG/NAME", help="Verify and push the output."
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option(
+    "--base-model",
+    metavar="ORG/NAME",
+    help="The Hub id the card names as base_model, for a local SOURCE (a Hugging Face cache "
+    "snapshot, models--ORG--NAME/snapshots/REV, is recognised without it).",
+)
 @direction_options
 def convert(
     source,
@@ -323,6 +329,7 @@ def convert(
     overwrite,
     push_to_hub,
     private,
+    base_model,
     **kw,
 ):
     """Write a guarded copy of the VLM SOURCE (a folder or Hub id) to OUTPUT.
@@ -369,6 +376,7 @@ def convert(
         recipe=recipe,
         direction_file=Path(direction_file) if direction_file else None,
         direction_format=direction_format,
+        base_model=_hub_id(base_model, "--base-model"),
         revision=revision,
         overwrite=overwrite,
         dry_run=dry_run,
@@ -1002,6 +1010,14 @@ def _training(changes: dict) -> dict:
     if given and changes.get("search") is None:
         return {**changes, "search": []}
     return changes
+
+
+def _hub_id(value: str | None, option: str) -> str | None:
+    from vlmguard_edit.checkpoint import is_hub_id
+
+    if value is not None and not is_hub_id(value):
+        raise click.BadParameter(f"{value!r} is not a Hub id like org/name", param_hint=option)
+    return value
 
 
 def _image_kinds(images: str | None, option: str = "--images") -> list[str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from .checkpoint import file_entry
 from .errors import InputError
 from .kinds import get_kind
 from .writes import remove_stale, replace_file
+
+log = logging.getLogger(__name__)
 
 TAGS = ["vlmguard-edit", "vlm-guard", "safety", "steering"]
 _LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -37,6 +40,11 @@ def write_card(out: Path, record: dict[str, Any], license_fields: dict[str, Any]
     direction = record["direction"]
     recipe = record["recipe"]
     hub_id = record["source"]["hub_id"]
+    if not hub_id:
+        log.warning(
+            "the card names no base_model, so the Hub's model tree will not link it to its "
+            "source; pass --base-model ORG/NAME"
+        )
     data = ModelCardData(
         # The Hub links base_model; a local source has no Hub id to link to.
         base_model=hub_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,7 @@ class ConvertOptions:
     trust_remote_code: bool = False
     device: str | None = None
     dtype: str = "auto"
+    base_model: str | None = None  # the Hub id the card names as base_model (local sources)
     progress: bool = True
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -321,13 +323,7 @@ def _record(
     import torch
 
     recipe = opts.recipe
-    hub_id = (
-        source.id
-        if source.from_hub
-        else recipe.model
-        if recipe.model and is_hub_id(recipe.model)
-        else None
-    )
+    hub_id, revision = hub_identity(opts, source)
     return {
         "format": "vlmguard-edit/1",
         "tool_version": __version__,
@@ -338,7 +334,7 @@ def _record(
         },
         "source": {
             "id": public_name(source.id),
-            "revision": source.revision,
+            "revision": revision,
             "from_hub": source.from_hub,
             "hub_id": hub_id,
         },
@@ -373,6 +369,24 @@ def _record(
     }
 
 
+_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{7,64})$")
+
+
+def hub_identity(opts: ConvertOptions, source: ModelSource) -> tuple[str | None, str | None]:
+    """The source's Hub id and revision, for the card's base_model: the Hub download itself,
+    else --base-model, else a Hugging Face cache snapshot's folder name
+    (models--ORG--NAME/snapshots/REV), else the recipe's model when it is a Hub id."""
+    if source.from_hub:
+        return source.id, source.revision
+    if opts.base_model:
+        return opts.base_model, None
+    snapshot = _SNAPSHOT.search(source.path.as_posix())
+    if snapshot:
+        return f"{snapshot.group(1)}/{snapshot.group(2)}", snapshot.group(3)
+    model = opts.recipe.model
+    return (model, None) if model and is_hub_id(model) else (None, None)
+
+
 def _public_recipe(recipe: Recipe, layers: list[int]) -> dict[str, Any]:
     data = {**recipe.to_dict(), "layers": layers}
     data["base_llm"] = scrub(data["base_llm"])
@@ -399,6 +413,8 @@ def reproduce_command(opts: ConvertOptions) -> str:
     parts = ["vlmguard-edit", "convert", path(opts.source), "-o", out.name]
     if opts.revision:
         parts += ["--revision", opts.revision]
+    if opts.base_model:
+        parts += ["--base-model", opts.base_model]
     if opts.direction_file:
         parts += ["--direction", path(str(opts.direction_file))]
         if opts.direction_format != "native":
