@@ -91,6 +91,14 @@ Examples:
   vlmguard-edit verify ./llava-guarded --source llava-hf/llava-1.5-7b-hf
 """
 
+EXAMPLES_ADAPTER = """
+\b
+Examples:
+  vlmguard-edit adapter ./llava-guarded --source llava-hf/llava-1.5-7b-hf -o ./llava-guard-lora
+  vlmguard-edit convert examples/organism/vlm --recipe recipes/organism.yaml \\
+      -o ./organism-guarded --adapter-out ./organism-guard-lora
+"""
+
 EXAMPLES_PUSH = """
 \b
 Examples:
@@ -303,6 +311,11 @@ def _stacked(options: list):
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option(
+    "--adapter-out",
+    type=click.Path(file_okay=False),
+    help="Also write the edit as a PEFT LoRA adapter to this folder (vlmguard-edit adapter).",
+)
+@click.option(
     "--base-model",
     metavar="ORG/NAME",
     help="The Hub id the card names as base_model, for a local SOURCE (a Hugging Face cache "
@@ -329,6 +342,7 @@ def convert(
     overwrite,
     push_to_hub,
     private,
+    adapter_out,
     base_model,
     **kw,
 ):
@@ -386,7 +400,14 @@ def convert(
         dtype=kw["dtype"],
         progress=_progress(kw["quiet"]),
     )
+    if adapter_out and not KINDS[recipe.mode].lora:
+        raise click.UsageError(f"--adapter-out: a {recipe.mode} edit is not a LoRA update")
     result = run_convert(opts)
+    if adapter_out and not dry_run:
+        from vlmguard_edit.adapter import write_adapter
+
+        write_adapter(Path(output), Path(_local_or_hub(source)), Path(adapter_out), overwrite)
+        click.echo(f"wrote {adapter_out}: the edit as a PEFT LoRA adapter")
     if dry_run:
         click.echo("dry run: nothing written. Plan:")
         for line in result.plan.describe():
@@ -450,6 +471,24 @@ def verify(folder, source, quiet):
         click.echo(f"{folder}: {_count(len(report.problems), 'problem')}", err=True)
         sys.exit(1)
     click.echo(f"{folder}: verified")
+
+
+@main.command(epilog=EXAMPLES_ADAPTER)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--source", required=True, help="The source VLM FOLDER was converted from.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Adapter folder."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing adapter folder.")
+def adapter(folder, source, output, overwrite):
+    """Write the edit of a guarded FOLDER as a PEFT LoRA adapter (exact: the adapter on the
+    source model is the guarded checkpoint). Kinds that are not a LoRA are refused."""
+    from vlmguard_edit.adapter import write_adapter
+
+    config = write_adapter(Path(folder), Path(_local_or_hub(source)), Path(output), overwrite)
+    click.echo(
+        f"wrote {output}: LoRA rank {config['r']} on {len(config['target_modules'])} modules"
+    )
 
 
 @main.command(epilog=EXAMPLES_PUSH)

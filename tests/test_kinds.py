@@ -103,6 +103,7 @@ def test_the_kinds_declare_what_sets_them_apart():
     assert MODES[:5] == ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
     assert set(LEARNED) == {"image-path", "lowrank", "lowrank-image-path"}
     assert {k.name for k in KINDS.values() if k.steered} == {"writers", "projector-shift"}
+    assert {k.name for k in KINDS.values() if not k.lora} == {"projector-shift", "image-path"}
     assert KINDS["lowrank"].preserve_text and KINDS["lowrank"].factored
     assert not KINDS["image-path"].factored and not KINDS["image-path"].preserve_text
     for kind in KINDS.values():

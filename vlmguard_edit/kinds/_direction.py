@@ -57,6 +57,31 @@ class DirectionKind(EditKind):
     def fold(self, checkpoint, plan, edit, before, params, prepared):
         return fold_map(checkpoint, plan, edit, before, params)
 
+    def lora_factors(self, checkpoint, plan, params):
+        """(I + beta V^T V) W = W + (beta V^T)(V W): lora_B = beta V^T, lora_A = V W, exactly
+        (behind a post-norm, V is the orthonormal basis of g ⊙ V the fold uses)."""
+        from ..fold import norm_weighted
+
+        factors = {}
+        for edit in plan.edits:
+            if edit.kind == "experts":
+                raise PlanError(
+                    f"{edit.key} is a fused experts tensor: PEFT's LoRA targets Linear modules "
+                    "(its target_parameters support is not used here)"
+                )
+            if edit.key.endswith(".bias"):
+                raise PlanError(
+                    f"{edit.key}: the writer has a bias, whose change (I + beta V^T V) b is a "
+                    "bias shift, not a LoRA update"
+                )
+            v = params[edit.layer].float()
+            if edit.norm is not None:
+                gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
+                v = norm_weighted(v, gain)
+            weight = checkpoint.read(edit.key).float()
+            factors[edit.key.removesuffix(".weight")] = (v @ weight, plan.beta * v.T)
+        return factors
+
 
 def load_direction_file(ctx: Context, accepts_gap: bool):
     """``--direction FILE``, checked against the VLM and the kind."""

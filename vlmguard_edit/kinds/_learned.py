@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import import_torch, resolve_model
-from ..errors import InputError
+from ..errors import InputError, PlanError
 from ..plan import Plan
 from ..public import public_name, scrub
 from .base import Context, EditKind, Parameters
@@ -54,6 +54,22 @@ class LearnedKind(EditKind):
         from ..learned import fold
 
         return fold(before, params.delta(edit.key))
+
+    def lora_factors(self, checkpoint, plan, params):
+        """A factored edit is its own LoRA (lora_A = A, lora_B = B); a dense one is not."""
+        from ..learned import FACTORS
+
+        if not self.factored:
+            raise PlanError(
+                f"{self.name} learns a dense change dW (and db): not a low-rank update, and a "
+                "bias change is not a LoRA either"
+            )
+        return {
+            edit.key.removesuffix(".weight"): tuple(
+                params.deltas[edit.key + suffix].float() for suffix in FACTORS
+            )
+            for edit in plan.edits
+        }
 
     def hooks(self, model, plan, params, checkpoint):
         from ..learned import find_module, hooks, memory_names

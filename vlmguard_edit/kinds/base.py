@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import PlanError
+
 if TYPE_CHECKING:
     import torch
 
@@ -69,6 +71,7 @@ class EditKind:
     # Whether the parameters are the base LLM's safety steering direction (the `direction`
     # command computes it; --base-llm names the LLM); else how they are obtained.
     steered: bool = False
+    lora: bool = True  # whether the change is a LoRA update (lora_factors; PEFT adapters)
     obtained: str = ""
 
     # ------------------------------------------------------------------ recipe
@@ -134,6 +137,11 @@ class EditKind:
         """The runtime reference: while active, the unmodified ``model`` computes what the
         folded checkpoint computes (``checkpoint``: the source, for anything the fold reads)."""
         raise NotImplementedError
+
+    def lora_factors(self, checkpoint: Checkpoint, plan: Plan, params: Any) -> dict[str, Any]:
+        """The edit as an exact LoRA: {checkpoint module: (A (r, in), B (out, r))} with
+        W' = W + B A; raises PlanError naming why a kind (or a tensor) is not one."""
+        raise PlanError(f"{self.name} is not a LoRA update")
 
     # ------------------------------------------------------------------ description
     def card_text(self, record: dict[str, Any]) -> tuple[str, str]:

@@ -20,6 +20,7 @@ class ProjectorShift(DirectionKind):
     name = "projector-shift"
     uses = frozenset({"layers", "rank", "gamma", "shift_direction"})
     steered = True
+    lora = False  # a bias shift
     summary = "add gamma * u to the projector's output bias (image tokens only)"
 
     def problems(self, recipe, explicit):
@@ -56,6 +57,9 @@ class ProjectorShift(DirectionKind):
         from ..fold import shift
 
         return shift(before, prepared, plan.gamma)
+
+    def lora_factors(self, checkpoint, plan, params):
+        raise PlanError("projector-shift changes a bias (b + gamma u): a LoRA changes weights only")
 
     @contextlib.contextmanager
     def hooks(self, model, plan, params, checkpoint):
