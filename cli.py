@@ -459,10 +459,9 @@ def verify(folder, source, quiet):
     tensor equals the source and every edited one equals the fold recomputed from the source
     and the direction. Exit status 1 on any mismatch.
     """
-    from vlmguard_edit.verify import verify as run_verify
+    from vlmguard_edit.api import verify as run_verify
 
-    source_path = Path(_local_or_hub(source)) if source else None
-    report = run_verify(Path(folder), source_path, progress=_progress(quiet))
+    report = run_verify(folder, source, progress=_progress(quiet))
     for line in report.checked:
         click.echo(f"checked   {line}")
     for line in report.problems:
@@ -483,9 +482,9 @@ def verify(folder, source, quiet):
 def adapter(folder, source, output, overwrite):
     """Write the edit of a guarded FOLDER as a PEFT LoRA adapter (exact: the adapter on the
     source model is the guarded checkpoint). Kinds that are not a LoRA are refused."""
-    from vlmguard_edit.adapter import write_adapter
+    from vlmguard_edit.api import adapter as write_adapter
 
-    config = write_adapter(Path(folder), Path(_local_or_hub(source)), Path(output), overwrite)
+    config = write_adapter(folder, source, output, overwrite)
     click.echo(
         f"wrote {output}: LoRA rank {config['r']} on {len(config['target_modules'])} modules"
     )
@@ -843,21 +842,12 @@ def _evaluate(model, against, output: Path, opts, update_card: bool, guard) -> N
     """Load the systems (``guard``: the runtime guard's options, or None), evaluate them,
     write the report (and the card)."""
     from vlmguard_edit import evaluate as ev
+    from vlmguard_edit.api import evaluate_with
 
-    device, dtype, runtime_guard = opts.device, opts.dtype, guard is not None
-    if runtime_guard:  # the direction is checked before any model is loaded
-        factory = _runtime_factory(*guard)
-    from vlmguard_edit.exact import load_exact_judge
-
-    subject = ev.Subject(_local_or_hub(model), device, dtype)
-    original = ev.Subject(_local_or_hub(against), device, dtype) if against else None
-    opts.exact = load_exact_judge(subject.path) or load_exact_judge(original and original.path)
-    systems = {"original": original} if original else {}
-    if runtime_guard:
-        systems["runtime"] = ev.with_hooks(original or subject, factory)
-    systems["model"] = subject
-    # Without --against, the runtime guard is compared with the unguarded model it wraps.
-    report = ev.run_eval(systems, original or (subject if runtime_guard else None), opts)
+    runtime_guard = guard is not None
+    # the runtime guard's direction is checked before any model is loaded
+    factory = _runtime_factory(*guard) if runtime_guard else None
+    report = evaluate_with(model, against, opts, factory)
     if runtime_guard:
         _, mode, alpha, gate, positions, _ = guard
         note = f"{mode}, alpha {alpha:g}, gate {gate}, {positions} positions"
@@ -1043,12 +1033,9 @@ def _build_recipe(kw: dict, base_llm: str | None, **extra):
 
 
 def _training(changes: dict) -> dict:
-    """An --epochs or --learning-rate given without --search is the training length to use:
-    it replaces the recipe's search (which would otherwise pick its own candidates)."""
-    given = changes.get("epochs") is not None or changes.get("learning_rate") is not None
-    if given and changes.get("search") is None:
-        return {**changes, "search": []}
-    return changes
+    from vlmguard_edit.recipes import training_length
+
+    return training_length(changes)
 
 
 def _hub_id(value: str | None, option: str) -> str | None:

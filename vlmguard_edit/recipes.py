@@ -198,6 +198,15 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+def training_length(changes: dict[str, Any]) -> dict[str, Any]:
+    """Epochs or a learning rate given without a search is the training length to use: it
+    replaces the recipe's search (which would otherwise pick its own candidates)."""
+    given = changes.get("epochs") is not None or changes.get("learning_rate") is not None
+    if given and changes.get("search") is None:
+        return {**changes, "search": []}
+    return changes
+
+
 def strength_problems(recipe: Recipe) -> list[str]:
     """Strengths that cannot be right: not finite (every kind); 0 for the kind that uses it."""
     problems = []

@@ -1,0 +1,203 @@
+"""The Python API: the CLI's operations as functions (``from vlmguard_edit.api import ...``;
+the package's modules of the same names, ``vlmguard_edit.convert`` and so on, are the layers
+underneath, so the API lives in its own module).
+
+Typed keyword options, no printing (progress bars only, ``progress=False`` for none), errors
+as exceptions (``vlmguard_edit.errors.VlmguardError`` and its kinds: InputError, PlanError,
+DirectionError, RecipeError). The CLI is a thin layer over these.
+
+    from vlmguard_edit.api import convert, evaluate
+
+    result = convert("examples/organism/vlm", "organism-guarded",
+                     recipe="recipes/organism.yaml", progress=False)
+    report = evaluate("organism-guarded", against="examples/organism/vlm", limit=24)
+    report["systems"]["model"]["settings"]["blank"]["harmful_refusal"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+
+def recipe_with(recipe: Any = None, **fields: Any):
+    """A Recipe from a YAML path, a Recipe, or the defaults, with ``fields`` replacing its
+    values (None leaves a value as it is; epochs or learning_rate without search replace the
+    recipe's search, as on the command line); checked as a recipe file is."""
+    from .recipes import Recipe, load_recipe, mode_problems, training_length
+
+    base = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe or Recipe()
+    given = {k: v for k, v in training_length(fields).items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(Recipe)})
+    if unknown:
+        raise InputError(f"unknown recipe field(s) {unknown}")
+    resolved = dataclasses.replace(base, **given)
+    problems = mode_problems(resolved, set(given))
+    if problems:
+        raise InputError("; ".join(problems))
+    return resolved
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    recipe: Any = None,
+    direction: str | Path | None = None,
+    direction_format: str = "native",
+    adapter_out: str | Path | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    device: str | None = None,
+    dtype: str = "auto",
+    progress: bool = True,
+    **recipe_fields: Any,
+):
+    """Write the guarded copy of ``source`` (a folder or Hub id) to ``output``; returns the
+    ``ConvertResult`` (its plan, and the record written to vlmguard.json). ``recipe``: a YAML
+    path or a Recipe; ``recipe_fields`` (mode, layers, rank, beta, anchors, epochs, ...)
+    replace its values. ``adapter_out``: also write the edit as a PEFT LoRA adapter."""
+    from .convert import ConvertOptions
+    from .convert import convert as run
+
+    opts = ConvertOptions(
+        str(source),
+        Path(output),
+        recipe_with(recipe, **recipe_fields),
+        direction_file=Path(direction) if direction else None,
+        direction_format=direction_format,
+        base_model=base_model,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
+    result = run(opts)
+    if adapter_out and not dry_run:
+        from .checkpoint import resolve_model
+
+        adapter(output, resolve_model(str(source)).path, adapter_out, overwrite=overwrite)
+    return result
+
+
+def calibrate(
+    source: str | Path,
+    output: str | Path,
+    *,
+    recipe: Any = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    dtype: str = "auto",
+    progress: bool = True,
+    **recipe_fields: Any,
+):
+    """Learn the edit of ``source`` (the recipe's mode: a learned kind) and write it to the
+    edit file ``output``; returns the ``learned.Edit`` (its calibration report in
+    ``.meta["calibration"]``)."""
+    from .convert import ConvertOptions
+    from .convert import calibrate as run
+
+    resolved = recipe_with(recipe or recipe_with(mode="lowrank"), **recipe_fields)
+    opts = ConvertOptions(
+        str(source), Path(output), resolved, overwrite=overwrite, device=device, dtype=dtype
+    )
+    return run(dataclasses.replace(opts, progress=progress))
+
+
+def evaluate(
+    model: str | Path,
+    output: str | Path | None = None,
+    *,
+    against: str | Path | None = None,
+    settings: tuple[str, ...] = ("text", "blank", "typographic", "noise"),
+    harmful: str | Path | None = None,
+    benign: str | Path | None = None,
+    image_folder: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    device: str | None = None,
+    dtype: str = "auto",
+    utility: bool = True,
+    progress: bool = True,
+    runtime: Any = None,
+    guard: Any = None,
+) -> dict[str, Any]:
+    """Refusal, compliance, KL to ``against`` and image understanding of ``model`` in each
+    setting; returns the report (and writes it to ``output`` when given: eval.json,
+    report.md, refusal.png). ``image_folder``: the images of the "folder" setting;
+    ``runtime``: a hook factory, evaluated as the system "runtime" on the original;
+    ``guard``: a judge.GuardJudge for the answers to harmful prompts."""
+    from . import evaluate as ev
+
+    opts = ev.EvalOptions(
+        settings=tuple(settings),
+        harmful=ev.load_prompts(harmful, "harmful"),
+        benign=ev.load_prompts(benign, "benign"),
+        image_folder=Path(image_folder) if image_folder else None,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=device or _device(),
+        dtype=dtype,
+        progress=progress,
+        utility=utility,
+        guard=guard,
+    )
+    report = evaluate_with(model, against, opts, runtime)
+    if output is not None:
+        ev.write_report(report, Path(output))
+    return report
+
+
+def evaluate_with(model: str | Path, against: str | Path | None, opts: Any, runtime: Any = None):
+    """``evaluate`` with its options as an ``evaluate.EvalOptions`` (what the CLI builds)."""
+    from . import evaluate as ev
+    from .exact import load_exact_judge
+
+    unknown = [s for s in opts.settings if s not in ev.SETTINGS]
+    if unknown:
+        raise InputError(f"unknown setting(s) {unknown}; known: {', '.join(ev.SETTINGS)}")
+    subject = ev.Subject(_local(model), opts.device, opts.dtype)
+    original = ev.Subject(_local(against), opts.device, opts.dtype) if against else None
+    opts.exact = load_exact_judge(subject.path) or load_exact_judge(original and original.path)
+    systems = {"original": original} if original else {}
+    if runtime is not None:
+        systems["runtime"] = ev.with_hooks(original or subject, runtime)
+    systems["model"] = subject
+    # Without ``against``, the runtime guard is compared with the unguarded model it wraps.
+    return ev.run_eval(systems, original or (subject if runtime is not None else None), opts)
+
+
+def verify(folder: str | Path, source: str | Path | None = None, progress: bool = False):
+    """Check a guarded folder against its record (and, with ``source``, every tensor against
+    the source and the recomputed fold); returns the ``VerifyReport`` (``.ok``)."""
+    from .verify import verify as run
+
+    return run(Path(folder), Path(_local(source)) if source else None, progress)
+
+
+def adapter(
+    folder: str | Path, source: str | Path, output: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write a guarded folder's edit as a PEFT LoRA adapter; returns its adapter_config."""
+    from .adapter import write_adapter
+
+    return write_adapter(Path(folder), Path(_local(source)), Path(output), overwrite)
+
+
+def _local(name: str | Path) -> str:
+    from .checkpoint import resolve_model
+
+    return str(resolve_model(str(name)).path)
+
+
+def _device() -> str:
+    from .checkpoint import import_torch
+
+    return "cuda" if import_torch().cuda.is_available() else "cpu"
