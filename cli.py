@@ -350,8 +350,7 @@ def convert(
 
     SOURCE may be left out when the recipe names the model.
     """
-    from vlmguard_edit.convert import ConvertOptions
-    from vlmguard_edit.convert import convert as run_convert
+    from vlmguard_edit.api import convert as run_convert
     from vlmguard_edit.recipes import mode_problems
 
     if push_to_hub:
@@ -384,12 +383,15 @@ def convert(
     source = source or recipe.model
     if not source:
         raise click.UsageError("give the SOURCE model (or a recipe with 'model')")
-    opts = ConvertOptions(
-        source=source,
-        output=Path(output),
+    if adapter_out and not KINDS[recipe.mode].lora:
+        raise click.UsageError(f"--adapter-out: a {recipe.mode} edit is not a LoRA update")
+    result = run_convert(
+        source,
+        output,
         recipe=recipe,
-        direction_file=Path(direction_file) if direction_file else None,
+        direction=direction_file,
         direction_format=direction_format,
+        adapter_out=adapter_out,
         base_model=_hub_id(base_model, "--base-model"),
         revision=revision,
         overwrite=overwrite,
@@ -400,13 +402,7 @@ def convert(
         dtype=kw["dtype"],
         progress=_progress(kw["quiet"]),
     )
-    if adapter_out and not KINDS[recipe.mode].lora:
-        raise click.UsageError(f"--adapter-out: a {recipe.mode} edit is not a LoRA update")
-    result = run_convert(opts)
     if adapter_out and not dry_run:
-        from vlmguard_edit.adapter import write_adapter
-
-        write_adapter(Path(output), Path(_local_or_hub(source)), Path(adapter_out), overwrite)
         click.echo(f"wrote {adapter_out}: the edit as a PEFT LoRA adapter")
     if dry_run:
         click.echo("dry run: nothing written. Plan:")
@@ -479,11 +475,13 @@ def verify(folder, source, quiet):
     "-o", "--output", required=True, type=click.Path(file_okay=False), help="Adapter folder."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing adapter folder.")
-def adapter(folder, source, output, overwrite):
+@quiet_option
+def adapter(folder, source, output, overwrite, quiet):
     """Write the edit of a guarded FOLDER as a PEFT LoRA adapter (exact: the adapter on the
     source model is the guarded checkpoint). Kinds that are not a LoRA are refused."""
     from vlmguard_edit.api import adapter as write_adapter
 
+    _progress(quiet)  # transformers' bars while the model is built on the meta device
     config = write_adapter(folder, source, output, overwrite)
     click.echo(
         f"wrote {output}: LoRA rank {config['r']} on {len(config['target_modules'])} modules"

@@ -50,8 +50,11 @@ def convert(
     direction_format: str = "native",
     adapter_out: str | Path | None = None,
     base_model: str | None = None,
+    revision: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
     device: str | None = None,
     dtype: str = "auto",
     progress: bool = True,
@@ -60,7 +63,8 @@ def convert(
     """Write the guarded copy of ``source`` (a folder or Hub id) to ``output``; returns the
     ``ConvertResult`` (its plan, and the record written to vlmguard.json). ``recipe``: a YAML
     path or a Recipe; ``recipe_fields`` (mode, layers, rank, beta, anchors, epochs, ...)
-    replace its values. ``adapter_out``: also write the edit as a PEFT LoRA adapter."""
+    replace its values. ``adapter_out``: also write the edit as a PEFT LoRA adapter;
+    ``allow_pickle`` / ``trust_remote_code``: only when you trust the source."""
     from .convert import ConvertOptions
     from .convert import convert as run
 
@@ -71,8 +75,11 @@ def convert(
         direction_file=Path(direction) if direction else None,
         direction_format=direction_format,
         base_model=base_model,
+        revision=revision,
         overwrite=overwrite,
         dry_run=dry_run,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
         device=device,
         dtype=dtype,
         progress=progress,
@@ -81,7 +88,8 @@ def convert(
     if adapter_out and not dry_run:
         from .checkpoint import resolve_model
 
-        adapter(output, resolve_model(str(source)).path, adapter_out, overwrite=overwrite)
+        local = resolve_model(str(source), revision).path
+        adapter(output, local, adapter_out, overwrite=overwrite)
     return result
 
 
