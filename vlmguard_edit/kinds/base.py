@@ -55,6 +55,17 @@ class Parameters:
     base_check: dict[str, Any] | None = None
 
 
+def outside_measured(name: str, value: float, measured: tuple[float, float]) -> str | None:
+    """The warning for a strength outside the range the organism search measured."""
+    low, high = measured
+    if low <= value <= high:
+        return None
+    return (
+        f"{name} {value:g} is outside the measured range [{low:g}, {high:g}] "
+        "(docs/organism_search.md): measure the result with vlmguard-edit eval"
+    )
+
+
 def upper_half(num_layers: int) -> list[int]:
     """Provisional default layers: the upper half of the text layers (README, 'Defaults')."""
     return list(range(num_layers // 2, num_layers))

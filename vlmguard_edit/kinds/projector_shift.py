@@ -11,6 +11,7 @@ from ..checkpoint import FLOAT_DTYPES
 from ..errors import PlanError
 from ..plan import PlannedEdit
 from ._direction import DirectionKind
+from .base import outside_measured
 from .writers import steering_source
 
 MEASURED_GAMMA = (0.25, 2.0)  # docs/organism_search.md
@@ -34,13 +35,7 @@ class ProjectorShift(DirectionKind):
         return problems
 
     def strength_warning(self, recipe):
-        low, high = MEASURED_GAMMA
-        if low <= recipe.gamma <= high:
-            return None
-        return (
-            f"gamma {recipe.gamma:g} is outside the measured range [{low:g}, {high:g}] "
-            "(docs/organism_search.md): measure the result with vlmguard-edit eval"
-        )
+        return outside_measured("gamma", recipe.gamma, MEASURED_GAMMA)
 
     def plan_edits(self, checkpoint, layout, layers, beta):
         return [_shift_edit(checkpoint, layout, layers)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from ._direction import DirectionKind, writer_edits
+from .base import outside_measured
 
 # The strengths the organism search measured (docs/organism_search.md): outside them the
 # edit is untested, so convert and validate warn and name this range.
@@ -26,13 +27,7 @@ class Writers(DirectionKind):
         return []
 
     def strength_warning(self, recipe):
-        low, high = MEASURED_BETA
-        if low <= recipe.beta <= high:
-            return None
-        return (
-            f"beta {recipe.beta:g} is outside the measured range [{low:g}, {high:g}] "
-            "(docs/organism_search.md): measure the result with vlmguard-edit eval"
-        )
+        return outside_measured("beta", recipe.beta, MEASURED_BETA)
 
     def plan_edits(self, checkpoint, layout, layers, beta):
         chosen = {layer: layout.writers[layer] for layer in layers}
