@@ -8,8 +8,7 @@ Per width: the seconds spent generating the teachers' answers (once per calibrat
 time of one image-path training step (gradients for the image-path Linear only), of one
 lowrank step (rank-4 factors of every text layer's o_proj), and, as the same-run baseline,
 one plain fine-tuning step on the same batch (every parameter trainable); the ratios are
-each edit's step over the baseline's. Printed as a Markdown table (README
-"Performance").
+each edit's step over the baseline's. Printed as a Markdown table (docs/performance.md).
 """
 
 from __future__ import annotations

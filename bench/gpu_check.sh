@@ -1,6 +1,6 @@
 #!/bin/bash
-# The learned edit on a GPU, as one script (run where a CUDA machine is lent; README
-# "Performance"): the organism recipe learned on CUDA in bfloat16 (gradient checkpointing
+# The learned edit on a GPU, as one script (run where a CUDA machine is lent;
+# docs/performance.md): the organism recipe learned on CUDA in bfloat16 (gradient checkpointing
 # on, the default there), verified and evaluated, then the calibration-cost benchmark on
 # CUDA. Writes its logs and reports to $OUT (default ./gpu-check).
 #     bash bench/gpu_check.sh

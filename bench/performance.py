@@ -1,5 +1,5 @@
 """Convert speed and memory against the physical floor and the load/edit/save_pretrained way,
-and direction-extraction cost. Every figure of the README's "Performance" section:
+and direction-extraction cost. Every figure of docs/performance.md:
 
     python bench/performance.py --work /tmp/vlmguard-perf
 
