@@ -369,8 +369,9 @@ def main() -> None:
                 "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
                 "(image-gap, layers 0-1) with each member's own anchors.",
                 "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank, rank 4 "
-                "on every text layer's o_proj, calibrated over its search space on each "
-                "member's held-out anchors) with each member's own anchors and no other flag.",
+                "on every text layer's o_proj, harmless anchors rendered into the image as "
+                "preservation rows, calibrated over its search space on each member's "
+                "held-out anchors) with each member's own anchors and no other flag.",
                 "typographic": "A lead (not the default): `recipes/organism-typographic.yaml` "
                 "(the default recipe with typographic training images too: the anchors rendered "
                 "into the image) with each member's own anchors.",
