@@ -751,8 +751,16 @@ Examples:
     "--guard-layers", help="Layers for the runtime guard (default: all in the direction)."
 )
 @click.option(
+    "--judge",
+    type=click.Choice(["phrases", "llamaguard", "wildguard"]),
+    help="Who rates the answers to harmful prompts besides the built-in judge: the phrase "
+    "matcher alone (the default), or a guard model in --judge-model (llamaguard: a "
+    "LlamaGuard-style chat model, the default with --judge-model; wildguard: "
+    "allenai/wildguard's prompt format).",
+)
+@click.option(
     "--judge-model",
-    help="A local LlamaGuard-style model (folder) that also rates answers to harmful prompts.",
+    help="A local folder with the --judge model (never downloaded, no remote code).",
 )
 @click.option(
     "--update-card", is_flag=True, help="Add the table to MODEL's model card (guarded outputs)."
@@ -785,6 +793,7 @@ def eval_command(
     gate,
     positions,
     guard_layers,
+    judge,
     judge_model,
     update_card,
     utility,
@@ -823,10 +832,14 @@ def eval_command(
         raise click.BadParameter(
             f"unknown {unknown}; known: {', '.join(ev.SETTINGS)}", param_hint="--settings"
         )
+    if judge not in (None, "phrases") and not judge_model:
+        raise click.UsageError(f"--judge {judge} needs --judge-model FOLDER")
+    if judge == "phrases" and judge_model:
+        raise click.UsageError("--judge phrases uses no model: leave out --judge-model")
     if judge_model:
-        from vlmguard_edit.judge import GuardJudge
+        from vlmguard_edit.judge import load_judge
 
-        opts.guard = GuardJudge(_local_or_hub(judge_model), device)
+        opts.guard = load_judge(judge or "llamaguard", judge_model, device)
     with contextlib.ExitStack() as locks:  # held from the start: a second run fails at once
         locks.enter_context(output_lock(Path(output), "report folder"))
         if update_card:

@@ -287,7 +287,9 @@ def label_answers(prompts: list[str], answers: list[str], exact: Any) -> list[st
 
 def judge_name(opts: EvalOptions) -> str:
     name = f"exact organism judge ({opts.exact.source})" if opts.exact else "phrase matcher"
-    return name + (f" + guard model {opts.guard.path}" if opts.guard else "")
+    if not opts.guard:
+        return name
+    return name + f" + guard model {opts.guard.path} ({getattr(opts.guard, 'name', 'llamaguard')})"
 
 
 def run_eval(
