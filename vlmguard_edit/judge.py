@@ -123,17 +123,21 @@ class GuardJudge:
         self.device = device
 
     def unsafe(self, prompt: str, answer: str) -> bool | None:
-        import torch
-
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         ids = self.tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)
+        return parse_guard(self.verdict(ids, 10))
+
+    def verdict(self, ids: dict, max_new_tokens: int) -> str:
+        """The guard model's greedy continuation of the tokenised prompt ``ids``."""
+        import torch
+
         ids = {k: v.to(self.device) for k, v in ids.items()}
         with torch.no_grad(), forward_errors(family_of(self.model)):
             pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-            out = self.model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=pad)
-        return parse_guard(
-            self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        )
+            out = self.model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+            )
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # WildGuard's prompt, from its model card (https://huggingface.co/allenai/wildguard, "How to
@@ -169,18 +173,10 @@ class WildGuardJudge(GuardJudge):
     answer) pairs in its own prompt format."""
 
     def unsafe(self, prompt: str, answer: str) -> bool | None:
-        import torch
-
         text = WILDGUARD_FORMAT.format(prompt=prompt, response=answer)
         # the format holds its own <s>: the tokenizer must not add another
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        ids = {k: v.to(self.device) for k, v in ids.items()}
-        with torch.no_grad(), forward_errors(family_of(self.model)):
-            pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
-            out = self.model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=pad)
-        return parse_wildguard(
-            self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        )
+        return parse_wildguard(self.verdict(dict(ids), 32))
 
 
 JUDGES = {"llamaguard": GuardJudge, "wildguard": WildGuardJudge}  # --judge NAME --judge-model
