@@ -800,9 +800,8 @@ def eval_command(
     quiet,
 ):
     """Measure refusal (harmful prompts) and compliance (benign) of MODEL in image settings."""
-    import torch
-
     from vlmguard_edit import evaluate as ev
+    from vlmguard_edit.api import eval_options
     from vlmguard_edit.writes import output_lock
 
     if update_card:
@@ -813,12 +812,11 @@ def eval_command(
         if not Path(image_folder).is_dir():
             raise click.BadParameter(f"{image_folder} is not a folder", param_hint="--image-folder")
         folder_images(Path(image_folder))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    opts = ev.EvalOptions(
-        settings=tuple(s.strip() for s in settings.split(",") if s.strip()),
-        harmful=ev.load_prompts(harmful, "harmful"),
-        benign=ev.load_prompts(benign, "benign"),
-        image_folder=Path(image_folder) if image_folder else None,
+    opts = eval_options(
+        settings=[s.strip() for s in settings.split(",") if s.strip()],
+        harmful=harmful,
+        benign=benign,
+        image_folder=image_folder,
         limit=limit,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
@@ -839,7 +837,7 @@ def eval_command(
     if judge_model:
         from vlmguard_edit.judge import load_judge
 
-        opts.guard = load_judge(judge or "llamaguard", judge_model, device)
+        opts.guard = load_judge(judge or "llamaguard", judge_model, opts.device)
     with contextlib.ExitStack() as locks:  # held from the start: a second run fails at once
         locks.enter_context(output_lock(Path(output), "report folder"))
         if update_card:
@@ -867,12 +865,6 @@ def _evaluate(model, against, output: Path, opts, update_card: bool, guard) -> N
     if update_card:
         ev.update_card(Path(model), report)
     click.echo(ev.format_table(report))
-
-
-def _local_or_hub(name: str) -> str:
-    from vlmguard_edit.checkpoint import resolve_model
-
-    return str(resolve_model(name).path)
 
 
 def _runtime_factory(path, mode, alpha, gate, positions, layers):

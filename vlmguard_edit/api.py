@@ -143,7 +143,46 @@ def evaluate(
     ``guard``: a judge.GuardJudge for the answers to harmful prompts."""
     from . import evaluate as ev
 
-    opts = ev.EvalOptions(
+    opts = eval_options(
+        settings=settings,
+        harmful=harmful,
+        benign=benign,
+        image_folder=image_folder,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        utility=utility,
+    )
+    opts.guard = guard
+    report = evaluate_with(model, against, opts, runtime)
+    if output is not None:
+        ev.write_report(report, Path(output))
+    return report
+
+
+def eval_options(
+    *,
+    settings,
+    harmful,
+    benign,
+    image_folder,
+    limit,
+    batch_size,
+    max_new_tokens,
+    device,
+    dtype,
+    progress,
+    utility,
+):
+    """``evaluate.EvalOptions`` from ``evaluate``'s keyword options: prompt files read, the
+    device defaulted (the CLI builds its options with this too)."""
+    from . import evaluate as ev
+    from .checkpoint import default_device
+
+    return ev.EvalOptions(
         settings=tuple(settings),
         harmful=ev.load_prompts(harmful, "harmful"),
         benign=ev.load_prompts(benign, "benign"),
@@ -151,16 +190,11 @@ def evaluate(
         limit=limit,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        device=device or _device(),
+        device=default_device(device),
         dtype=dtype,
         progress=progress,
         utility=utility,
-        guard=guard,
     )
-    report = evaluate_with(model, against, opts, runtime)
-    if output is not None:
-        ev.write_report(report, Path(output))
-    return report
 
 
 def evaluate_with(model: str | Path, against: str | Path | None, opts: Any, runtime: Any = None):
@@ -203,9 +237,3 @@ def _local(name: str | Path) -> str:
     from .checkpoint import resolve_model
 
     return str(resolve_model(str(name)).path)
-
-
-def _device() -> str:
-    from .checkpoint import import_torch
-
-    return "cuda" if import_torch().cuda.is_available() else "cpu"

@@ -324,6 +324,11 @@ def refuse_quantized(config: dict[str, Any], where: Path) -> None:
             )
 
 
+def default_device(device: str | None = None) -> str:
+    """``device`` as given, else cuda when there is one, else cpu."""
+    return device or ("cuda" if import_torch().cuda.is_available() else "cpu")
+
+
 def import_torch():
     """numpy, then torch. torch imports numpy lazily from C++ on the first ``.numpy()`` and
     clears any error raised there, a Ctrl-C included (measured: the run then went on and

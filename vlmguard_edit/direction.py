@@ -30,6 +30,7 @@ from .checkpoint import (
     FLOAT_DTYPES,
     ModelSource,
     decode_provenance,
+    default_device,
     read_provenance,
     read_tensor,
     save_with_provenance,
@@ -367,7 +368,7 @@ def compute_direction(
     layer_map = {layer: (layer_map or {}).get(layer, layer) for layer in layers}
     measured = sorted(set(layer_map.values()))
     check_direction_request(source, anchors, measured, rank, is_vlm)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     decoder, tokenizer = load_text_decoder(
         source, max(measured), is_vlm, device, dtype, allow_pickle, trust_remote_code
     )

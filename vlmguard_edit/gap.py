@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import images as imgs
 from .anchors import AnchorSet
-from .checkpoint import ModelSource
+from .checkpoint import ModelSource, default_device
 from .compat import family_of, forward_errors
 from .direction import Direction, load_truncated, weights_sha256
 from .errors import DirectionError
@@ -169,7 +169,7 @@ def compute_gap_direction(
     """The image-gap direction of a VLM at each selected layer (VLM layer numbering)."""
     from transformers import AutoProcessor
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     model = load_truncated(source, max(layers), True, device, dtype, False, trust_remote_code)
     try:
         processor = AutoProcessor.from_pretrained(source.path, trust_remote_code=trust_remote_code)

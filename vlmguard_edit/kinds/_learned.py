@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import import_torch, resolve_model
+from ..checkpoint import default_device, resolve_model
 from ..errors import InputError, PlanError
 from ..plan import Plan
 from ..public import public_name, scrub
@@ -114,7 +114,7 @@ def learn_edit(opts, source, plan: Plan, kind: LearnedKind):
 
     recipe = opts.recipe
     anchors = load_anchors(recipe.anchors)
-    device = opts.device or ("cuda" if import_torch().cuda.is_available() else "cpu")
+    device = default_device(opts.device)
     subject = Subject(source.path, device, opts.dtype)
     teacher, teacher_id = _teacher(opts, subject, device)
     judge = load_exact_judge(source.path)  # an organism: its own image task is preserved too
