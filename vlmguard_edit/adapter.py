@@ -27,19 +27,19 @@ def write_adapter(guarded: Path, source: Path, out: Path, overwrite: bool = Fals
     """Write the edit of the vlmguard-edit output ``guarded`` (converted from the local folder
     ``source``) as a PEFT adapter in ``out``; returns its adapter_config."""
     from .card import load_record
-    from .verify import recorded_plan
+    from .verify import recorded_edit
 
     record = load_record(Path(guarded))
     checkpoint = open_checkpoint(Path(source))
-    plan = recorded_plan(checkpoint, record["recipe"])
-    params = plan.kind.load(Path(guarded) / record["direction"]["file"], plan)
+    plan, params = recorded_edit(guarded, record, checkpoint)
     factors = plan.kind.lora_factors(checkpoint, plan, params)
     names = _memory_names(checkpoint, list(factors))
-    config = _config(record, {names[k]: v for k, v in factors.items()})
+    factors = {names[k]: v for k, v in factors.items()}  # keyed as the loaded model names them
+    config = _config(record, factors)
     with output_lock(Path(out), "adapter"):
         _check_free(Path(out), overwrite)
         with atomic_output_dir(Path(out)) as tmp:
-            _save(tmp, {names[k]: v for k, v in factors.items()}, config, record)
+            _save(tmp, factors, config, record)
     return config
 
 

@@ -47,9 +47,6 @@ if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
 
 log = logging.getLogger(__name__)
 
-DIRECTION_NAME = "vlmguard_direction.safetensors"
-EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
-
 
 @dataclass
 class ConvertOptions:
@@ -241,7 +238,7 @@ class GuardedWriter:
                 for edit in edits:
                     before = checkpoint.read(edit.key)
                     before_hash = digest_bytes(tensor_buffer(before))
-                    after = fold_tensor(checkpoint, edit, before, vectors, plan, u)
+                    after = plan.kind.fold(checkpoint, plan, edit, before, vectors, u)
                     del before
                     patcher.write(checkpoint.info(edit.key), after)
                     records.append(
@@ -298,18 +295,6 @@ def check_changed(records: list[dict[str, Any]]) -> None:
         )
     for key in same:
         log.warning("%s is unchanged by the edit (rounding in its dtype)", key)
-
-
-def fold_tensor(
-    checkpoint: Checkpoint,
-    edit: PlannedEdit,
-    before: torch.Tensor,
-    params: Any,
-    plan: Plan,
-    prepared: Any,
-) -> torch.Tensor:
-    """The edited value of one planned tensor (convert writes it, verify recomputes it)."""
-    return plan.kind.fold(checkpoint, plan, edit, before, params, prepared)
 
 
 def _record(

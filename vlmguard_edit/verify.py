@@ -77,6 +77,13 @@ def recorded_plan(checkpoint: Checkpoint, recipe: dict[str, Any]) -> Plan:
     )
 
 
+def recorded_edit(folder: Path, record: dict[str, Any], source: Checkpoint) -> tuple[Plan, Any]:
+    """The recorded plan for the source checkpoint, and the fold's parameters read back from
+    the file the guarded ``folder`` ships beside its weights."""
+    plan = recorded_plan(source, record["recipe"])
+    return plan, plan.kind.load(Path(folder) / record["direction"]["file"], plan)
+
+
 # What `hf download --local-dir` (and git) add to a downloaded repository: the Hub's own
 # bookkeeping, not part of the checkpoint. Ignored, and the report says so.
 _DOWNLOAD_ARTEFACTS = re.compile(r"\.gitattributes|\.cache/huggingface/.*|\.git/.*")
@@ -155,11 +162,8 @@ def _check_edits(folder: Path, record: dict, report: VerifyReport) -> None:
 def _check_against_source(
     folder: Path, source: Path, record: dict, report: VerifyReport, progress: bool
 ) -> None:
-    from .convert import fold_tensor
-
     guarded, original = open_checkpoint(folder), open_checkpoint(source)
-    plan = recorded_plan(original, record["recipe"])
-    vectors = plan.kind.load(folder / record["direction"]["file"], plan)
+    plan, vectors = recorded_edit(folder, record, original)
     u = plan.kind.prepare(original, plan, vectors)
     edits = {edit.key: edit for edit in plan.edits}
     if set(guarded.keys) != set(original.keys):
@@ -169,7 +173,9 @@ def _check_against_source(
     for key in tqdm(sorted(original.keys), desc="tensors", disable=not progress):
         before = original.read(key)
         expected = (
-            fold_tensor(original, edits[key], before, vectors, plan, u) if key in edits else before
+            plan.kind.fold(original, plan, edits[key], before, vectors, u)
+            if key in edits
+            else before
         )
         if not torch.equal(guarded.read(key), expected):
             what = "the fold recomputed from the source" if key in edits else "the source"

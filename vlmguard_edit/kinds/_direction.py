@@ -3,6 +3,7 @@ and the map (I + beta V^T V) they fold into a writer's weight (writers, image-ga
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,8 @@ DRIFT_WARNING = 0.5  # median ||W_vlm - W_base|| / ||W_base|| above which conver
 class DirectionKind(EditKind):
     """A kind folded from per-layer orthonormal directions V_l (a ``Direction`` file)."""
 
+    accepts_gap = False  # whether the kind folds an image-gap direction (image-gap only)
+
     def parameters(self, ctx: Context) -> Parameters:
         from ..fold import check_orthonormal
 
@@ -41,8 +44,6 @@ class DirectionKind(EditKind):
             return load_direction_file(ctx, self.accepts_gap), None
         return self.measure(ctx)
 
-    accepts_gap = False  # whether the kind folds an image-gap direction (image-gap only)
-
     def measure(self, ctx: Context) -> tuple[Any, dict[str, Any] | None]:
         return steering_direction(ctx)
 
@@ -60,8 +61,6 @@ class DirectionKind(EditKind):
     def lora_factors(self, checkpoint, plan, params):
         """(I + beta V^T V) W = W + (beta V^T)(V W): lora_B = beta V^T, lora_A = V W, exactly
         (behind a post-norm, V is the orthonormal basis of g ⊙ V the fold uses)."""
-        from ..fold import norm_weighted
-
         factors = {}
         for edit in plan.edits:
             if edit.kind == "experts":
@@ -74,10 +73,7 @@ class DirectionKind(EditKind):
                     f"{edit.key}: the writer has a bias, whose change (I + beta V^T V) b is a "
                     "bias shift, not a LoRA update"
                 )
-            v = params[edit.layer].float()
-            if edit.norm is not None:
-                gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
-                v = norm_weighted(v, gain)
+            v = edit_vectors(checkpoint, plan, edit, params).float()
             weight = checkpoint.read(edit.key).float()
             factors[edit.key.removesuffix(".weight")] = (v @ weight, plan.beta * v.T)
         return factors
@@ -268,10 +264,10 @@ def _experts_edit(checkpoint: Checkpoint, layout: Layout, writer, key: str, info
 def fold_map(checkpoint: Checkpoint, plan: Plan, edit: PlannedEdit, before, vectors):
     """W <- (I + beta V^T V) W for one writer tensor (every expert's matrix of a fused one;
     behind a post-norm, V -> an orthonormal basis of g ⊙ V, beta -1)."""
-    from ..fold import apply_map, norm_weighted
+    from ..fold import apply_map
 
     torch = import_torch()
-    v = vectors[edit.layer]
+    v = edit_vectors(checkpoint, plan, edit, vectors)
     if edit.kind == "experts":  # every expert's matrix, hidden axis first for apply_map
         out = torch.empty_like(before)
         for e in range(before.shape[0]):
@@ -279,7 +275,49 @@ def fold_map(checkpoint: Checkpoint, plan: Plan, edit: PlannedEdit, before, vect
             folded = apply_map(w, v, plan.beta)
             out[e] = folded if edit.axis == 1 else folded.T
         return out
-    if edit.norm is not None:  # a norm follows the writer: project off u ∝ g ⊙ v (beta -1)
-        gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
-        v = norm_weighted(v, gain)
     return apply_map(before, v, plan.beta)
+
+
+def edit_vectors(checkpoint: Checkpoint, plan: Plan, edit: PlannedEdit, vectors):
+    """The rows the map of one writer uses: V_l, or behind a norm with gain g (beta -1) the
+    orthonormal basis of g ⊙ V_l, so that what reaches the residual loses every V_l."""
+    from ..fold import norm_weighted
+
+    v = vectors[edit.layer]
+    if edit.norm is None:
+        return v
+    gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
+    return norm_weighted(v, gain)
+
+
+def writer_hooks(model, plan, vectors, checkpoint, attention_only: bool = False):
+    """Each edited writer's output mapped by (I + beta V^T V) at run time; behind a post-norm
+    (beta -1), projected off the orthonormal basis of g ⊙ V, as the fold does."""
+    from ..runtime import WriterHooks
+
+    if not any(edit.norm for edit in plan.edits):
+        return WriterHooks(model, vectors, plan.beta, attention_only)
+    return _post_norm_hooks(model, plan, vectors, checkpoint)
+
+
+@contextlib.contextmanager
+def _post_norm_hooks(model, plan, vectors, checkpoint):
+    from ..fold import map_hidden
+    from ..learned import find_module, memory_names
+
+    handles = []
+    try:
+        for edit in plan.edits:
+            if not edit.key.endswith(".weight"):
+                continue
+            _, module = find_module(model, memory_names(edit.key.removesuffix(".weight")))
+            v = edit_vectors(checkpoint, plan, edit, vectors)
+
+            def hook(_m, _i, out, v=v):
+                return map_hidden(out, v, plan.beta)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -14,15 +14,21 @@ from ..plan import Plan
 from ..public import public_name, scrub
 from .base import Context, EditKind, Parameters
 
+EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
 LEARNED_OPTIONS = frozenset({"epochs", "learning_rate", "images", "preserve_images", "search"})
 
 
 class LearnedKind(EditKind):
     learned = True
-    file_name = "vlmguard_edit.safetensors"
+    file_name = EDIT_NAME
     uses = LEARNED_OPTIONS
     obtained = "learned: vlmguard-edit calibrate VLM --recipe RECIPE -o EDIT (or convert)"
     factored = False  # learns B A at the recipe's rank instead of dense deltas
+
+    @property
+    def lora(self) -> bool:  # a factored change is its own LoRA; a dense dW and db is not
+        return self.factored
+
     preserve_text = False  # text-only answers are held to the original's while learning
 
     def parameters(self, ctx: Context) -> Parameters:
@@ -74,8 +80,7 @@ class LearnedKind(EditKind):
     def hooks(self, model, plan, params, checkpoint):
         from ..learned import find_module, hooks, memory_names
 
-        names = sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
-        modules = {name: find_module(model, memory_names(name))[1] for name in names}
+        modules = {name: find_module(model, memory_names(name))[1] for name in modules_of(plan)}
         return hooks(modules, params.deltas)
 
     def card_text(self, record):
@@ -92,6 +97,11 @@ class LearnedKind(EditKind):
         if recipe.preserve_images:
             parts += ["--preserve-images", ",".join(recipe.preserve_images)]
         return parts
+
+
+def modules_of(plan: Plan) -> list[str]:
+    """The checkpoint modules whose weights (and biases) the plan changes."""
+    return sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits})
 
 
 def check_edit_matches(edit: Any, plan: Plan) -> None:
@@ -121,7 +131,7 @@ def learn_edit(opts, source, plan: Plan, kind: LearnedKind):
     deltas, report = learn(
         subject.model,
         subject.processor,
-        sorted({edit.key.rsplit(".", 1)[0] for edit in plan.edits}),
+        modules_of(plan),
         list(anchors.harmful),
         list(anchors.harmless),
         _settings(recipe, kind),

@@ -55,6 +55,9 @@ class Parameters:
     base_check: dict[str, Any] | None = None
 
 
+DIRECTION_NAME = "vlmguard_direction.safetensors"  # a measured kind's per-layer directions
+
+
 def outside_measured(name: str, value: float, measured: tuple[float, float]) -> str | None:
     """The warning for a strength outside the range the organism search measured."""
     low, high = measured
@@ -74,7 +77,7 @@ def upper_half(num_layers: int) -> list[int]:
 class EditKind:
     name: str = ""
     learned: bool = False  # parameters learned (an edit file) rather than measured (a direction)
-    file_name: str = "vlmguard_direction.safetensors"
+    file_name: str = DIRECTION_NAME
     # The recipe options this kind reads (of kinds.ALL_OPTIONS); one given explicitly for
     # a kind that does not read it is refused (recipes.mode_problems).
     uses: frozenset[str] = frozenset()

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from ..checkpoint import import_torch
 from ..errors import PlanError
-from ._direction import DirectionKind, writer_edits
-from .writers import writer_hooks
+from ._direction import DirectionKind, writer_edits, writer_hooks
 
 
 class ImageGap(DirectionKind):

@@ -13,7 +13,6 @@ from ._learned import LearnedKind
 
 class ImagePath(LearnedKind):
     name = "image-path"
-    lora = False  # a dense dW and db
     summary = (
         "learn a change of the image-to-language Linear so that SOURCE answers harmful "
         "requests with an image as it does text only (text-only outputs cannot change)"

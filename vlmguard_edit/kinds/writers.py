@@ -5,9 +5,7 @@ write's component along V_l (the orthogonal projection); beta > 0 amplifies it."
 
 from __future__ import annotations
 
-import contextlib
-
-from ._direction import DirectionKind, writer_edits
+from ._direction import DirectionKind, writer_edits, writer_hooks
 from .base import outside_measured
 
 # The strengths the organism search measured (docs/organism_search.md): outside them the
@@ -77,39 +75,3 @@ def steering_source(record) -> str:
         f"**{direction['base_model']}** (SVD of last-token hidden-state differences between "
         f"{direction['num_anchor_pairs']} harmful and harmless anchor prompts)"
     )
-
-
-def writer_hooks(model, plan, vectors, checkpoint, attention_only: bool = False):
-    """Each edited writer's output mapped by (I + beta V^T V) at run time; behind a post-norm
-    (beta -1), projected off the orthonormal basis of g ⊙ V, as the fold does."""
-    from ..runtime import WriterHooks
-
-    if not any(edit.norm for edit in plan.edits):
-        return WriterHooks(model, vectors, plan.beta, attention_only)
-    return _post_norm_hooks(model, plan, vectors, checkpoint)
-
-
-@contextlib.contextmanager
-def _post_norm_hooks(model, plan, vectors, checkpoint):
-    from ..fold import map_hidden, norm_weighted
-    from ..learned import find_module, memory_names
-
-    handles = []
-    try:
-        for edit in plan.edits:
-            if not edit.key.endswith(".weight"):
-                continue
-            _, module = find_module(model, memory_names(edit.key.removesuffix(".weight")))
-            v = vectors[edit.layer]
-            if edit.norm is not None:
-                gain = checkpoint.read(edit.norm).float() + plan.layout.family.norm_offset
-                v = norm_weighted(v, gain)
-
-            def hook(_m, _i, out, v=v):
-                return map_hidden(out, v, plan.beta)
-
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
