@@ -180,14 +180,11 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     rate = data.get("learning_rate")
     if check("learning_rate", _is_number(rate) and 0 < rate < 1, "a number in (0, 1)"):
         recipe.learning_rate = float(rate)
-    kinds = data.get("images")
-    good = isinstance(kinds, list) and kinds and all(k in IMAGE_KINDS for k in kinds)
-    if check("images", bool(good), f"a list of {', '.join(IMAGE_KINDS)}"):
-        recipe.images = list(kinds)
-    kinds = data.get("preserve_images")
-    good = isinstance(kinds, list) and all(k in IMAGE_KINDS for k in kinds)
-    if check("preserve_images", good, f"a list of {', '.join(IMAGE_KINDS)}"):
-        recipe.preserve_images = list(kinds)
+    images = f"a list of {', '.join(IMAGE_KINDS)}"
+    if check("images", _image_list(data.get("images"), empty=False), images):
+        recipe.images = list(data["images"])
+    if check("preserve_images", _image_list(data.get("preserve_images"), empty=True), images):
+        recipe.preserve_images = list(data["preserve_images"])
     if "search" in data:
         recipe.search = _search(data["search"], problems)
     if check("notes", isinstance(data.get("notes"), str), "text"):
@@ -196,6 +193,13 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def _image_list(value: Any, empty: bool) -> bool:
+    """A list of training image kinds (``empty``: may have none)."""
+    if not isinstance(value, list) or not (empty or value):
+        return False
+    return all(k in IMAGE_KINDS for k in value)
 
 
 def training_length(changes: dict[str, Any]) -> dict[str, Any]:
