@@ -277,7 +277,7 @@ def _stacked(options: list):
     help="Who wrote --direction: this tool (native), refusal-direction (direction.pt with "
     "direction_metadata.json beside it), llm-abliteration, sumandora, repeng (a GGUF control "
     "vector) or a bare safetensors file of per-layer vectors; the layer numbering is converted "
-    "and recorded (README, 'Directions from other tools').",
+    "and recorded (docs/method.md, 'Directions from other tools').",
 )
 @click.option(
     "--beta", type=float, help="Strength: -1 projects the direction out (default), >0 amplifies."
@@ -553,8 +553,7 @@ def calibrate(
     change; lowrank learns B A of the text layers' o_proj and holds text-only answers too.
     Prints the held-out validation before and after.
     """
-    from vlmguard_edit.convert import ConvertOptions
-    from vlmguard_edit.convert import calibrate as run_calibrate
+    from vlmguard_edit.api import calibrate as run_calibrate
     from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe
 
     base = load_recipe(recipe) if recipe else Recipe(mode="image-path")
@@ -567,19 +566,17 @@ def calibrate(
     changes["preserve_images"] = _image_kinds(preserve_images, "--preserve-images")
     if base_llm is not None:
         changes["base_llm"] = BaseLLM(id=base_llm)
-    changes = _training(changes)
-    resolved = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
-    opts = ConvertOptions(
+    edit = run_calibrate(
         source,
-        Path(output),
-        resolved,
+        output,
+        recipe=base,
         revision=kw["revision"],
         overwrite=kw["overwrite"],
         device=kw["device"],
         dtype=kw["dtype"],
         progress=_progress(kw["quiet"]),
+        **changes,
     )
-    edit = run_calibrate(opts)
     report = edit.meta["calibration"]
     modules = report["modules"][0] + (
         f" and {len(report['modules']) - 1} more" if len(report["modules"]) > 1 else ""

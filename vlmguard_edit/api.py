@@ -98,23 +98,32 @@ def calibrate(
     output: str | Path,
     *,
     recipe: Any = None,
+    revision: str | None = None,
     overwrite: bool = False,
     device: str | None = None,
     dtype: str = "auto",
     progress: bool = True,
     **recipe_fields: Any,
 ):
-    """Learn the edit of ``source`` (the recipe's mode: a learned kind) and write it to the
-    edit file ``output``; returns the ``learned.Edit`` (its calibration report in
-    ``.meta["calibration"]``)."""
+    """Learn the edit of ``source`` (the recipe's mode, a learned kind; without a recipe,
+    image-path, as the command does) and write it to the edit file ``output``; returns the
+    ``learned.Edit`` (its calibration report in ``.meta["calibration"]``)."""
     from .convert import ConvertOptions
     from .convert import calibrate as run
+    from .recipes import Recipe
 
-    resolved = recipe_with(recipe or recipe_with(mode="lowrank"), **recipe_fields)
+    resolved = recipe_with(recipe or Recipe(mode="image-path"), **recipe_fields)
     opts = ConvertOptions(
-        str(source), Path(output), resolved, overwrite=overwrite, device=device, dtype=dtype
+        str(source),
+        Path(output),
+        resolved,
+        revision=revision,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        progress=progress,
     )
-    return run(dataclasses.replace(opts, progress=progress))
+    return run(opts)
 
 
 def evaluate(
