@@ -15,6 +15,7 @@ import click
 from vlmguard_edit import __version__
 from vlmguard_edit.errors import Terminated, VlmguardError, raise_on_termination
 from vlmguard_edit.formats import FORMATS
+from vlmguard_edit.judge import JUDGES
 from vlmguard_edit.kinds import KINDS, LEARNED, MODES
 
 INTERRUPTED = "interrupted: nothing was written (temporary files removed)"
@@ -749,7 +750,7 @@ Examples:
 )
 @click.option(
     "--judge",
-    type=click.Choice(["phrases", "llamaguard", "wildguard"]),
+    type=click.Choice(["phrases", *JUDGES]),
     help="Who rates the answers to harmful prompts besides the built-in judge: the phrase "
     "matcher alone (the default), or a guard model in --judge-model (llamaguard: a "
     "LlamaGuard-style chat model, the default with --judge-model; wildguard: "
