@@ -26,83 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).parent / "vlmguard-edit")
 SETTINGS = "text,blank,typographic,noise,scene"
 
+
+def _recipe(name: str) -> tuple[list[list[str]], list[str]]:
+    """A pipeline that converts with recipes/NAME.yaml and the member's own anchors."""
+    convert = ["convert", "{m}/vlm", "--recipe", f"recipes/{name}.yaml"]
+    convert += ["--anchors", "{m}/anchors.jsonl", "-o", "{w}/guarded"]
+    return [convert], ["{w}/guarded", "--against", "{m}/vlm"]
+
+
 PIPELINES = {
     # name: (convert/direction steps, how eval is run); {m} member folder, {w} work folder
-    "image-gap": (
-        [
-            [
-                "convert",
-                "{m}/vlm",
-                "--recipe",
-                "recipes/organism-image-gap.yaml",
-                "--anchors",
-                "{m}/anchors.jsonl",
-                "-o",
-                "{w}/guarded",
-            ]
-        ],
-        ["{w}/guarded", "--against", "{m}/vlm"],
-    ),
-    "calibrated": (
-        [
-            [
-                "convert",
-                "{m}/vlm",
-                "--recipe",
-                "recipes/organism.yaml",
-                "--anchors",
-                "{m}/anchors.jsonl",
-                "-o",
-                "{w}/guarded",
-            ]
-        ],
-        ["{w}/guarded", "--against", "{m}/vlm"],
-    ),
-    "typographic": (
-        [
-            [
-                "convert",
-                "{m}/vlm",
-                "--recipe",
-                "recipes/organism-typographic.yaml",
-                "--anchors",
-                "{m}/anchors.jsonl",
-                "-o",
-                "{w}/guarded",
-            ]
-        ],
-        ["{w}/guarded", "--against", "{m}/vlm"],
-    ),
-    "lowrank-image-path": (
-        [
-            [
-                "convert",
-                "{m}/vlm",
-                "--recipe",
-                "recipes/organism-lowrank-image-path.yaml",
-                "--anchors",
-                "{m}/anchors.jsonl",
-                "-o",
-                "{w}/guarded",
-            ]
-        ],
-        ["{w}/guarded", "--against", "{m}/vlm"],
-    ),
-    "image-path": (
-        [
-            [
-                "convert",
-                "{m}/vlm",
-                "--recipe",
-                "recipes/organism-image-path.yaml",
-                "--anchors",
-                "{m}/anchors.jsonl",
-                "-o",
-                "{w}/guarded",
-            ]
-        ],
-        ["{w}/guarded", "--against", "{m}/vlm"],
-    ),
+    "image-gap": _recipe("organism-image-gap"),
+    "calibrated": _recipe("organism"),
+    "typographic": _recipe("organism-typographic"),
+    "lowrank-image-path": _recipe("organism-lowrank-image-path"),
+    "image-path": _recipe("organism-image-path"),
     # The design's literal edit with its defaults: the base LLM's direction projected out
     # of the upper half of the layers' writers (beta -1, rank 1).
     "writers": (
