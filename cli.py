@@ -754,7 +754,8 @@ Examples:
     help="Who rates the answers to harmful prompts besides the built-in judge: the phrase "
     "matcher alone (the default), or a guard model in --judge-model (llamaguard: a "
     "LlamaGuard-style chat model, the default with --judge-model; wildguard: "
-    "allenai/wildguard's prompt format).",
+    "allenai/wildguard's prompt format; llamaguard3-vision, llamaguard4: Meta's vision "
+    "guards, shown the image the VLM saw).",
 )
 @click.option(
     "--judge-model",

@@ -249,10 +249,8 @@ def evaluate_setting(
                 kl_tokens += int(weight.sum())
         labels = label_answers(prompts, answers, opts.exact)
         if kind == "harmful" and opts.guard is not None:
-            labels = [
-                combine(label, opts.guard.unsafe(p, a))
-                for p, a, label in zip(prompts, answers, labels, strict=True)
-            ]
+            rows = zip(prompts, texts, pictures, answers, labels, strict=True)
+            labels = [combine(lab, opts.guard.rate(p, t, i, a)) for p, t, i, a, lab in rows]
         r = rates(labels)
         if kind == "harmful":
             metrics.update(
