@@ -83,6 +83,8 @@ EXAMPLES_INSPECT = """
 Examples:
   vlmguard-edit inspect llava-hf/llava-1.5-7b-hf
   vlmguard-edit inspect ./my-qwen2-vl
+  vlmguard-edit inspect ./my-qwen2-vl/config.json --self-test
+  vlmguard-edit inspect qwen3_vl --self-test      # a transformers model type's default config
 """
 
 EXAMPLES_VERIFY = """
@@ -422,7 +424,14 @@ def convert(
 @click.argument("model")
 @click.option("--revision", help="Hub revision.")
 @quiet_option
-def inspect(model, revision, quiet):
+@click.option(
+    "--self-test",
+    is_flag=True,
+    help="Prove convert on MODEL's architecture: a shrunken random copy of its config "
+    "(config.json alone is enough; a Hub id: its JSON only) converted with every edit kind "
+    "the family supports, each output checked (docs/families.md). Exit 1 if a check fails.",
+)
+def inspect(model, revision, quiet, self_test):
     """Show how vlmguard-edit sees MODEL (folder or Hub id): family, key layout, text
     layers, the residual writers per layer, what is not a plain writer, and whether and how
     convert supports it. Reads the config and the tensor names only: for a Hub id, its JSON
@@ -431,6 +440,9 @@ def inspect(model, revision, quiet):
     from vlmguard_edit.layout import describe
 
     _progress(quiet)  # the Hub's download bars
+    if self_test:
+        _self_test(model, revision, quiet)
+        return
 
     if Path(model).expanduser().exists():
         checkpoint = open_checkpoint(resolve_model(model, revision).path)
@@ -440,6 +452,21 @@ def inspect(model, revision, quiet):
         config, keys = hub_keys(source)
     for line in describe(config, keys):
         click.echo(line)
+
+
+def _self_test(model: str, revision: str | None, quiet: bool) -> None:
+    from vlmguard_edit import selftest
+
+    config = selftest.load_config(model, revision)
+    say = None if quiet else (lambda step: click.echo(f"checking {step}", err=True))
+    checks = selftest.run(config, progress=say)
+    for check in checks:
+        click.echo(check.line())
+    failed = [c for c in checks if c.status == "failed"]
+    passed = sum(c.status == "passed" for c in checks)
+    click.echo(f"{config.get('model_type')}: {passed} passed, {len(failed)} failed")
+    if failed:
+        sys.exit(1)
 
 
 @main.command(epilog=EXAMPLES_VERIFY)
