@@ -4,18 +4,24 @@ supports checked; the self-test can fail; it runs on a config.json alone."""
 
 import contextlib
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
 
 from cli import main
-from vlmguard_edit import selftest
+from vlmguard_edit import selftest, tiny
 from vlmguard_edit.errors import UnsupportedModelError
 from vlmguard_edit.kinds import KINDS
 from vlmguard_edit.layout import FAMILIES
 
+# CI proves the families test_families.py does not build, and qwen2_vl and mllama (their own
+# image-input formats); VLMGUARD_SELFTEST=all proves every one (bench/families.py does too).
+SAMPLE = sorted({f for f in FAMILIES if f not in tiny.FAMILY_CONFIGS} | {"qwen2_vl", "mllama"})
+PROVED = sorted(FAMILIES) if os.environ.get("VLMGUARD_SELFTEST") == "all" else SAMPLE
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+
+@pytest.mark.parametrize("family", PROVED)
 def test_every_family_passes_its_self_test(family):
     checks = selftest.run(selftest.for_model_type(family))
     failed = [c.line() for c in checks if c.status == "failed"]

@@ -55,6 +55,9 @@ class Family:
     # The last image-to-language Linear (module name, one per key layout): what the learned
     # image-path edit changes. Empty: the family has none mapped (image-path is refused).
     image_path: tuple[str, ...] = ()
+    # A writer that some layers have under another name: writer -> its stand-ins, e.g. the
+    # linear-attention layers of a hybrid write through linear_attn.out_proj, not o_proj.
+    alternatives: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -71,6 +74,15 @@ _QWEN_VL_PREFIXES = ("model.layers", "model.language_model.layers")
 # The vision merger's last Linear writes the image tokens' embeddings (Qwen2-VL, Qwen2.5-VL).
 _QWEN_VL_PROJECTOR = ("visual.merger.mlp.2.bias", "model.visual.merger.mlp.2.bias")
 _QWEN3_VL_PROJECTOR = ("model.visual.merger.linear_fc2.bias",)
+_GLM_NORMS = (
+    ("self_attn.o_proj", "post_self_attn_layernorm"),
+    ("mlp.down_proj", "post_mlp_layernorm"),
+)
+_LINEAR_ATTENTION = (("self_attn.o_proj", ("linear_attn.out_proj",)),)
+_GOT_PROJECTOR = (
+    "multi_modal_projector.multimodal_projector.bias",
+    "model.multi_modal_projector.multimodal_projector.bias",
+)
 
 # Only families whose projector ends in a Linear with a bias and whose text model uses
 # RMSNorm (the attention-aware shift assumes it) list projector_bias; the others refuse
@@ -224,17 +236,277 @@ FAMILIES: dict[str, Family] = {
         cross_writers=("cross_attn.o_proj", "mlp.down_proj"),
         image_path=("multi_modal_projector", "model.multi_modal_projector"),
     ),
+    # ---- proved by the self-test (inspect --self-test), LLaVA-like or plain Llama writers
+    "vipllava": Family(
+        "vipllava",
+        ("llama",),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
+    ),
+    "llava_next_video": Family(
+        "llava_next_video",
+        ("llama", "mistral", "qwen2"),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
+    ),
+    # The image and video towers have self_attn.out_proj under image_tower / video_tower:
+    # the exact LM prefix keeps them out.
+    "video_llava": Family(
+        "video_llava",
+        ("llama",),
+        _LLAVA_PREFIXES,
+        projector_bias=_LLAVA_PROJECTOR,
+        image_path=_LLAVA_IMAGE_PATH,
+    ),
+    # Cohere 2's LayerNorm: no attention-aware shift (no projector_bias), as aya_vision.
+    "cohere2_vision": Family(
+        "cohere2_vision",
+        ("cohere2",),
+        ("model.language_model.layers",),
+        image_path=("model.multi_modal_projector.linear_2",),
+    ),
+    "lighton_ocr": Family(
+        "lighton_ocr",
+        ("qwen3",),
+        ("model.language_model.layers",),
+        image_path=("model.vision_projection.linear_2",),
+    ),
+    "got_ocr2": Family(
+        "got_ocr2",
+        ("qwen2",),
+        _LLAVA_PREFIXES,
+        projector_bias=_GOT_PROJECTOR,
+        image_path=tuple(k.removesuffix(".bias") for k in _GOT_PROJECTOR),
+    ),
+    "pp_chart2table": Family(
+        "pp_chart2table",
+        ("qwen2",),
+        _LLAVA_PREFIXES,
+        projector_bias=_GOT_PROJECTOR,
+        image_path=tuple(k.removesuffix(".bias") for k in _GOT_PROJECTOR),
+    ),
+    # The connector ends in a perceiver resampler (attention over learned latents, then a
+    # norm): no last Linear to learn, so image-path is refused; the writers are plain.
+    "idefics2": Family("idefics2", ("mistral",), _TEXT_MODEL_PREFIXES),
+    # Images reach the text model through a visual embedding table (a soft lookup), not a
+    # Linear: image-path is refused; the writers are plain.
+    "ovis2": Family("ovis2", ("qwen2",), ("model.language_model.layers",)),
+    "hyperclovax_vision_v2": Family(
+        "hyperclovax_vision_v2",
+        ("hyperclovax",),
+        ("model.language_model.layers",),
+        image_path=("model.vision_projector", "model.projector"),
+    ),
+    "qianfan_ocr": Family(
+        "qianfan_ocr",
+        ("qwen3",),
+        ("language_model.model.encoder.layers", "model.language_model.layers"),
+        image_path=("mlp1.3", "model.multi_modal_projector.linear_2"),
+    ),
+    # Qwen 3.5: hybrid layers, Gated DeltaNet (linear attention, written through
+    # linear_attn.out_proj) and gated full attention (self_attn.o_proj); MiniCPM-V 4.6 / 4.7
+    # are built on it (their merger's last Linear is not the image path the self-test can
+    # see change: no image-path mapped for them).
+    "qwen3_5": Family(
+        "qwen3_5",
+        ("qwen3_5_text",),
+        ("model.language_model.layers",),
+        alternatives=_LINEAR_ATTENTION,
+        image_path=("model.visual.merger.linear_fc2",),
+    ),
+    "qwen3_5_moe": Family(
+        "qwen3_5_moe",
+        ("qwen3_5_moe_text",),
+        ("model.language_model.layers",),
+        alternatives=_LINEAR_ATTENTION,
+        fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+        experts_key="num_experts",
+        extra_writers=("mlp.shared_expert.down_proj",),
+        image_path=("model.visual.merger.linear_fc2",),
+    ),
+    "minicpmv4_6": Family(
+        "minicpmv4_6",
+        ("qwen3_5_text",),
+        ("model.language_model.layers",),
+        alternatives=_LINEAR_ATTENTION,
+    ),
+    "minicpm_ocr": Family(
+        "minicpm_ocr",
+        ("qwen3_5_text",),
+        ("model.language_model.layers",),
+        alternatives=_LINEAR_ATTENTION,
+    ),
+    "minicpmv4_7": Family(
+        "minicpmv4_7",
+        ("qwen3_5_text",),
+        ("model.language_model.layers",),
+        alternatives=_LINEAR_ATTENTION,
+    ),
+    # GLM-4.6V, GLM-OCR and GLMGA: GLM-4.1V's text layout (post-norms after both writers).
+    "glm46v": Family(
+        "glm46v", ("glm4v_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
+    ),
+    "glm_ocr": Family(
+        "glm_ocr", ("glm_ocr_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
+    ),
+    "glmga": Family(
+        "glmga", ("glm4v_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
 REFUSED: dict[str, str] = {
     "gemma3n": "post-projection norms plus AltUp/LAuReL residual paths",
     "gemma4": "post-projection norms and a per-layer-input residual path",
-    "qwen3_5": "linear-attention layers write through linear_attn.out_proj; not mapped yet",
-    "qwen3_5_moe": "linear-attention layers write through linear_attn.out_proj; not mapped yet",
     "phi4_multimodal": "the language model is used with LoRA adapters (vision-lora/, "
     "speech-lora/) that also write to the residual stream; folding the base weights alone "
     "would be incomplete",
+    # Every other image-text-to-text type of transformers 5.23, with why (inspect --self-test
+    # and docs/families.md): not a decoder-only chat VLM, or not mapped / proved yet.
+    "aria": (
+        "MoE layers whose experts are fused fc1/fc2 tensors (not a down_proj this layout maps) "
+        "beside shared experts; not mapped yet"
+    ),
+    "blip": "an encoder-decoder captioning model (BLIP), not a chat VLM",
+    "blip-2": "a Q-Former between the vision tower and the LLM (OPT or Flan-T5); not mapped",
+    "chameleon": (
+        "images are VQ tokens in the text vocabulary (no image-to-language Linear) and its "
+        "default config does not shrink generically; not mapped yet"
+    ),
+    "cohere_compass": (
+        "its default config does not shrink generically (layer types); not mapped yet"
+    ),
+    "cosmos3_edge": (
+        "its default config does not shrink generically (architecture validation); not mapped yet"
+    ),
+    "cosmos3_omni": (
+        "the text decoder's layers are not under a known prefix (a nested omni model); not "
+        "mapped yet"
+    ),
+    "deepseek_ocr2": "its default config does not shrink generically; not mapped yet",
+    "deepseek_vl": (
+        "plain Llama writers, but the self-test cannot build its image input (the aligner's "
+        "features do not match the image tokens); not proved yet"
+    ),
+    "deepseek_vl_hybrid": (
+        "two vision towers; its shrink keeps 97M parameters (the high-resolution tower); not "
+        "proved yet"
+    ),
+    "diffusion_gemma": (
+        "a diffusion language model (no autoregressive answers to guard), with per-layer configs"
+    ),
+    "dots3_note": "per-layer configs that do not shrink generically; not mapped yet",
+    "emu3": (
+        "images are VQ tokens in the text vocabulary (no image-to-language Linear); not mapped yet"
+    ),
+    "ernie4_5_vl_moe": (
+        "modality-split MoE experts (text and vision experts in one layer); not mapped yet"
+    ),
+    "evolla": "a protein-language model, not an image-text one",
+    "exaone4_5": (
+        "the self-test cannot build its image input (multimodal RoPE sections); not proved yet"
+    ),
+    "fast_vlm": "its vision tower needs timm, not a dependency here; not proved yet",
+    "florence2": (
+        "an encoder-decoder (BART-style) model: the decoder's cross-attention reads the image, "
+        "no decoder-only residual stream to guard"
+    ),
+    "fuyu": (
+        "Persimmon writers (self_attn.dense, mlp.dense_4h_to_h) and patches embedded by a "
+        "Linear; not mapped yet"
+    ),
+    "gemma4_unified": "Gemma 4's post-norms and per-layer-input residual path (as gemma4)",
+    "git": (
+        "a captioning model (GIT: image features prepended to a BERT-style decoder), not a chat VLM"
+    ),
+    "glm5_next": (
+        "its default config does not shrink generically (architecture validation); not mapped yet"
+    ),
+    "granite4_vision": (
+        "its default config does not shrink generically (layer lists); not mapped yet"
+    ),
+    "granite_docling": "its default config does not shrink generically (token ids); not mapped yet",
+    "hunyuan_vl": "its default config does not shrink generically (layer lists); not mapped yet",
+    "idefics": (
+        "IDEFICS 1: gated cross-attention blocks and a perceiver with learned latents; its "
+        "shrink keeps billions of parameters; not mapped"
+    ),
+    "inkling2": (
+        "its default config does not shrink generically (architecture validation); not mapped yet"
+    ),
+    "inkling_mm_model": (
+        "its default config does not shrink generically (layer types); not mapped yet"
+    ),
+    "instructblip": (
+        "a Q-Former between the vision tower and the LLM, and a T5 or OPT decoder; not mapped"
+    ),
+    "instructblipvideo": (
+        "a Q-Former between the vision tower and the LLM, and a T5 or OPT decoder; not mapped"
+    ),
+    "janus": (
+        "image generation and understanding in one model (a VQ head beside the LM); its shrink "
+        "keeps 114M parameters; not mapped"
+    ),
+    "kimi_k25": (
+        "multi-head latent attention with MoE (DeepSeek V3 style) that does not shrink "
+        "generically; not mapped yet"
+    ),
+    "kosmos-2": (
+        "its text model is a decoder with its own grounding tokens and its shrink keeps over a "
+        "billion parameters; not mapped"
+    ),
+    "kosmos-2.5": "an OCR model whose shrink keeps hundreds of millions of parameters; not mapped",
+    "lfm2_vl": (
+        "hybrid layers: short-convolution layers write through conv.out_proj and the MLP "
+        "through feed_forward.w2; not mapped yet"
+    ),
+    "lfm3_vl": "its default config does not shrink generically (token ids); not mapped yet",
+    "minimax_m3_vl": "its default config does not shrink generically (layer types); not mapped yet",
+    "mistral4": (
+        "multi-head latent attention with MoE whose default config does not shrink (119B "
+        "parameters after the generic shrink); not mapped yet"
+    ),
+    "mistral_large4": (
+        "its default config does not shrink generically (architecture validation); not mapped yet"
+    ),
+    "molmo2": (
+        "its default config does not shrink generically (architecture validation); not mapped yet"
+    ),
+    "muse_glimmer": "its shrink keeps 42M parameters; not mapped yet",
+    "muse_spark": "its default config does not shrink generically (layer types); not mapped yet",
+    "nemotron_h_omni": (
+        "a Mamba-2 hybrid: mixer layers write through mixer.out_proj beside attention and MLP "
+        "layers; not mapped yet"
+    ),
+    "paddleocr_vl": (
+        "plain writers, but the self-test cannot build its image input (flattened patches with "
+        "their own position ids); not proved yet"
+    ),
+    "perception_lm": "its vision tower needs timm, not a dependency here; not proved yet",
+    "pi0": "a vision-language-action robot policy (actions, not answers, are its output)",
+    "pix2struct": "an encoder-decoder over flattened image patches, not a chat VLM",
+    "pp_formulanet": "an encoder-decoder formula recogniser, not a chat VLM",
+    "qwen2_5_omni_thinker": (
+        "an omni (audio, video, image) model whose shrink keeps 640M parameters; not mapped yet"
+    ),
+    "qwen3_omni_moe_thinker": (
+        "an omni (audio, video, image) MoE model whose shrink keeps 650M parameters; not mapped yet"
+    ),
+    "qwen4_exp": "its default config does not shrink generically (head sizes); not mapped yet",
+    "shieldgemma2": (
+        "an image safety classifier (it rates images, it does not answer requests): nothing to "
+        "guard"
+    ),
+    "step3p7": "its default config does not shrink generically (layer types); not mapped yet",
+    "t5gemma2": "an encoder-decoder (T5Gemma 2), not a decoder-only residual stream to guard",
+    "udop": "an encoder-decoder document model, not a chat VLM",
+    "unlimited_ocr": "its default config does not shrink generically (layer types); not mapped yet",
+    "video_llama_3": (
+        "the self-test cannot build its image input (merge sizes per image); not proved yet"
+    ),
+    "vision-encoder-decoder": "a generic encoder-decoder wrapper (captioning, OCR), not a chat VLM",
 }
 
 
@@ -359,7 +631,8 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
     writers: dict[int, tuple[Writer, ...]] = {}
     for layer, names in by_layer.items():
         found = []
-        for module in family.cross_writers if layer in cross else family.writers:
+        for wanted in family.cross_writers if layer in cross else family.writers:
+            module = _present(wanted, names, dict(family.alternatives).get(wanted, ()))
             fused = dict(family.fused).get(module)
             if f"{module}.weight" not in names and fused and ".".join(fused) in names:
                 key = f"{prefix}.{layer}.{'.'.join(fused)}"
@@ -404,6 +677,13 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         tuple(extra),
         next((m for m in family.image_path if f"{m}.weight" in set(keys)), None),
     )
+
+
+def _present(module: str, names: set[str], stand_ins: tuple[str, ...]) -> str:
+    """The writer, or the first stand-in this layer has instead of it."""
+    if f"{module}.weight" in names:
+        return module
+    return next((m for m in stand_ins if f"{m}.weight" in names), module)
 
 
 def span(values: list[int]) -> str:

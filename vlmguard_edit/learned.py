@@ -131,13 +131,36 @@ def fold(before: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def find_module(model: torch.nn.Module, names: tuple[str, ...]) -> tuple[str, torch.nn.Linear]:
-    """A planned Linear in a loaded model, by any of the names it may have there."""
-    for name in names:
+    """A planned Linear in a loaded model, by any of the names it may have there (and the
+    name transformers' own checkpoint renaming gives the first one)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    own = renamed(names[0], model_type) if names and model_type else None
+    for name in (*names, *([own] if own else [])):
         with contextlib.suppress(AttributeError):
             module = model.get_submodule(name)
             if isinstance(module, torch.nn.Linear):
                 return name, module
     raise PlanError(f"no planned Linear found in the loaded model (tried {', '.join(names)})")
+
+
+def renamed(module: str, model_type: str) -> str | None:
+    """A Hub module name as loaded: transformers' checkpoint conversion mapping of the model
+    type (its renaming rules, in order), or None where it has none."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import (
+            WeightRenaming,
+            get_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers 4.x loads the Hub's names as they are
+        return None
+    key = module + ".weight"
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        if isinstance(rule, WeightRenaming):
+            for source, target in zip(rule.source_patterns, rule.target_patterns, strict=False):
+                key = re.sub(source, target, key)
+    return key.removesuffix(".weight") if key != module + ".weight" else None
 
 
 def memory_names(module: str) -> tuple[str, ...]:

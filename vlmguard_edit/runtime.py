@@ -7,6 +7,8 @@ that equality is the core correctness test of vlmguard-edit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .fold import map_hidden
@@ -30,14 +32,15 @@ def writer_modules(model: torch.nn.Module) -> dict[int, list[torch.nn.Module]]:
     family = FAMILIES.get(model_type)
     writers = family.writers if family else LLAMA_WRITERS
     fused = dict(family.fused) if family else {}
+    stand_ins = dict(family.alternatives) if family else {}
 
     def module(layer: torch.nn.Module, name: str) -> torch.nn.Module:
-        try:
-            return layer.get_submodule(name)
-        except AttributeError:
-            if name not in fused:
-                raise
-            return layer.get_submodule(fused[name][0])
+        for candidate in (name, *stand_ins.get(name, ())):
+            with contextlib.suppress(AttributeError):
+                return layer.get_submodule(candidate)
+        if name not in fused:
+            raise AttributeError(f"{type(layer).__name__} has no {name}")
+        return layer.get_submodule(fused[name][0])
 
     def extras(layer: torch.nn.Module) -> list[torch.nn.Module]:
         found = []

@@ -14,6 +14,7 @@ visibly. A kind a family cannot take is reported with the planner's reason, not 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -127,10 +128,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_5_vl": {"text_config": {"rope_parameters": _MROPE}},
     "glm4v": {"text_config": {"rope_parameters": _GLM_ROPE}},
     "glm4v_moe": {"text_config": {"rope_parameters": _GLM_ROPE}},
+    "glm46v": {"text_config": {"rope_parameters": _GLM_ROPE}},
+    "glm_ocr": {"text_config": {"rope_parameters": _GLM_ROPE}},
+    "glmga": {"text_config": {"rope_parameters": _GLM_ROPE}},
+    "paddleocr_vl": {"text_config": {"rope_parameters": _MROPE}},
     "gemma3": {"mm_tokens_per_image": 4},
     "paligemma": {"vision_config": {"projection_dim": 64}},
     "llava_next": {"image_grid_pinpoints": [[28, 28]]},
     "llava_onevision": {"image_grid_pinpoints": [[28, 28]]},
+    "llava_next_video": {"image_grid_pinpoints": [[28, 28]]},
+    "vipllava": {"vision_feature_layers": [-2, -1]},  # of a 1-layer tower
     "llama4": {
         "vision_config": {
             "intermediate_size": 128,  # the pixel-shuffled width its adapter takes
@@ -269,9 +276,13 @@ def _square_image(model, config, generator) -> dict[str, torch.Tensor]:
     """A square image as a 4-D batch, or 5-D (one crop) for towers that take crops; with
     ``image_sizes`` where get_image_features asks for them. Token count: the rows it returns,
     or the count a forward then says it has features for."""
-    import inspect
 
-    wants = inspect.signature(model.get_image_features).parameters
+    if not hasattr(model, "get_image_features"):  # the forward says how many it has
+        return _fit_tokens(
+            model, {"input_ids": _prompt(1), "pixel_values": _pixels(config, generator)}
+        )
+    inner = getattr(getattr(model, "model", None), "get_image_features", None)
+    wants = _required(model.get_image_features) | (_required(inner) if inner else set())
     sizes = (_image_size(config), 2 * _image_size(config))  # 2x: more than one merged token
     shapes = [(1, *crops, 3, s, s) for s in sizes for crops in ((), (1,), (2,))]
     for shape in shapes:
@@ -279,6 +290,9 @@ def _square_image(model, config, generator) -> dict[str, torch.Tensor]:
         batch = {"pixel_values": torch.randn(*shape, generator=generator)}
         if "image_sizes" in wants:
             batch["image_sizes"] = torch.tensor([[size, size]])
+        if "target_sizes" in wants:  # in patches (MiniCPM-V)
+            patch = (config.get("vision_config") or {}).get("patch_size", 14)
+            batch["target_sizes"] = torch.tensor([[size // patch, size // patch]])
         try:
             with torch.no_grad():
                 features = model.get_image_features(**batch)
@@ -293,11 +307,27 @@ def _square_image(model, config, generator) -> dict[str, torch.Tensor]:
     raise InputError("no square image (4-D, or 5-D with 1 or 2 crops; 1x or 2x the size) fits")
 
 
+def _required(function) -> set[str]:
+    """The parameters a function cannot be called without."""
+    import inspect
+
+    empty = inspect.Parameter.empty
+    return {n for n, p in inspect.signature(function).parameters.items() if p.default is empty}
+
+
+def _pixels(config, generator) -> torch.Tensor:
+    size = _image_size(config)
+    return torch.randn(1, 3, size, size, generator=generator)
+
+
 def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Where a model adds rows of its own (LLaVA-NeXT's row ends), its forward names the
     number of features it has: the prompt is rebuilt with that many image tokens."""
+    import inspect
     import re
 
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        batch = {**batch, "mm_token_type_ids": (batch["input_ids"] == IMAGE_TOKEN).long()}
     try:
         with torch.no_grad():
             model(**batch)
@@ -306,7 +336,11 @@ def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         found = re.search(r"features:? (\d+)", str(exc))
         if not found:
             raise
-        return {**batch, "input_ids": _prompt(int(found.group(1)))}
+        ids = _prompt(int(found.group(1)))
+        fitted = {**batch, "input_ids": ids}
+        if "mm_token_type_ids" in batch:
+            fitted["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+        return fitted
 
 
 def _mllama_image(model, config, generator) -> dict[str, torch.Tensor]:
@@ -342,6 +376,14 @@ IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "qwen3_vl_moe": _qwen_image,
     "glm4v": _qwen_image,
     "glm4v_moe": _qwen_image,
+    "glm46v": _qwen_image,
+    "glm_ocr": _qwen_image,
+    "glmga": _qwen_image,
+    "paddleocr_vl": _qwen_image,
+    "hyperclovax_vision_v2": _qwen_image,
+    "qwen3_5": _qwen_image,
+    "qwen3_5_moe": _qwen_image,
+    "exaone4_5": _qwen_image,
     "mllama": _mllama_image,
 }
 
@@ -466,12 +508,20 @@ def _compare(source: Path, out: Path, plan) -> list[str]:
     return problems
 
 
+@functools.lru_cache(maxsize=2)
+def _original(source: str) -> torch.nn.Module:
+    """The unedited model, loaded once per source (its hooks are removed after each use)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(source).eval()
+
+
 def _equivalence(kind, plan, source: Path, out: Path, checkpoint, config) -> list[str]:
     """Folded == the kind's hooks on the original, text only and with an image; visible."""
     from transformers import AutoModelForImageTextToText
 
     folded_model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    original = AutoModelForImageTextToText.from_pretrained(source).eval()
+    original = _original(str(source))
     loaded = kind.load(out / kind.file_name, plan)
     text_edited = any(_text_layer(plan.layout, e.key) for e in plan.edits)
     inputs = {"text": {"input_ids": _prompt(0)}}
@@ -532,6 +582,7 @@ def run(config: dict[str, Any], progress: Callable[[str], None] | None = None) -
                 work = Path(tmp) / layout / kind.name
                 checks.append(check_kind(kind, source, layout, work, small))
     hf_logging.enable_progress_bar()
+    _original.cache_clear()  # the sources are gone with the temporary folder
     return checks
 
 

@@ -42,10 +42,11 @@ class LowRank(LearnedKind):
 
 def o_proj_edit(checkpoint, layout, layer: int) -> PlannedEdit:
     writer = layout.writers[layer][0]
-    if not writer.module.endswith("o_proj") or writer.fused:
+    # o_proj, or a linear-attention layer's out_proj: the token mixer's output projection
+    if not writer.module.endswith(("o_proj", "out_proj")) or writer.fused:
         raise PlanError(
             f"{layout.family.model_type} layer {layer}: the first writer {writer.module} is "
-            "not an attention o_proj; lowrank cannot be used"
+            "not an attention output projection; lowrank cannot be used"
         )
     info = checkpoint.info(writer.weight)
     if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2:
