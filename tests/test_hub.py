@@ -335,3 +335,19 @@ def test_verify_a_folder_made_by_hf_download(damaged):
     assert "ignored 2 Hub download file(s) (.cache/huggingface/download/" in result.output
     (damaged / "notes.txt").write_text("x")
     assert run(["verify", damaged]).exit_code == 1
+
+
+def test_self_test_of_a_hub_model_reads_its_config_only(tmp_path):
+    """`inspect ORG/NAME --self-test` needs the config alone: nothing else is fetched."""
+    import json as _json
+
+    from vlmguard_edit.selftest import for_model_type
+
+    config = _json.dumps(for_model_type("idefics3")).encode()
+    with FakeHub() as hub:
+        hub.repos["tiny-org/idefics3"] = {"main": {"config.json": config}}
+        shown = online(["inspect", "tiny-org/idefics3", "--self-test", "-q"], hub.url, tmp_path)
+        requests = list(hub.requests)
+    assert shown.returncode == 0, shown.stderr
+    assert "idefics3: 5 passed, 0 failed" in shown.stdout
+    assert not [r for r in requests if "safetensors" in r], requests
