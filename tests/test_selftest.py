@@ -5,6 +5,7 @@ supports checked; the self-test can fail; it runs on a config.json alone."""
 import contextlib
 import json
 import os
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -82,3 +83,16 @@ def test_a_refused_family_is_one_line():
         selftest.run({"model_type": "gemma4", "text_config": {}})
     result = CliRunner().invoke(main, ["inspect", "gemma4", "--self-test", "-q"])
     assert result.exit_code != 0 and "not supported" in result.output
+
+
+def test_every_image_text_to_text_type_is_supported_or_refused_with_a_reason():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from vlmguard_edit.layout import REFUSED, detect_family
+
+    assert set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) <= set(FAMILIES) | set(REFUSED)
+    assert not set(FAMILIES) & set(REFUSED)
+    for name, reason in REFUSED.items():
+        with pytest.raises(UnsupportedModelError, match="not supported: " + re.escape(reason)):
+            detect_family({"model_type": name})
+    assert len(FAMILIES) >= 35

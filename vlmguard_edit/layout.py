@@ -365,6 +365,18 @@ REFUSED: dict[str, str] = {
     "would be incomplete",
     # Every other image-text-to-text type of transformers 5.23, with why (inspect --self-test
     # and docs/families.md): not a decoder-only chat VLM, or not mapped / proved yet.
+    "apertus1p5": (
+        "(transformers 5.24) its default config does not shrink generically (audio token "
+        "ranges beyond the shrunken vocabulary); not mapped yet"
+    ),
+    "hy_v4_vl": (
+        "(transformers 5.24) multi-head latent attention whose RoPE sections do not shrink "
+        "generically; not mapped yet"
+    ),
+    "inkling2_loop": (
+        "(transformers 5.24) its default config does not shrink generically (the vision "
+        "config names the text width); not mapped yet"
+    ),
     "aria": (
         "MoE layers whose experts are fused fc1/fc2 tensors (not a down_proj this layout maps) "
         "beside shared experts; not mapped yet"
