@@ -84,7 +84,7 @@ Examples:
   vlmguard-edit inspect llava-hf/llava-1.5-7b-hf
   vlmguard-edit inspect ./my-qwen2-vl
   vlmguard-edit inspect ./my-qwen2-vl/config.json --self-test
-  vlmguard-edit inspect qwen3_vl --self-test      # a transformers model type's default config
+  vlmguard-edit inspect qwen3_vl --self-test      # the default config of a model type
 """
 
 EXAMPLES_VERIFY = """

@@ -83,7 +83,11 @@ def test_ambiguous_layout():
         ),
         (
             {"model_type": "kosmos-2"},
-            r"'kosmos-2' is not supported yet \(supported: aya_vision, gemma3, glm4v, glm4v_moe, ",
+            "'kosmos-2' is not supported: its text model is a decoder with its own grounding",
+        ),
+        (
+            {"model_type": "my_new_vlm"},
+            r"'my_new_vlm' is not supported yet \(supported: aya_vision, cohere2_vision, gemma3, ",
         ),
         (
             {"model_type": "llava", "text_config": {"model_type": "qwen2"}},
