@@ -354,6 +354,37 @@ FAMILIES: dict[str, Family] = {
     "glmga": Family(
         "glmga", ("glm4v_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
     ),
+    "deepseek_vl": Family(
+        "deepseek_vl",
+        ("llama",),
+        ("model.language_model.layers",),
+        projector_bias=("model.aligner.linear2.bias",),
+        image_path=("model.aligner.linear2",),
+    ),
+    "exaone4_5": Family("exaone4_5", ("exaone4",), ("model.language_model.layers",)),
+    "video_llama_3": Family(
+        "video_llama_3",
+        ("qwen2",),
+        ("model.language_model.layers",),
+        projector_bias=("model.projector.readout.2.bias",),
+        image_path=("model.projector.readout.2",),
+    ),
+    "paddleocr_vl": Family(
+        "paddleocr_vl",
+        ("paddleocr_vl_text",),
+        ("model.layers", "model.language_model.layers"),
+        image_path=("mlp_AR.linear_2", "model.projector.linear_2"),
+    ),
+    # Fuyu: a Persimmon decoder (attention output self_attn.dense, MLP dense_4h_to_h, fused
+    # query_key_value) that takes image patches through one Linear, vision_embed_tokens.
+    "fuyu": Family(
+        "fuyu",
+        ("persimmon",),
+        _LLAVA_PREFIXES,
+        writers=("self_attn.dense", "mlp.dense_4h_to_h"),
+        value_proj="self_attn.query_key_value",
+        image_path=("vision_embed_tokens", "model.vision_embed_tokens"),
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
@@ -398,10 +429,6 @@ REFUSED: dict[str, str] = {
         "mapped yet"
     ),
     "deepseek_ocr2": "its default config does not shrink generically; not mapped yet",
-    "deepseek_vl": (
-        "plain Llama writers, but the self-test cannot build its image input (the aligner's "
-        "features do not match the image tokens); not proved yet"
-    ),
     "deepseek_vl_hybrid": (
         "two vision towers; its shrink keeps 97M parameters (the high-resolution tower); not "
         "proved yet"
@@ -417,17 +444,10 @@ REFUSED: dict[str, str] = {
         "modality-split MoE experts (text and vision experts in one layer); not mapped yet"
     ),
     "evolla": "a protein-language model, not an image-text one",
-    "exaone4_5": (
-        "the self-test cannot build its image input (multimodal RoPE sections); not proved yet"
-    ),
     "fast_vlm": "its vision tower needs timm, not a dependency here; not proved yet",
     "florence2": (
         "an encoder-decoder (BART-style) model: the decoder's cross-attention reads the image, "
         "no decoder-only residual stream to guard"
-    ),
-    "fuyu": (
-        "Persimmon writers (self_attn.dense, mlp.dense_4h_to_h) and patches embedded by a "
-        "Linear; not mapped yet"
     ),
     "gemma4_unified": "Gemma 4's post-norms and per-layer-input residual path (as gemma4)",
     "git": (
@@ -492,10 +512,6 @@ REFUSED: dict[str, str] = {
         "a Mamba-2 hybrid: mixer layers write through mixer.out_proj beside attention and MLP "
         "layers; not mapped yet"
     ),
-    "paddleocr_vl": (
-        "plain writers, but the self-test cannot build its image input (flattened patches with "
-        "their own position ids); not proved yet"
-    ),
     "perception_lm": "its vision tower needs timm, not a dependency here; not proved yet",
     "pi0": "a vision-language-action robot policy (actions, not answers, are its output)",
     "pix2struct": "an encoder-decoder over flattened image patches, not a chat VLM",
@@ -515,9 +531,6 @@ REFUSED: dict[str, str] = {
     "t5gemma2": "an encoder-decoder (T5Gemma 2), not a decoder-only residual stream to guard",
     "udop": "an encoder-decoder document model, not a chat VLM",
     "unlimited_ocr": "its default config does not shrink generically (layer types); not mapped yet",
-    "video_llama_3": (
-        "the self-test cannot build its image input (merge sizes per image); not proved yet"
-    ),
     "vision-encoder-decoder": "a generic encoder-decoder wrapper (captioning, OCR), not a chat VLM",
 }
 

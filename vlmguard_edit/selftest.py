@@ -75,6 +75,7 @@ VISION_SIZES = {
     "patch_size": 14,
     "num_global_layers": 1,
     "head_dim": 16,
+    "num_key_value_heads": 2,
 }
 TEXT_KEYS = ("text_config", "llm_config", "language_config")
 VISION_KEYS = ("vision_config", "vision_tower_config")
@@ -132,8 +133,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm_ocr": {"text_config": {"rope_parameters": _GLM_ROPE}},
     "glmga": {"text_config": {"rope_parameters": _GLM_ROPE}},
     "paddleocr_vl": {"text_config": {"rope_parameters": _MROPE}},
+    "video_llama_3": {"text_config": {"rope_parameters": _MROPE}},
     "gemma3": {"mm_tokens_per_image": 4},
     "paligemma": {"vision_config": {"projection_dim": 64}},
+    "exaone4_5": {
+        "text_config": {"rope_parameters": _MROPE},
+        "vision_config": {"fullatt_block_indexes": [0]},
+    },
     "llava_next": {"image_grid_pinpoints": [[28, 28]]},
     "llava_onevision": {"image_grid_pinpoints": [[28, 28]]},
     "llava_next_video": {"image_grid_pinpoints": [[28, 28]]},
@@ -243,10 +249,13 @@ def build(config: dict[str, Any], folder: Path, layout: str, seed: int = 0) -> P
 
 @torch.no_grad()
 def _random_norms(model: torch.nn.Module) -> None:
-    """Random norm gains (all-equal ones hide mistakes); cross-attention gates opened."""
+    """Random norm gains and biases (all-equal or zero ones hide mistakes: a zero bias maps to
+    itself); cross-attention gates opened."""
     for name, param in model.named_parameters():
         if "norm" in name and name.endswith("weight"):
             param.add_(torch.empty_like(param).uniform_(-0.5, 0.5))
+        elif name.endswith("bias") and not param.any():
+            param.uniform_(-0.1, 0.1)
         if name.endswith("_gate") and "cross_attn" in name:
             param.uniform_(0.5, 1.5)
 
@@ -336,11 +345,19 @@ def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         found = re.search(r"features:? (\d+)", str(exc))
         if not found:
             raise
-        ids = _prompt(int(found.group(1)))
-        fitted = {**batch, "input_ids": ids}
+        number = int(found.group(1))  # rows, or rows x width where a model counts elements
+    width = model.config.get_text_config().hidden_size
+    for count in dict.fromkeys((number, number // width)):
+        fitted = {**batch, "input_ids": _prompt(count)}
         if "mm_token_type_ids" in batch:
-            fitted["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
-        return fitted
+            fitted["mm_token_type_ids"] = (fitted["input_ids"] == IMAGE_TOKEN).long()
+        try:
+            with torch.no_grad():
+                model(**fitted)
+            return fitted
+        except ValueError:
+            continue
+    raise InputError(f"no image token count fits the {number} features the model reports")
 
 
 def _mllama_image(model, config, generator) -> dict[str, torch.Tensor]:
@@ -369,6 +386,34 @@ def _qwen_image(model, config, generator) -> dict[str, torch.Tensor]:
     }
 
 
+def _patch_grid_image(model, config, generator) -> dict[str, torch.Tensor]:
+    """Four patches on a 2x2 grid (image_grid_thw), flattened or as small images, with the
+    merge size where the model asks for one (VideoLLaMA 3) and the count the forward reports."""
+    vision = config.get("vision_config") or {}
+    patch, frames = vision.get("patch_size", 14), vision.get("temporal_patch_size", 1)
+    shapes = ((4, 3 * frames * patch * patch), (4, 3, patch, patch), (1, 4, 3, patch, patch))
+    for shape in shapes:
+        batch = {
+            "input_ids": _prompt(1),
+            "pixel_values": torch.randn(*shape, generator=generator),
+            "image_grid_thw": torch.tensor([[1, 2, 2]]),
+        }
+        if "image_merge_sizes" in _required(model.model.get_image_features):
+            batch["image_merge_sizes"] = torch.tensor([2])
+        try:
+            return _fit_tokens(model, batch)
+        except (ValueError, RuntimeError, IndexError, InputError):
+            continue
+    raise InputError("no patch-grid image input fits this vision tower")
+
+
+def _fuyu_image(model, config, generator) -> dict[str, torch.Tensor]:
+    """Fuyu takes raw patches (no tower): four of patch_size^2 x 3 values, one token each."""
+    patch = config.get("patch_size", 30)
+    patches = torch.randn(1, 4, 3 * patch * patch, generator=generator)
+    return {"input_ids": _prompt(4), "image_patches": patches}
+
+
 IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "qwen2_vl": _qwen_image,
     "qwen2_5_vl": _qwen_image,
@@ -379,12 +424,14 @@ IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "glm46v": _qwen_image,
     "glm_ocr": _qwen_image,
     "glmga": _qwen_image,
-    "paddleocr_vl": _qwen_image,
     "hyperclovax_vision_v2": _qwen_image,
     "qwen3_5": _qwen_image,
     "qwen3_5_moe": _qwen_image,
     "exaone4_5": _qwen_image,
     "mllama": _mllama_image,
+    "video_llama_3": _patch_grid_image,
+    "fuyu": _fuyu_image,
+    "paddleocr_vl": _patch_grid_image,
 }
 
 

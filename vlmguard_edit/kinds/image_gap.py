@@ -41,7 +41,9 @@ class ImageGap(DirectionKind):
                 "supported there"
             )
         edits = writer_edits(checkpoint, layout, chosen, beta)
-        if any(not e.module.endswith(("attn.o_proj", "attn.out_proj")) for e in edits):
+        if any(
+            not e.module.endswith(("attn.o_proj", "attn.out_proj", "attn.dense")) for e in edits
+        ):
             raise PlanError(
                 f"{layout.family.model_type}: the first writer is not an attention o_proj"
             )

@@ -40,10 +40,14 @@ class LowRank(LearnedKind):
         return ["--layers", layers, "--rank", str(recipe.rank), *super().command_args(recipe)]
 
 
+ATTENTION_OUTPUTS = ("o_proj", "out_proj", "attn.dense")
+
+
 def o_proj_edit(checkpoint, layout, layer: int) -> PlannedEdit:
     writer = layout.writers[layer][0]
-    # o_proj, or a linear-attention layer's out_proj: the token mixer's output projection
-    if not writer.module.endswith(("o_proj", "out_proj")) or writer.fused:
+    # o_proj, a linear-attention layer's out_proj, Persimmon's self_attn.dense: the token
+    # mixer's output projection
+    if not writer.module.endswith(ATTENTION_OUTPUTS) or writer.fused:
         raise PlanError(
             f"{layout.family.model_type} layer {layer}: the first writer {writer.module} is "
             "not an attention output projection; lowrank cannot be used"
