@@ -385,6 +385,17 @@ FAMILIES: dict[str, Family] = {
         value_proj="self_attn.query_key_value",
         image_path=("vision_embed_tokens", "model.vision_embed_tokens"),
     ),
+    # LFM2-VL: hybrid layers, gated short convolutions (written through conv.out_proj, a
+    # Linear: the fold is exact there too) and attention (self_attn.out_proj); the MLP writes
+    # through feed_forward.w2.
+    "lfm2_vl": Family(
+        "lfm2_vl",
+        ("lfm2",),
+        ("model.language_model.layers",),
+        writers=("self_attn.out_proj", "feed_forward.w2"),
+        alternatives=(("self_attn.out_proj", ("conv.out_proj",)),),
+        image_path=("model.multi_modal_projector.linear_2",),
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
@@ -490,10 +501,6 @@ REFUSED: dict[str, str] = {
         "billion parameters; not mapped"
     ),
     "kosmos-2.5": "an OCR model whose shrink keeps hundreds of millions of parameters; not mapped",
-    "lfm2_vl": (
-        "hybrid layers: short-convolution layers write through conv.out_proj and the MLP "
-        "through feed_forward.w2; not mapped yet"
-    ),
     "lfm3_vl": "its default config does not shrink generically (token ids); not mapped yet",
     "minimax_m3_vl": "its default config does not shrink generically (layer types); not mapped yet",
     "mistral4": (
@@ -593,9 +600,10 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 def detect_family(config: dict[str, Any]) -> Family:
     model_type = config.get("model_type")
     if model_type in REFUSED:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported: {REFUSED[model_type]}"
-        )
+        reason = REFUSED[model_type]
+        if "not mapped yet" in reason or "not proved yet" in reason:
+            reason += " (to map it: docs/families.md, Adding a family)"
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported: {reason}")
     if model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
         raise UnsupportedModelError(

@@ -407,6 +407,19 @@ def _patch_grid_image(model, config, generator) -> dict[str, torch.Tensor]:
     raise InputError("no patch-grid image input fits this vision tower")
 
 
+def _navit_image(model, config, generator) -> dict[str, torch.Tensor]:
+    """A NaViT-style tower (SigLIP 2): a 4x4 grid of flattened patches with its shape and
+    mask; the count the forward reports."""
+    patch = (config.get("vision_config") or {}).get("patch_size", 16)
+    batch = {
+        "input_ids": _prompt(1),
+        "pixel_values": torch.randn(1, 16, 3 * patch * patch, generator=generator),
+        "spatial_shapes": torch.tensor([[4, 4]]),
+        "pixel_attention_mask": torch.ones(1, 16, dtype=torch.bool),
+    }
+    return _fit_tokens(model, batch)
+
+
 def _fuyu_image(model, config, generator) -> dict[str, torch.Tensor]:
     """Fuyu takes raw patches (no tower): four of patch_size^2 x 3 values, one token each."""
     patch = config.get("patch_size", 30)
@@ -431,6 +444,7 @@ IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "mllama": _mllama_image,
     "video_llama_3": _patch_grid_image,
     "fuyu": _fuyu_image,
+    "lfm2_vl": _navit_image,
     "paddleocr_vl": _patch_grid_image,
 }
 
