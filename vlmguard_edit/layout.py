@@ -396,6 +396,22 @@ FAMILIES: dict[str, Family] = {
         alternatives=(("self_attn.out_proj", ("conv.out_proj",)),),
         image_path=("model.multi_modal_projector.linear_2",),
     ),
+    # Aria: every layer MoE, all experts' down projections in one fused (E, I, H) tensor (the
+    # Hub's mlp.experts.fc2.weight, transformers 5's mlp.experts.down_proj), plus shared experts.
+    "aria": Family(
+        "aria",
+        ("aria_text",),
+        _LLAVA_PREFIXES,
+        fused=(
+            ("mlp.down_proj", ("mlp.experts", "fc2.weight")),
+            ("mlp.down_proj", ("mlp.experts", "down_proj")),
+        ),
+        extra_writers=("mlp.shared_experts.down_proj",),
+        image_path=(
+            "multi_modal_projector.feed_forward.linear_out",
+            "model.multi_modal_projector.feed_forward.linear_out",
+        ),
+    ),
 }
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
@@ -418,10 +434,6 @@ REFUSED: dict[str, str] = {
     "inkling2_loop": (
         "(transformers 5.24) its default config does not shrink generically (the vision "
         "config names the text width); not mapped yet"
-    ),
-    "aria": (
-        "MoE layers whose experts are fused fc1/fc2 tensors (not a down_proj this layout maps) "
-        "beside shared experts; not mapped yet"
     ),
     "blip": "an encoder-decoder captioning model (BLIP), not a chat VLM",
     "blip-2": "a Q-Former between the vision tower and the LLM (OPT or Flan-T5); not mapped",
@@ -666,7 +678,12 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         found = []
         for wanted in family.cross_writers if layer in cross else family.writers:
             module = _present(wanted, names, dict(family.alternatives).get(wanted, ()))
-            fused = dict(family.fused).get(module)
+            # one fused-tensor name per key layout may be listed for a writer (Aria's Hub
+            # mlp.experts.fc2.weight, transformers 5's mlp.experts.down_proj)
+            options = [f for w, f in family.fused if w == module]
+            fused = next(
+                (f for f in options if ".".join(f) in names), options[0] if options else None
+            )
             if f"{module}.weight" not in names and fused and ".".join(fused) in names:
                 key = f"{prefix}.{layer}.{'.'.join(fused)}"
                 found.append(Writer(layer, fused[0], key, None, fused=True))

@@ -144,6 +144,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "llava_onevision": {"image_grid_pinpoints": [[28, 28]]},
     "llava_next_video": {"image_grid_pinpoints": [[28, 28]]},
     "vipllava": {"vision_feature_layers": [-2, -1]},  # of a 1-layer tower
+    "aria": {"projector_patch_to_query_dict": {4: 4, 16: 4}},  # patches -> query tokens
     "llama4": {
         "vision_config": {
             "intermediate_size": 128,  # the pixel-shuffled width its adapter takes
