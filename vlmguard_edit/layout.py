@@ -483,7 +483,10 @@ REFUSED: dict[str, str] = {
         "its default config does not shrink generically (layer lists); not mapped yet"
     ),
     "granite_docling": "its default config does not shrink generically (token ids); not mapped yet",
-    "hunyuan_vl": "its default config does not shrink generically (layer lists); not mapped yet",
+    "hunyuan_vl": (
+        "its default config leaves the multimodal RoPE sections unset and its Hub layout keeps "
+        "the vision tower's layers under vit.layers beside model.layers; not mapped yet"
+    ),
     "idefics": (
         "IDEFICS 1: gated cross-attention blocks and a perceiver with learned latents; its "
         "shrink keeps billions of parameters; not mapped"

@@ -183,6 +183,8 @@ def _shrink_part(part: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
     for key, value in sizes.items():
         if isinstance(part.get(key), int) and not isinstance(part[key], bool):
             part[key] = value
+    if "head_dim" in part and part["head_dim"] is None:  # derived later from widths that
+        part["head_dim"] = sizes["head_dim"]  # no longer hold; both sizes sets divide to 16
     if isinstance(part.get("layer_types"), list):  # hybrids: one layer of each kind, in order
         kinds = list(dict.fromkeys(part["layer_types"]))
         part["layer_types"] = kinds if len(kinds) > 1 else kinds * 2
