@@ -14,9 +14,9 @@ from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.direction import Direction
 from vlmguard_edit.errors import RecipeError
 from vlmguard_edit.kinds import KINDS, LEARNED, MODES, get_kind
-from vlmguard_edit.learned import Edit
 from vlmguard_edit.plan import build_plan
 from vlmguard_edit.recipes import Recipe, recipe_from_dict
+from vlmguard_edit.selftest import edit_file
 from vlmguard_edit.verify import verify
 
 # One recipe per kind: its layers and strengths (what the parameter file must fit).
@@ -42,16 +42,7 @@ def parameter_file(kind, plan, direction_file, path):
         unit = {layer: v / v.norm() for layer, v in unit.items()}
         Direction(unit, meta={"kind": "image-gap"}).save(path)
         return path
-    deltas = {}
-    for edit in plan.edits:
-        if kind.factored:  # the factored form: B (out, r) @ A (r, in)
-            out, inp = edit.shape
-            deltas[edit.key + ".lora_A"] = 0.3 * torch.randn(2, inp, generator=generator)
-            deltas[edit.key + ".lora_B"] = 0.3 * torch.randn(out, 2, generator=generator)
-        else:
-            deltas[edit.key] = 0.3 * torch.randn(edit.shape, generator=generator)
-    Edit(deltas, {"source": "test"}, kind.name).save(path)
-    return path
+    return edit_file(kind, plan, path)  # the self-test's: seeded deltas or factors
 
 
 @pytest.mark.parametrize("mode", MODES)

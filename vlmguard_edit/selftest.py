@@ -14,7 +14,6 @@ visibly. A kind a family cannot take is reported with the planner's reason, not 
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -339,7 +338,8 @@ def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     import re
 
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        batch = {**batch, "mm_token_type_ids": (batch["input_ids"] == IMAGE_TOKEN).long()}
+        batch = {**batch, "mm_token_type_ids": None}  # filled in by _with_ids
+    batch = _with_ids(batch, batch["input_ids"])
     try:
         with torch.no_grad():
             model(**batch)
@@ -351,9 +351,7 @@ def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         number = int(found.group(1))  # rows, or rows x width where a model counts elements
     width = model.config.get_text_config().hidden_size
     for count in dict.fromkeys((number, number // width)):
-        fitted = {**batch, "input_ids": _prompt(count)}
-        if "mm_token_type_ids" in batch:
-            fitted["mm_token_type_ids"] = (fitted["input_ids"] == IMAGE_TOKEN).long()
+        fitted = _with_ids(batch, _prompt(count))
         try:
             with torch.no_grad():
                 model(**fitted)
@@ -361,6 +359,14 @@ def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         except ValueError:
             continue
     raise InputError(f"no image token count fits the {number} features the model reports")
+
+
+def _with_ids(batch: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+    """The batch with these input ids (and, where it has them, their image-token types)."""
+    out = {**batch, "input_ids": ids}
+    if "mm_token_type_ids" in out:
+        out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    return out
 
 
 def _mllama_image(model, config, generator) -> dict[str, torch.Tensor]:
@@ -474,7 +480,6 @@ def parameter_file(kind, plan, folder: Path) -> Path:
     """The kind's parameter file, made up (seeded) where it would be measured or learned:
     orthonormal random directions, or random deltas / low-rank factors of the planned shapes."""
     from .direction import Direction
-    from .learned import Edit
 
     generator = torch.Generator().manual_seed(0)
     path = folder / kind.file_name
@@ -490,9 +495,18 @@ def parameter_file(kind, plan, folder: Path) -> Path:
         meta = {"rank": rank, **({"kind": "image-gap"} if kind.name == "image-gap" else {})}
         Direction(vectors, meta=meta).save(path)
         return path
+    return edit_file(kind, plan, path)
+
+
+def edit_file(kind, plan, path: Path) -> Path:
+    """A learned kind's edit file of random (seeded) deltas, or low-rank factors, of the
+    planned shapes."""
+    from .learned import Edit
+
+    generator = torch.Generator().manual_seed(0)
     deltas = {}
     for edit in plan.edits:
-        if kind.factored:
+        if kind.factored:  # the factored form: B (out, r) @ A (r, in)
             out, inp = edit.shape
             deltas[edit.key + ".lora_A"] = 0.3 * torch.randn(2, inp, generator=generator)
             deltas[edit.key + ".lora_B"] = 0.3 * torch.randn(out, 2, generator=generator)
@@ -502,15 +516,48 @@ def parameter_file(kind, plan, folder: Path) -> Path:
     return path
 
 
-def check_kind(kind, source: Path, layout_name: str, work: Path, config) -> Check:
+@dataclass
+class Source:
+    """One key layout's random model, opened once for every kind checked on it: its tensors,
+    the loaded model, and its prompts (text only, and with an image; or why there is none)."""
+
+    path: Path
+    layout: str
+    checkpoint: Any
+    tensors: dict[str, torch.Tensor]
+    model: torch.nn.Module
+    inputs: dict[str, dict[str, torch.Tensor]]
+    no_image: str | None = None
+
+
+def open_source(path: Path, layout: str, config: dict[str, Any]) -> Source:
+    from transformers import AutoModelForImageTextToText
+
+    from .checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    source = Source(
+        path, layout, checkpoint, _tensors(checkpoint), model, {"text": {"input_ids": _prompt(0)}}
+    )
+    try:
+        source.inputs["image"] = image_inputs(model, config)
+    except Exception as exc:  # reported per kind: the family has no image input the test can make
+        source.no_image = f"no image input for this family ({type(exc).__name__}: {str(exc)[:120]})"
+    return source
+
+
+def check_kind(kind, source: Source, work: Path) -> Check:
     """Convert ``source`` with ``kind`` and check the output (see the module docstring)."""
+    from transformers import AutoModelForImageTextToText
+
     from .checkpoint import open_checkpoint
     from .convert import ConvertOptions, convert
     from .errors import PlanError
     from .layout import find_layout
     from .plan import build_plan
 
-    checkpoint = open_checkpoint(source)
+    checkpoint = source.checkpoint
     layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = [i for i in range(layout.num_layers) if i not in layout.cross_layers]
     recipe = _recipe(kind, layers)
@@ -525,38 +572,32 @@ def check_kind(kind, source: Path, layout_name: str, work: Path, config) -> Chec
             recipe.gamma,
         )
     except (PlanError, VlmguardError) as exc:
-        return Check(kind.name, layout_name, "unsupported", str(exc).splitlines()[0])
+        return Check(kind.name, source.layout, "unsupported", str(exc).splitlines()[0])
     params = parameter_file(kind, plan, work / "parameters")
     out = work / "guarded"
     try:
-        options = ConvertOptions(str(source), out, recipe, params, base_model=BASE, progress=False)
-        result = convert(options)
-        problems = _compare(source, out, result.plan) or _equivalence(
-            kind, result.plan, source, out, checkpoint, config
+        options = ConvertOptions(
+            str(source.path), out, recipe, params, base_model=BASE, progress=False
+        )
+        plan = convert(options).plan
+        folded, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+        problems = _compare(source, _tensors(open_checkpoint(out)), plan, info) or _equivalence(
+            kind, plan, source, out, folded.eval()
         )
     except VlmguardError as exc:
-        return Check(kind.name, layout_name, "unsupported", str(exc).splitlines()[0])
+        return Check(kind.name, source.layout, "unsupported", str(exc).splitlines()[0])
     except Exception as exc:  # a self-test reports what broke, whatever it is
-        return Check(kind.name, layout_name, "failed", f"{type(exc).__name__}: {exc}"[:300])
-    return Check(kind.name, layout_name, "failed" if problems else "passed", "; ".join(problems))
+        return Check(kind.name, source.layout, "failed", f"{type(exc).__name__}: {exc}"[:300])
+    return Check(kind.name, source.layout, "failed" if problems else "passed", "; ".join(problems))
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        if not shard.name.startswith("vlmguard"):
-            with safe_open(str(shard), "pt") as handle:
-                out.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
-    return out
+def _tensors(checkpoint) -> dict[str, torch.Tensor]:
+    return {key: checkpoint.read(key) for key in checkpoint.keys}
 
 
-def _compare(source: Path, out: Path, plan) -> list[str]:
+def _compare(source: Source, after: dict[str, torch.Tensor], plan, info) -> list[str]:
     """Edited tensors == the plan; every other tensor bit-identical; clean load."""
-    from transformers import AutoModelForImageTextToText
-
-    before, after = _tensors(source), _tensors(out)
+    before = source.tensors
     if before.keys() != after.keys():
         return [f"tensor names differ: {sorted(before.keys() ^ after.keys())[:3]}"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -564,7 +605,6 @@ def _compare(source: Path, out: Path, plan) -> list[str]:
     problems = []
     if changed != planned:
         problems.append(f"changed {sorted(changed ^ planned)[:3]} against the plan")
-    _, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"]:
         problems.append(
             f"load: missing {info['missing_keys'][:2]}, unexpected {info['unexpected_keys'][:2]}"
@@ -572,32 +612,18 @@ def _compare(source: Path, out: Path, plan) -> list[str]:
     return problems
 
 
-@functools.lru_cache(maxsize=2)
-def _original(source: str) -> torch.nn.Module:
-    """The unedited model, loaded once per source (its hooks are removed after each use)."""
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(source).eval()
-
-
-def _equivalence(kind, plan, source: Path, out: Path, checkpoint, config) -> list[str]:
+def _equivalence(kind, plan, source: Source, out: Path, folded_model) -> list[str]:
     """Folded == the kind's hooks on the original, text only and with an image; visible."""
-    from transformers import AutoModelForImageTextToText
-
-    folded_model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    original = _original(str(source))
+    if source.no_image:
+        return [source.no_image]
+    original = source.model
     loaded = kind.load(out / kind.file_name, plan)
     text_edited = any(_text_layer(plan.layout, e.key) for e in plan.edits)
-    inputs = {"text": {"input_ids": _prompt(0)}}
-    try:
-        inputs["image"] = image_inputs(original, config)
-    except Exception as exc:  # reported: the family has no image input the test can make
-        return [f"no image input for this family ({type(exc).__name__}: {str(exc)[:120]})"]
     problems = []
-    for name, batch in inputs.items():
+    for name, batch in source.inputs.items():
         with torch.no_grad():
             folded, plain = _logits(folded_model, batch), _logits(original, batch)
-            with kind.hooks(original, plan, loaded, checkpoint):
+            with kind.hooks(original, plan, loaded, source.checkpoint):
                 hooked = _logits(original, batch)
         gap, effect = (folded - hooked).abs().max().item(), (folded - plain).abs().max().item()
         if gap >= TOLERANCE:
@@ -637,25 +663,26 @@ def run(config: dict[str, Any], progress: Callable[[str], None] | None = None) -
     small = shrink(config)
     checks = []
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load otherwise
-    with tempfile.TemporaryDirectory(prefix="vlmguard-selftest-") as tmp:
-        for layout in _layouts(small, Path(tmp)):
-            source = Path(tmp) / layout / "source"
-            for kind in KINDS.values():
-                if progress:
-                    progress(f"{kind.name} ({layout} keys)")
-                work = Path(tmp) / layout / kind.name
-                checks.append(check_kind(kind, source, layout, work, small))
-    hf_logging.enable_progress_bar()
-    _original.cache_clear()  # the sources are gone with the temporary folder
+    try:
+        with tempfile.TemporaryDirectory(prefix="vlmguard-selftest-") as tmp:
+            for layout in _layouts(small, Path(tmp)):
+                source = open_source(Path(tmp) / layout / "source", layout, small)
+                for kind in KINDS.values():
+                    if progress:
+                        progress(f"{kind.name} ({layout} keys)")
+                    checks.append(check_kind(kind, source, Path(tmp) / layout / kind.name))
+    finally:
+        hf_logging.enable_progress_bar()
     return checks
 
 
 def _layouts(config: dict[str, Any], root: Path) -> list[str]:
     """Build the model in each key layout; keep a layout only where its key names differ."""
+    from .checkpoint import open_checkpoint
+
     names, seen = [], []
     for layout in LAYOUTS:
-        folder = build(config, root / layout / "source", layout)
-        keys = set(_tensors(folder))
+        keys = set(open_checkpoint(build(config, root / layout / "source", layout)).keys)
         if keys not in seen:
             names.append(layout)
             seen.append(keys)
