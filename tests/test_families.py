@@ -228,11 +228,11 @@ def test_inspect_command(tmp_path):
     assert "projector-shift no" in shown.output
     gemma = tmp_path / "gemma"
     gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": {}}))
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3n", "text_config": {}}))
     save_file({"x": torch.zeros(1)}, gemma / "model.safetensors")
     refused = CliRunner().invoke(main, ["inspect", str(gemma)])
     assert refused.exit_code == 0, refused.output
-    assert "NOT SUPPORTED: model type 'gemma4' is not supported: post-projection norms" in (
+    assert "NOT SUPPORTED: model type 'gemma3n' is not supported: post-projection norms" in (
         refused.output
     )
     glm = CliRunner().invoke(main, ["inspect", str(tiny.build_family(tmp_path / "glm", "glm4v"))])

@@ -79,10 +79,53 @@ def test_cli_self_test_on_a_config_json_alone(tmp_path):
 
 
 def test_a_refused_family_is_one_line():
-    with pytest.raises(UnsupportedModelError, match=r"gemma4.*not supported: post-projection"):
-        selftest.run({"model_type": "gemma4", "text_config": {}})
-    result = CliRunner().invoke(main, ["inspect", "gemma4", "--self-test", "-q"])
+    with pytest.raises(UnsupportedModelError, match=r"gemma3n.*not supported: post-projection"):
+        selftest.run({"model_type": "gemma3n", "text_config": {}})
+    result = CliRunner().invoke(main, ["inspect", "gemma3n", "--self-test", "-q"])
     assert result.exit_code != 0 and "not supported" in result.output
+
+
+def test_gemma4_writes_through_three_normed_writers_and_its_moe_models_are_refused(tmp_path):
+    from vlmguard_edit.layout import detect_family
+
+    config = selftest.shrink(selftest.for_model_type("gemma4"))
+    writers = {w.module: w.post_norm for w in _writers(config, tmp_path)[0]}
+    assert set(writers) == {"self_attn.o_proj", "mlp.down_proj", "per_layer_projection"}
+    assert all(norm is not None for norm in writers.values())  # each behind its post-norm
+    config["text_config"]["enable_moe_block"] = True
+    with pytest.raises(UnsupportedModelError, match="gemma4 with enable_moe_block.*norm of a sum"):
+        detect_family(config)
+
+
+def test_mistral3_with_a_mistral4_text_model_is_proved_experts_and_all(tmp_path):
+    config = selftest.for_model_type("mistral3")
+    config["text_config"] = selftest.for_model_type("mistral4")  # Mistral Small 4: MLA + MoE
+    checks = selftest.run(config)
+    assert not [c.line() for c in checks if c.status == "failed"]
+    assert {"writers", "lowrank", "image-path"} <= {c.kind for c in checks if c.status == "passed"}
+    moe = {w.module for w in _writers(selftest.shrink(config), tmp_path)[1]}  # 0 is dense
+    assert moe == {"self_attn.o_proj", "mlp.experts", "mlp.shared_experts.down_proj"}
+
+
+def test_shrink_keeps_the_kept_layers_entries_of_every_per_layer_list():
+    text = selftest.shrink(selftest.for_model_type("mistral_large4"))["text_config"]
+    assert text["num_hidden_layers"] == 2
+    assert text["mlp_layer_types"] == ["dense", "sparse"] and text["kv_source_layers"] == [0, 1]
+    gemma = selftest.shrink(selftest.for_model_type("gemma4"))["text_config"]
+    # one sliding and one full-attention layer; the full one keeps its own (shrunk) head_dim
+    assert gemma["layer_types"] == ["sliding_attention", "full_attention"]
+    assert gemma["per_layer_config"] == {"1": {"head_dim": 16}}
+
+
+def _writers(config, tmp_path):
+    """The writers by layer of a random build of a shrunken ``config`` (save_pretrained keys)."""
+    from safetensors import safe_open
+
+    from vlmguard_edit.layout import find_layout
+
+    folder = selftest.build(config, tmp_path, "legacy")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return find_layout(config, list(f.keys())).writers
 
 
 def test_every_image_text_to_text_type_is_supported_or_refused_with_a_reason():

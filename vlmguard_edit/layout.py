@@ -58,6 +58,9 @@ class Family:
     # A writer that some layers have under another name: writer -> its stand-ins, e.g. the
     # linear-attention layers of a hybrid write through linear_attn.out_proj, not o_proj.
     alternatives: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # (text config key, reason): a model whose text config sets the key (truthy) is refused
+    # with the reason, e.g. a family's MoE variant whose writers have no exact fold.
+    refused_when: tuple[tuple[str, str], ...] = ()
 
 
 _LLAVA_PREFIXES = ("language_model.model.layers", "model.language_model.layers")
@@ -77,6 +80,11 @@ _QWEN3_VL_PROJECTOR = ("model.visual.merger.linear_fc2.bias",)
 _GLM_NORMS = (
     ("self_attn.o_proj", "post_self_attn_layernorm"),
     ("mlp.down_proj", "post_mlp_layernorm"),
+)
+_GEMMA4_MOE = (
+    "its MoE layers add a second, separately normed expert branch inside the feed-forward "
+    "post-norm (a norm of a sum of norms): no exact writer fold is mapped; the dense Gemma 4 "
+    "models are supported"
 )
 _LINEAR_ATTENTION = (("self_attn.o_proj", ("linear_attn.out_proj",)),)
 _GOT_PROJECTOR = (
@@ -111,7 +119,18 @@ FAMILIES: dict[str, Family] = {
     ),
     # Pixtral's tower has attention.o_proj / feed_forward.down_proj: the exact LM prefix
     # keeps them out.
-    "mistral3": Family("mistral3", ("mistral",), _LLAVA_PREFIXES, image_path=_LLAVA_IMAGE_PATH),
+    # Mistral 3 (Pixtral tower); with a Mistral 4 text model (Mistral Small 4): multi-head
+    # latent attention still writes through self_attn.o_proj, and the MoE layers through
+    # every routed expert's down projection (fused) and the shared experts.
+    "mistral3": Family(
+        "mistral3",
+        ("mistral", "mistral4"),
+        _LLAVA_PREFIXES,
+        image_path=_LLAVA_IMAGE_PATH,
+        fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+        extra_writers=("mlp.shared_experts.down_proj",),
+        experts_key="n_routed_experts",
+    ),
     "internvl": Family(
         "internvl",
         ("qwen2", "llama"),
@@ -187,6 +206,40 @@ FAMILIES: dict[str, Family] = {
             ("mlp.down_proj", "post_feedforward_layernorm"),
         ),
         norm_offset=1.0,
+    ),
+    # Gemma 4: Gemma 3's post-norms (gain w, not 1 + w) and, in the small models, a third
+    # writer per layer: the per-layer-input path's per_layer_projection, normed by
+    # post_per_layer_input_norm before its residual add. layer_scalar scales the whole
+    # residual stream, which keeps a direction projected out projected out. Its MoE models
+    # (enable_moe_block) are refused in refused_when.
+    "gemma4": Family(
+        "gemma4",
+        ("gemma4_text",),
+        _LLAVA_PREFIXES,
+        post_norms=(
+            ("self_attn.o_proj", "post_attention_layernorm"),
+            ("mlp.down_proj", "post_feedforward_layernorm"),
+            ("per_layer_projection", "post_per_layer_input_norm"),
+        ),
+        extra_writers=("per_layer_projection",),
+        image_path=("model.embed_vision.embedding_projection",),
+        refused_when=(("enable_moe_block", _GEMMA4_MOE),),
+    ),
+    # Gemma 4 unified: no vision tower (patches are embedded by embed_vision's own Linears),
+    # Gemma 4's post-norms (gain w) without the per-layer-input path.
+    "gemma4_unified": Family(
+        "gemma4_unified",
+        ("gemma4_unified_text",),
+        _LLAVA_PREFIXES,
+        post_norms=(
+            ("self_attn.o_proj", "post_attention_layernorm"),
+            ("mlp.down_proj", "post_feedforward_layernorm"),
+        ),
+        image_path=(  # the Hub's name, then transformers 5's
+            "model.embed_vision.embedding_projection",
+            "model.embed_vision.multimodal_embedder.embedding_projection",
+        ),
+        refused_when=(("enable_moe_block", _GEMMA4_MOE),),
     ),
     # PaliGemma 2's Gemma 2 has Gemma 3's post-norms; PaliGemma 1's Gemma has none (its
     # post_attention_layernorm is the usual pre-MLP norm).
@@ -416,8 +469,13 @@ FAMILIES: dict[str, Family] = {
 
 # Families we know and refuse, with the reason (so users are told, not silently mis-edited).
 REFUSED: dict[str, str] = {
-    "gemma3n": "post-projection norms plus AltUp/LAuReL residual paths",
-    "gemma4": "post-projection norms and a per-layer-input residual path",
+    "gemma3n": (
+        "post-projection norms plus AltUp/LAuReL residual paths: AltUp mixes four residual "
+        "streams by learned coefficients and LAuReL adds a low-rank path beside attention, so "
+        "the writers are not the only residual writes (no exact direction fold); the learned "
+        "kinds' o_proj change would fold exactly, but its MobileNet-V5 vision tower needs timm "
+        "(not a dependency here), so no self-test can prove them; Gemma 4 is supported"
+    ),
     "phi4_multimodal": "the language model is used with LoRA adapters (vision-lora/, "
     "speech-lora/) that also write to the residual stream; folding the base weights alone "
     "would be incomplete",
@@ -472,7 +530,6 @@ REFUSED: dict[str, str] = {
         "an encoder-decoder (BART-style) model: the decoder's cross-attention reads the image, "
         "no decoder-only residual stream to guard"
     ),
-    "gemma4_unified": "Gemma 4's post-norms and per-layer-input residual path (as gemma4)",
     "git": (
         "a captioning model (GIT: image features prepended to a BERT-style decoder), not a chat VLM"
     ),
@@ -519,11 +576,14 @@ REFUSED: dict[str, str] = {
     "lfm3_vl": "its default config does not shrink generically (token ids); not mapped yet",
     "minimax_m3_vl": "its default config does not shrink generically (layer types); not mapped yet",
     "mistral4": (
-        "multi-head latent attention with MoE whose default config does not shrink (119B "
-        "parameters after the generic shrink); not mapped yet"
+        "the text-only Mistral 4 causal LM (transformers maps Mistral4ForCausalLM here); a "
+        "Mistral 4 VLM checkpoint is model type mistral3 with a mistral4 text model, which is "
+        "supported"
     ),
     "mistral_large4": (
-        "its default config does not shrink generically (architecture validation); not mapped yet"
+        "its Hub checkpoints keep Mistral's native key names (layers.N.attention.wo, "
+        "layers.N.experts.E.w2, shared_experts.w2, vision_language_adapter.w_out), which "
+        "transformers renames on load, and its attention adds an indexer; not mapped yet"
     ),
     "molmo2": (
         "its default config does not shrink generically (architecture validation); not mapped yet"
@@ -637,6 +697,9 @@ def detect_family(config: dict[str, Any]) -> Family:
             f"{model_type} with a {text_type!r} text model is not supported "
             f"(supported text models: {', '.join(family.text_model_types)})"
         )
+    for key, reason in family.refused_when:
+        if text_config(config).get(key):
+            raise UnsupportedModelError(f"{model_type} with {key} is not supported: {reason}")
     if family.post_norm_text_types and text_type not in family.post_norm_text_types:
         family = replace(family, post_norms=())
     return family
@@ -698,22 +761,10 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
                 ]
                 if experts:
                     continue
-            if f"{module}.weight" not in names:
-                raise UnsupportedModelError(
-                    f"layer {layer} has no {prefix}.{layer}.{module}.weight"
-                )
-            bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
-            norm = dict(family.post_norms).get(module)
-            if norm is not None and f"{norm}.weight" not in names:
-                raise UnsupportedModelError(
-                    f"layer {layer} has no {prefix}.{layer}.{norm}.weight (the norm after {module})"
-                )
-            norm_key = f"{prefix}.{layer}.{norm}.weight" if norm else None
-            found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias, norm_key))
+            found.append(_writer(family, names, prefix, layer, module))
         for module in family.extra_writers:
             if f"{module}.weight" in names:
-                bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
-                found.append(Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias))
+                found.append(_writer(family, names, prefix, layer, module))
         writers[layer] = tuple(found)
     projector = [k for k in family.projector_bias if k in set(keys)]
     heads = int(text.get("num_attention_heads", 0))
@@ -730,6 +781,20 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         tuple(extra),
         next((m for m in family.image_path if f"{m}.weight" in set(keys)), None),
     )
+
+
+def _writer(family: Family, names: set[str], prefix: str, layer: int, module: str) -> Writer:
+    """A plain Linear writer of one layer, with its bias and the norm after it, if any."""
+    if f"{module}.weight" not in names:
+        raise UnsupportedModelError(f"layer {layer} has no {prefix}.{layer}.{module}.weight")
+    bias = f"{prefix}.{layer}.{module}.bias" if f"{module}.bias" in names else None
+    norm = dict(family.post_norms).get(module)
+    if norm is not None and f"{norm}.weight" not in names:
+        raise UnsupportedModelError(
+            f"layer {layer} has no {prefix}.{layer}.{norm}.weight (the norm after {module})"
+        )
+    norm_key = f"{prefix}.{layer}.{norm}.weight" if norm else None
+    return Writer(layer, module, f"{prefix}.{layer}.{module}.weight", bias, norm_key)
 
 
 def _present(module: str, names: set[str], stand_ins: tuple[str, ...]) -> str:
@@ -782,6 +847,11 @@ NOTES: dict[str, str] = {
     "shared expert are writers; the vision model's o_proj is kept out by the prefix",
     "gemma3": "an RMSNorm (gain 1 + w) sits between each writer and the residual add: only "
     "beta -1 is supported, folded against the norm-gain-weighted direction",
+    "gemma4": "an RMSNorm (gain w) sits between each writer (o_proj, down_proj and the "
+    "per-layer-input path's per_layer_projection) and the residual add: only beta -1, folded "
+    "against the norm-gain-weighted direction; layer_scalar scales the whole residual stream",
+    "gemma4_unified": "an RMSNorm (gain w) after each writer: only beta -1, folded against the "
+    "norm-gain-weighted direction",
     "qwen3_vl": "deepstack adds visual features to the residual stream after the first "
     "layers at image tokens (a path beside the writers, not edited)",
     "paligemma": "PaliGemma 2 (Gemma 2): an RMSNorm (gain 1 + w) after each writer, only beta "

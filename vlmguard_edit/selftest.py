@@ -60,6 +60,8 @@ TEXT_SIZES = {
     "linear_num_value_heads": 4,
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
+    "vocab_size_per_layer_input": 256,  # Gemma 4's per-layer-input embeddings
+    "hidden_size_per_layer_input": 16,
 }
 VISION_SIZES = {
     "hidden_size": 32,
@@ -134,6 +136,30 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "paddleocr_vl": {"text_config": {"rope_parameters": _MROPE}},
     "video_llama_3": {"text_config": {"rope_parameters": _MROPE}},
     "gemma3": {"mm_tokens_per_image": 4},
+    "gemma4_unified": {  # no vision config by default either
+        "vision_config": {
+            "model_type": "gemma4_unified_vision",
+            "patch_size": 4,
+            "pooling_kernel_size": 2,
+            "mm_embed_dim": 32,
+            "mm_posemb_size": 16,
+            "output_proj_dims": 32,
+        },
+    },
+    "gemma4": {  # its default config has no vision tower: a tiny one
+        "vision_config": {
+            "model_type": "gemma4_vision",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": 4,
+            "pooling_kernel_size": 2,
+            "position_embedding_size": 16,
+        },
+    },
     "paligemma": {"vision_config": {"projection_dim": 64}},
     "exaone4_5": {
         "text_config": {"rope_parameters": _MROPE},
@@ -179,20 +205,51 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 def _shrink_part(part: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any]:
     part = dict(part)
+    depth = part.get("num_hidden_layers")
     for key, value in sizes.items():
         if isinstance(part.get(key), int) and not isinstance(part[key], bool):
             part[key] = value
     if "head_dim" in part and part["head_dim"] is None:  # derived later from widths that
         part["head_dim"] = sizes["head_dim"]  # no longer hold; both sizes sets divide to 16
+    kept = list(range(part.get("num_hidden_layers") or 0))
     if isinstance(part.get("layer_types"), list):  # hybrids: one layer of each kind, in order
         kinds = list(dict.fromkeys(part["layer_types"]))
-        part["layer_types"] = kinds if len(kinds) > 1 else kinds * 2
-        part["num_hidden_layers"] = len(part["layer_types"])
+        kept = _kept_layers(part["layer_types"], kinds if len(kinds) > 1 else kinds * 2)
+        part["layer_types"] = [part["layer_types"][i] for i in kept]
+        part["num_hidden_layers"] = len(kept)
+    if isinstance(depth, int) and depth > len(kept):
+        _keep_layers(part, depth, kept, sizes)
     _fit_rope(part)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(part.get(key), int) and part[key] >= part.get("vocab_size", 256):
             part[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
     return part
+
+
+def _kept_layers(types: list[str], wanted: list[str]) -> list[int]:
+    """The original layers the shrunken ones stand for: in order, the next one of each type."""
+    kept: list[int] = []
+    for kind in wanted:
+        start = kept[-1] + 1 if kept else 0
+        kept.append(next(i for i in range(start, len(types)) if types[i] == kind))
+    return kept
+
+
+def _keep_layers(part: dict[str, Any], depth: int, kept: list[int], sizes: dict[str, int]) -> None:
+    """Per-layer lists (one entry per original layer: layer_types, Mistral Large 3's
+    mlp_layer_types and kv_source_layers, ...) keep the kept layers' entries; Gemma 4's
+    per_layer_config, keyed by layer index, keeps theirs (shrunk), renumbered."""
+    for key, value in list(part.items()):
+        if isinstance(value, list) and len(value) == depth:
+            part[key] = [value[i] for i in kept]
+    patches = part.get("per_layer_config")
+    if isinstance(patches, dict):
+        patches = {int(k): v for k, v in patches.items()}
+        part["per_layer_config"] = {
+            str(new): {k: sizes.get(k, v) for k, v in patches[old].items()}
+            for new, old in enumerate(kept)
+            if old in patches
+        }
 
 
 def _fit_rope(part: dict[str, Any]) -> None:
@@ -429,6 +486,23 @@ def _navit_image(model, config, generator) -> dict[str, torch.Tensor]:
     return _fit_tokens(model, batch)
 
 
+def _gemma4_image(model, config, generator) -> dict[str, torch.Tensor]:
+    """Gemma 4's tower takes flattened patches with their (x, y) grid positions and pools
+    each k x k block into one token: a 2k x 2k grid. Gemma 4 unified has no tower: each row
+    is a k x k block of patches already. The token count is the one the forward reports."""
+    vision = config.get("vision_config") or {}
+    patch, k = vision.get("patch_size", 16), vision.get("pooling_kernel_size", 2)
+    unified = config["model_type"] == "gemma4_unified"
+    side, width = (2, 3 * (patch * k) ** 2) if unified else (2 * k, 3 * patch * patch)
+    grid = torch.tensor([[x, y] for y in range(side) for x in range(side)])
+    batch = {
+        "input_ids": _prompt(1),
+        "pixel_values": torch.rand(1, side * side, width, generator=generator),
+        "image_position_ids": grid[None],
+    }
+    return _fit_tokens(model, batch)
+
+
 def _fuyu_image(model, config, generator) -> dict[str, torch.Tensor]:
     """Fuyu takes raw patches (no tower): four of patch_size^2 x 3 values, one token each."""
     patch = config.get("patch_size", 30)
@@ -437,6 +511,8 @@ def _fuyu_image(model, config, generator) -> dict[str, torch.Tensor]:
 
 
 IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "gemma4": _gemma4_image,
+    "gemma4_unified": _gemma4_image,
     "qwen2_vl": _qwen_image,
     "qwen2_5_vl": _qwen_image,
     "qwen3_vl": _qwen_image,
