@@ -121,11 +121,34 @@ class Main(click.Group):
         except VlmguardError as exc:
             _fail(ctx, f"error: {exc}", exc.exit_code)
         except Terminated as exc:  # SIGTERM / SIGHUP: the shell's code for the signal
-            _fail(ctx, INTERRUPTED.replace(":", f" by {exc}:", 1), 128 + exc.signum)
+            _fail(ctx, _terminated(exc), 128 + exc.signum)
         except KeyboardInterrupt:
             _fail(ctx, INTERRUPTED, 130)
         except (OSError, ValueError, RuntimeError) as exc:
-            _fail(ctx, f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
+            interrupt = _interrupt_behind(exc)
+            if isinstance(interrupt, Terminated):
+                _fail(ctx, _terminated(interrupt), 128 + interrupt.signum)
+            elif interrupt is not None:
+                _fail(ctx, INTERRUPTED, 130)
+            else:
+                _fail(ctx, f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)", 1)
+
+
+def _terminated(exc: Terminated) -> str:
+    return INTERRUPTED.replace(":", f" by {exc}:", 1)
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C / signal an error wraps, if any: Python re-raises one that lands while a
+    class is being created (a module imported mid-run) as RuntimeError('Error calling
+    __set_name__ ...') from it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:

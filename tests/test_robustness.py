@@ -230,3 +230,35 @@ def test_organism_build_is_atomic_and_locked(tmp_path, monkeypatch):
     assert failed.exit_code == 1 and "training diverged" in failed.stderr
     assert json.loads((out / "organism.json").read_text()) == {"seed": 1, "variant": "llava"}
     assert leftovers(tmp_path) == []
+
+
+def test_an_interrupt_wrapped_in_an_error_is_reported_as_the_interrupt():
+    """A Ctrl-C landing while a class is created (a module imported mid-run) reaches the
+    CLI as RuntimeError('Error calling __set_name__ ...') from the KeyboardInterrupt."""
+    import click
+    from click.testing import CliRunner
+
+    from cli import Main
+    from vlmguard_edit.errors import Terminated
+
+    @click.group(cls=Main)
+    def group():
+        pass
+
+    @group.command()
+    @click.option("--signal", "which", default="")
+    def boom(which):
+        interrupt = Terminated(signal.SIGTERM) if which else KeyboardInterrupt()
+        raise RuntimeError("Error calling __set_name__") from interrupt
+
+    result = CliRunner().invoke(group, ["boom"])
+    assert result.exit_code == 130 and result.output.startswith("interrupted: nothing was written")
+    result = CliRunner().invoke(group, ["boom", "--signal", "x"])
+    assert result.exit_code == 143 and "interrupted by SIGTERM" in result.output
+
+    @group.command()
+    def plain():
+        raise RuntimeError("disk on fire")
+
+    result = CliRunner().invoke(group, ["plain"])
+    assert result.exit_code == 1 and "error: RuntimeError: disk on fire" in result.output
