@@ -55,7 +55,7 @@ def family_rows(results: dict[str, list[dict]]) -> list[str]:
     for name, checks in results.items():
         family = FAMILIES[name]
         keys = " / ".join(f"`{p}.N`" for p in family.layer_prefixes)
-        image = " / ".join(f"`{m}`" for m in family.image_path) or "-"
+        image = " / ".join(f"`{m}`" for m in family.image_path) or f"- ({family.no_image_path})"
         kinds = " | ".join(status(checks, kind) for kind in MODES)
         rows.append(
             f"| `{name}` | {', '.join(family.text_model_types)} | {keys} | {image} | {kinds} |"

@@ -93,7 +93,7 @@ def test_gemma4_writes_through_three_normed_writers_and_its_moe_models_are_refus
     assert set(writers) == {"self_attn.o_proj", "mlp.down_proj", "per_layer_projection"}
     assert all(norm is not None for norm in writers.values())  # each behind its post-norm
     config["text_config"]["enable_moe_block"] = True
-    with pytest.raises(UnsupportedModelError, match="gemma4 with enable_moe_block.*norm of a sum"):
+    with pytest.raises(UnsupportedModelError, match=r"gemma4 with enable_moe_block.*norm of a sum"):
         detect_family(config)
 
 
@@ -126,6 +126,17 @@ def _writers(config, tmp_path):
     folder = selftest.build(config, tmp_path, "legacy")
     with safe_open(folder / "model.safetensors", "pt") as f:
         return find_layout(config, list(f.keys())).writers
+
+
+def test_every_family_names_its_image_path_or_why_it_has_none():
+    from vlmguard_edit.errors import PlanError
+    from vlmguard_edit.kinds.image_path import image_path_edits
+    from vlmguard_edit.layout import Layout
+
+    assert not [n for n, f in FAMILIES.items() if bool(f.image_path) == bool(f.no_image_path)]
+    layout = Layout(FAMILIES["ovis2"], "model.language_model.layers", 1, 8, {}, None, 1, 1)
+    with pytest.raises(PlanError, match=r"ovis2: no image-to-language Linear found \(its image"):
+        image_path_edits(None, layout)  # the planner says why
 
 
 def test_every_image_text_to_text_type_is_supported_or_refused_with_a_reason():

@@ -55,6 +55,8 @@ class Family:
     # The last image-to-language Linear (module name, one per key layout): what the learned
     # image-path edit changes. Empty: the family has none mapped (image-path is refused).
     image_path: tuple[str, ...] = ()
+    # Why a family has no image_path (its image tokens come from no single Linear).
+    no_image_path: str = ""
     # A writer that some layers have under another name: writer -> its stand-ins, e.g. the
     # linear-attention layers of a hybrid write through linear_attn.out_proj, not o_proj.
     alternatives: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -86,6 +88,8 @@ _GEMMA4_MOE = (
     "post-norm (a norm of a sum of norms): no exact writer fold is mapped; the dense Gemma 4 "
     "models are supported"
 )
+# GLM-4.xV's vision merger ends in a gated MLP: its down_proj writes the image tokens.
+_GLM_IMAGE_PATH = ("model.visual.merger.down_proj",)
 _LINEAR_ATTENTION = (("self_attn.o_proj", ("linear_attn.out_proj",)),)
 _GOT_PROJECTOR = (
     "multi_modal_projector.multimodal_projector.bias",
@@ -194,6 +198,7 @@ FAMILIES: dict[str, Family] = {
         fused=(("feed_forward.down_proj", ("feed_forward.experts", "down_proj")),),
         extra_writers=("feed_forward.shared_expert.down_proj",),
         value_proj="self_attn.v_proj",
+        image_path=("multi_modal_projector.linear_1", "model.multi_modal_projector.linear_1"),
     ),
     # A norm after each writer: only the projection (beta -1) is exact there, by projecting the
     # writer's output off u ∝ g ⊙ v (see fold.norm_weighted).
@@ -206,6 +211,10 @@ FAMILIES: dict[str, Family] = {
             ("mlp.down_proj", "post_feedforward_layernorm"),
         ),
         norm_offset=1.0,
+        no_image_path=(
+            "its projector multiplies by a raw weight matrix (mm_input_projection_weight, "
+            "x @ W), not a Linear; not mapped"
+        ),
     ),
     # Gemma 4: Gemma 3's post-norms (gain w, not 1 + w) and, in the small models, a third
     # writer per layer: the per-layer-input path's per_layer_projection, normed by
@@ -253,6 +262,7 @@ FAMILIES: dict[str, Family] = {
         ),
         norm_offset=1.0,
         post_norm_text_types=("gemma2",),
+        image_path=("multi_modal_projector.linear", "model.multi_modal_projector.linear"),
     ),
     # GLM-4.1V: post-norms with gain w (not 1 + w); its tower has visual.merger.down_proj and
     # visual.blocks.N.mlp.down_proj, kept out by the prefix.
@@ -264,6 +274,7 @@ FAMILIES: dict[str, Family] = {
             ("self_attn.o_proj", "post_self_attn_layernorm"),
             ("mlp.down_proj", "post_mlp_layernorm"),
         ),
+        image_path=_GLM_IMAGE_PATH,
     ),
     # GLM-4.5V: GLM-4.1V's layout without post-norms, plus MoE layers (from
     # first_k_dense_replace on) with per-expert 2-D down projections on the Hub (fused
@@ -277,6 +288,27 @@ FAMILIES: dict[str, Family] = {
         extra_writers=("mlp.shared_experts.down_proj",),
         experts_key="n_routed_experts",
         trailing_layers=1,
+        image_path=_GLM_IMAGE_PATH,
+    ),
+    # Kimi K2.5: a DeepSeek V3 text model (multi-head latent attention writing through
+    # self_attn.o_proj; MoE layers through every routed expert's down projection, per-expert
+    # 2-D under the Hub's blocks.N, fused in a transformers 5 save, and the shared experts).
+    "kimi_k25": Family(
+        "kimi_k25",
+        ("deepseek_v3",),
+        ("language_model.model.blocks", "model.language_model.layers"),
+        fused=(("mlp.down_proj", ("mlp.experts", "down_proj")),),
+        extra_writers=("mlp.shared_experts.down_proj",),
+        experts_key="n_routed_experts",
+        image_path=("mm_projector.proj.2", "model.mm_projector.out_proj"),
+    ),
+    # HunYuan-VL: the Hub keeps the text model's names (model.layers) beside the tower's
+    # vit.layers (kept out by the prefix); the patch merger's last Linear is its mlp.
+    "hunyuan_vl": Family(
+        "hunyuan_vl",
+        ("hunyuan_vl_text",),
+        _QWEN_VL_PREFIXES,
+        image_path=("vit.perceive.mlp", "model.vision_tower.patch_merger.mlp"),
     ),
     # Llama 3.2 Vision: cross-attention layers interleaved with the Llama 3.1 layers, writing
     # through tanh-gated cross_attn.o_proj and mlp.down_proj (a scalar gate: the fold is exact).
@@ -342,10 +374,27 @@ FAMILIES: dict[str, Family] = {
     ),
     # The connector ends in a perceiver resampler (attention over learned latents, then a
     # norm): no last Linear to learn, so image-path is refused; the writers are plain.
-    "idefics2": Family("idefics2", ("mistral",), _TEXT_MODEL_PREFIXES),
+    "idefics2": Family(
+        "idefics2",
+        ("mistral",),
+        _TEXT_MODEL_PREFIXES,
+        no_image_path=(
+            "its connector ends in a perceiver resampler (latents cross-attending to the "
+            "image, with a residual stream and a norm of their own): no single Linear writes "
+            "the image tokens"
+        ),
+    ),
     # Images reach the text model through a visual embedding table (a soft lookup), not a
     # Linear: image-path is refused; the writers are plain.
-    "ovis2": Family("ovis2", ("qwen2",), ("model.language_model.layers",)),
+    "ovis2": Family(
+        "ovis2",
+        ("qwen2",),
+        ("model.language_model.layers",),
+        no_image_path=(
+            "its image tokens are a probability-weighted mix of the rows of a visual embedding "
+            "table (visual_embeddings_table, x @ E), not a Linear's output"
+        ),
+    ),
     "hyperclovax_vision_v2": Family(
         "hyperclovax_vision_v2",
         ("hyperclovax",),
@@ -384,28 +433,52 @@ FAMILIES: dict[str, Family] = {
         ("qwen3_5_text",),
         ("model.language_model.layers",),
         alternatives=_LINEAR_ATTENTION,
+        no_image_path=(
+            "the merger's last Linear (model.merger.mlp.0.linear_2) feeds a downsampling "
+            "step through which the self-test saw no change of the output: not proved"
+        ),
     ),
     "minicpm_ocr": Family(
         "minicpm_ocr",
         ("qwen3_5_text",),
         ("model.language_model.layers",),
         alternatives=_LINEAR_ATTENTION,
+        no_image_path=(
+            "as MiniCPM-V 4.6's: a change of the merger's last Linear was not visible "
+            "in the self-test: not proved"
+        ),
     ),
     "minicpmv4_7": Family(
         "minicpmv4_7",
         ("qwen3_5_text",),
         ("model.language_model.layers",),
         alternatives=_LINEAR_ATTENTION,
+        no_image_path=(
+            "as MiniCPM-V 4.6's: a change of the merger's last Linear was not visible "
+            "in the self-test: not proved"
+        ),
     ),
     # GLM-4.6V, GLM-OCR and GLMGA: GLM-4.1V's text layout (post-norms after both writers).
     "glm46v": Family(
-        "glm46v", ("glm4v_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
+        "glm46v",
+        ("glm4v_text",),
+        ("model.language_model.layers",),
+        post_norms=_GLM_NORMS,
+        image_path=_GLM_IMAGE_PATH,
     ),
     "glm_ocr": Family(
-        "glm_ocr", ("glm_ocr_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
+        "glm_ocr",
+        ("glm_ocr_text",),
+        ("model.language_model.layers",),
+        post_norms=_GLM_NORMS,
+        image_path=_GLM_IMAGE_PATH,
     ),
     "glmga": Family(
-        "glmga", ("glm4v_text",), ("model.language_model.layers",), post_norms=_GLM_NORMS
+        "glmga",
+        ("glm4v_text",),
+        ("model.language_model.layers",),
+        post_norms=_GLM_NORMS,
+        image_path=_GLM_IMAGE_PATH,
     ),
     "deepseek_vl": Family(
         "deepseek_vl",
@@ -414,7 +487,12 @@ FAMILIES: dict[str, Family] = {
         projector_bias=("model.aligner.linear2.bias",),
         image_path=("model.aligner.linear2",),
     ),
-    "exaone4_5": Family("exaone4_5", ("exaone4",), ("model.language_model.layers",)),
+    "exaone4_5": Family(
+        "exaone4_5",
+        ("exaone4",),
+        ("model.language_model.layers",),
+        image_path=("model.visual.merger.mlp.2",),  # Qwen2.5-VL's merger
+    ),
     "video_llama_3": Family(
         "video_llama_3",
         ("qwen2",),
@@ -534,16 +612,13 @@ REFUSED: dict[str, str] = {
         "a captioning model (GIT: image features prepended to a BERT-style decoder), not a chat VLM"
     ),
     "glm5_next": (
-        "its default config does not shrink generically (architecture validation); not mapped yet"
+        "its default config does not shrink generically: its sparse-attention (DSA) layers must "
+        "be NoPE with as many key/value heads as heads; not mapped yet"
     ),
     "granite4_vision": (
         "its default config does not shrink generically (layer lists); not mapped yet"
     ),
     "granite_docling": "its default config does not shrink generically (token ids); not mapped yet",
-    "hunyuan_vl": (
-        "its default config leaves the multimodal RoPE sections unset and its Hub layout keeps "
-        "the vision tower's layers under vit.layers beside model.layers; not mapped yet"
-    ),
     "idefics": (
         "IDEFICS 1: gated cross-attention blocks and a perceiver with learned latents; its "
         "shrink keeps billions of parameters; not mapped"
@@ -564,10 +639,6 @@ REFUSED: dict[str, str] = {
         "image generation and understanding in one model (a VQ head beside the LM); its shrink "
         "keeps 114M parameters; not mapped"
     ),
-    "kimi_k25": (
-        "multi-head latent attention with MoE (DeepSeek V3 style) that does not shrink "
-        "generically; not mapped yet"
-    ),
     "kosmos-2": (
         "its text model is a decoder with its own grounding tokens and its shrink keeps over a "
         "billion parameters; not mapped"
@@ -586,7 +657,9 @@ REFUSED: dict[str, str] = {
         "transformers renames on load, and its attention adds an indexer; not mapped yet"
     ),
     "molmo2": (
-        "its default config does not shrink generically (architecture validation); not mapped yet"
+        "the Hub keeps OLMo's key names (model.transformer.blocks.N.self_attn.attn_out, "
+        "mlp.ff_out, vision_backbone.image_projector.w2) and its image input needs token "
+        "pooling indices and image grids built by its processor; not mapped yet"
     ),
     "muse_glimmer": "its shrink keeps 42M parameters; not mapped yet",
     "muse_spark": "its default config does not shrink generically (layer types); not mapped yet",

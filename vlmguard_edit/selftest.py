@@ -51,6 +51,8 @@ TEXT_SIZES = {
     "num_experts_per_tok": 2,
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
+    "n_group": 1,  # DeepSeek V3 routing groups: 4 experts make one
+    "topk_group": 1,
     "kv_lora_rank": 16,
     "q_lora_rank": 16,
     "qk_rope_head_dim": 8,
@@ -136,6 +138,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "paddleocr_vl": {"text_config": {"rope_parameters": _MROPE}},
     "video_llama_3": {"text_config": {"rope_parameters": _MROPE}},
     "gemma3": {"mm_tokens_per_image": 4},
+    "kimi_k25": {
+        "projection_hidden_size": 32,  # the projector's input: the tower's width
+        "text_config": {"head_dim": 8},  # DeepSeek V3 rotates head_dim = qk_rope_head_dim
+    },
+    "hunyuan_vl": {  # its default leaves the multimodal RoPE sections unset
+        "text_config": {"rope_parameters": _MROPE},
+        "vision_config": {"out_hidden_size": 64, "text_hidden_size": 64},
+    },
     "gemma4_unified": {  # no vision config by default either
         "vision_config": {
             "model_type": "gemma4_unified_vision",
@@ -394,7 +404,8 @@ def _fit_tokens(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     import inspect
     import re
 
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+    inner = getattr(getattr(model, "model", None), "forward", model.forward)
+    if any("mm_token_type_ids" in inspect.signature(f).parameters for f in (model.forward, inner)):
         batch = {**batch, "mm_token_type_ids": None}  # filled in by _with_ids
     batch = _with_ids(batch, batch["input_ids"])
     try:
@@ -512,6 +523,8 @@ def _fuyu_image(model, config, generator) -> dict[str, torch.Tensor]:
 
 IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
     "gemma4": _gemma4_image,
+    "kimi_k25": _patch_grid_image,
+    "hunyuan_vl": _patch_grid_image,
     "gemma4_unified": _gemma4_image,
     "qwen2_vl": _qwen_image,
     "qwen2_5_vl": _qwen_image,

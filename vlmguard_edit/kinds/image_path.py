@@ -37,7 +37,9 @@ def image_path_edits(checkpoint, layout) -> list[PlannedEdit]:
     """The family's last image-to-language Linear: weight and (if any) bias."""
     module = layout.image_path
     if module is None:
-        known = " or ".join(layout.family.image_path) or "none mapped for this family"
+        known = " or ".join(layout.family.image_path) or (
+            layout.family.no_image_path or "none mapped for this family"
+        )
         raise PlanError(
             f"{layout.family.model_type}: no image-to-language Linear found ({known}); "
             "image-path cannot be used"
