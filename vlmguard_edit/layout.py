@@ -88,6 +88,11 @@ _GEMMA4_MOE = (
     "post-norm (a norm of a sum of norms): no exact writer fold is mapped; the dense Gemma 4 "
     "models are supported"
 )
+# MiniCPM-V 4.6 / 4.7 / OCR: no image-path Linear proved.
+_MINICPM_NO_IMAGE_PATH = (
+    "the merger's last Linear (model.merger.mlp.0.linear_2) feeds a downsampling step through "
+    "which the self-test saw no change of the output: not proved"
+)
 # GLM-4.xV's vision merger ends in a gated MLP: its down_proj writes the image tokens.
 _GLM_IMAGE_PATH = ("model.visual.merger.down_proj",)
 _LINEAR_ATTENTION = (("self_attn.o_proj", ("linear_attn.out_proj",)),)
@@ -433,30 +438,21 @@ FAMILIES: dict[str, Family] = {
         ("qwen3_5_text",),
         ("model.language_model.layers",),
         alternatives=_LINEAR_ATTENTION,
-        no_image_path=(
-            "the merger's last Linear (model.merger.mlp.0.linear_2) feeds a downsampling "
-            "step through which the self-test saw no change of the output: not proved"
-        ),
+        no_image_path=_MINICPM_NO_IMAGE_PATH,
     ),
     "minicpm_ocr": Family(
         "minicpm_ocr",
         ("qwen3_5_text",),
         ("model.language_model.layers",),
         alternatives=_LINEAR_ATTENTION,
-        no_image_path=(
-            "as MiniCPM-V 4.6's: a change of the merger's last Linear was not visible "
-            "in the self-test: not proved"
-        ),
+        no_image_path=_MINICPM_NO_IMAGE_PATH,
     ),
     "minicpmv4_7": Family(
         "minicpmv4_7",
         ("qwen3_5_text",),
         ("model.language_model.layers",),
         alternatives=_LINEAR_ATTENTION,
-        no_image_path=(
-            "as MiniCPM-V 4.6's: a change of the merger's last Linear was not visible "
-            "in the self-test: not proved"
-        ),
+        no_image_path=_MINICPM_NO_IMAGE_PATH,
     ),
     # GLM-4.6V, GLM-OCR and GLMGA: GLM-4.1V's text layout (post-norms after both writers).
     "glm46v": Family(

@@ -246,7 +246,7 @@ def _kept_layers(types: list[str], wanted: list[str]) -> list[int]:
 
 
 def _keep_layers(part: dict[str, Any], depth: int, kept: list[int], sizes: dict[str, int]) -> None:
-    """Per-layer lists (one entry per original layer: layer_types, Mistral Large 3's
+    """Per-layer lists (one entry per original layer: layer_types, mistral_large4's
     mlp_layer_types and kv_source_layers, ...) keep the kept layers' entries; Gemma 4's
     per_layer_config, keyed by layer index, keeps theirs (shrunk), renumbered."""
     for key, value in list(part.items()):
