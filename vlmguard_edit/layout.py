@@ -612,7 +612,9 @@ REFUSED: dict[str, str] = {
         "be NoPE with as many key/value heads as heads; not mapped yet"
     ),
     "granite4_vision": (
-        "its default config does not shrink generically (layer lists); not mapped yet"
+        "its default config leaves deepstack_layer_map unset (which vision layers feed which "
+        "text layers through its window Q-Former downsamplers, a path beside the writers), so "
+        "no default model can be built; not mapped yet"
     ),
     "granite_docling": "its default config does not shrink generically (token ids); not mapped yet",
     "idefics": (
