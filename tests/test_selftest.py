@@ -118,14 +118,13 @@ def test_shrink_keeps_the_kept_layers_entries_of_every_per_layer_list():
 
 
 def _writers(config, tmp_path):
-    """The writers by layer of a random build of a shrunken ``config`` (save_pretrained keys)."""
-    from safetensors import safe_open
-
+    """The writers by layer of a random build of a shrunken ``config`` (save_pretrained keys),
+    as convert finds them."""
+    from vlmguard_edit.checkpoint import open_checkpoint
     from vlmguard_edit.layout import find_layout
 
-    folder = selftest.build(config, tmp_path, "legacy")
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        return find_layout(config, list(f.keys())).writers
+    checkpoint = open_checkpoint(selftest.build(config, tmp_path, "legacy"))
+    return find_layout(checkpoint.config, checkpoint.keys).writers
 
 
 def test_every_family_names_its_image_path_or_why_it_has_none():

@@ -101,6 +101,23 @@ _GOT_PROJECTOR = (
     "model.multi_modal_projector.multimodal_projector.bias",
 )
 
+# GLM-4.1V: post-norms with gain w after both writers (GLM-4.6V, GLM-OCR, GLMGA share it).
+_GLM4V = Family(
+    "glm4v",
+    ("glm4v_text",),
+    ("model.language_model.layers",),
+    post_norms=_GLM_NORMS,
+    image_path=_GLM_IMAGE_PATH,
+)
+# MiniCPM-V 4.6 / 4.7 / OCR: a Qwen 3.5 text model (hybrid linear attention), one layout.
+_MINICPM_V = Family(
+    "minicpmv4_6",
+    ("qwen3_5_text",),
+    ("model.language_model.layers",),
+    alternatives=_LINEAR_ATTENTION,
+    no_image_path=_MINICPM_NO_IMAGE_PATH,
+)
+
 # Only families whose projector ends in a Linear with a bias and whose text model uses
 # RMSNorm (the attention-aware shift assumes it) list projector_bias; the others refuse
 # --mode projector-shift.
@@ -271,16 +288,7 @@ FAMILIES: dict[str, Family] = {
     ),
     # GLM-4.1V: post-norms with gain w (not 1 + w); its tower has visual.merger.down_proj and
     # visual.blocks.N.mlp.down_proj, kept out by the prefix.
-    "glm4v": Family(
-        "glm4v",
-        ("glm4v_text",),
-        ("model.language_model.layers",),
-        post_norms=(
-            ("self_attn.o_proj", "post_self_attn_layernorm"),
-            ("mlp.down_proj", "post_mlp_layernorm"),
-        ),
-        image_path=_GLM_IMAGE_PATH,
-    ),
+    "glm4v": _GLM4V,
     # GLM-4.5V: GLM-4.1V's layout without post-norms, plus MoE layers (from
     # first_k_dense_replace on) with per-expert 2-D down projections on the Hub (fused
     # (E, H, I) in a transformers 5 save) and shared experts; the Hub checkpoint also holds
@@ -433,49 +441,13 @@ FAMILIES: dict[str, Family] = {
         extra_writers=("mlp.shared_expert.down_proj",),
         image_path=("model.visual.merger.linear_fc2",),
     ),
-    "minicpmv4_6": Family(
-        "minicpmv4_6",
-        ("qwen3_5_text",),
-        ("model.language_model.layers",),
-        alternatives=_LINEAR_ATTENTION,
-        no_image_path=_MINICPM_NO_IMAGE_PATH,
-    ),
-    "minicpm_ocr": Family(
-        "minicpm_ocr",
-        ("qwen3_5_text",),
-        ("model.language_model.layers",),
-        alternatives=_LINEAR_ATTENTION,
-        no_image_path=_MINICPM_NO_IMAGE_PATH,
-    ),
-    "minicpmv4_7": Family(
-        "minicpmv4_7",
-        ("qwen3_5_text",),
-        ("model.language_model.layers",),
-        alternatives=_LINEAR_ATTENTION,
-        no_image_path=_MINICPM_NO_IMAGE_PATH,
-    ),
-    # GLM-4.6V, GLM-OCR and GLMGA: GLM-4.1V's text layout (post-norms after both writers).
-    "glm46v": Family(
-        "glm46v",
-        ("glm4v_text",),
-        ("model.language_model.layers",),
-        post_norms=_GLM_NORMS,
-        image_path=_GLM_IMAGE_PATH,
-    ),
-    "glm_ocr": Family(
-        "glm_ocr",
-        ("glm_ocr_text",),
-        ("model.language_model.layers",),
-        post_norms=_GLM_NORMS,
-        image_path=_GLM_IMAGE_PATH,
-    ),
-    "glmga": Family(
-        "glmga",
-        ("glm4v_text",),
-        ("model.language_model.layers",),
-        post_norms=_GLM_NORMS,
-        image_path=_GLM_IMAGE_PATH,
-    ),
+    "minicpmv4_6": _MINICPM_V,
+    "minicpm_ocr": replace(_MINICPM_V, model_type="minicpm_ocr"),
+    "minicpmv4_7": replace(_MINICPM_V, model_type="minicpmv4_7"),
+    # GLM-4.6V, GLM-OCR and GLMGA: GLM-4.1V's layout (post-norms after both writers).
+    "glm46v": replace(_GLM4V, model_type="glm46v"),
+    "glm_ocr": replace(_GLM4V, model_type="glm_ocr", text_model_types=("glm_ocr_text",)),
+    "glmga": replace(_GLM4V, model_type="glmga"),
     "deepseek_vl": Family(
         "deepseek_vl",
         ("llama",),
