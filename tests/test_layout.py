@@ -87,7 +87,12 @@ def test_ambiguous_layout():
         ),
         (
             {"model_type": "my_new_vlm"},
-            r"'my_new_vlm' is not supported yet \(supported: .*\bllava, llava_next, ",
+            r"'my_new_vlm' is not supported yet: none of the \d+ families in docs/families.md "
+            r"\(to map it",
+        ),
+        (
+            {"model_type": "qwen2vl"},
+            r"'qwen2vl' is not supported yet: .*; nearest supported: qwen2_vl\b",
         ),
         (
             {"model_type": "llava", "text_config": {"model_type": "qwen2"}},

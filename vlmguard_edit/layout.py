@@ -715,6 +715,19 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("text_config") or config
 
 
+def _unknown(model_type: Any) -> str:
+    """One line for a type in neither table: the nearest supported names (a typo, a sibling),
+    not all of them."""
+    import difflib
+
+    near = difflib.get_close_matches(str(model_type), sorted(FAMILIES), n=3, cutoff=0.6)
+    hint = f"; nearest supported: {', '.join(near)}" if near else ""
+    return (
+        f"model type {model_type!r} is not supported yet: none of the {len(FAMILIES)} families "
+        f"in docs/families.md{hint} (to map it: docs/families.md, Adding a family)"
+    )
+
+
 def detect_family(config: dict[str, Any]) -> Family:
     model_type = config.get("model_type")
     if model_type in REFUSED:
@@ -723,10 +736,7 @@ def detect_family(config: dict[str, Any]) -> Family:
             reason += " (to map it: docs/families.md, Adding a family)"
         raise UnsupportedModelError(f"model type {model_type!r} is not supported: {reason}")
     if model_type not in FAMILIES:
-        supported = ", ".join(sorted(FAMILIES))
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported yet (supported: {supported})"
-        )
+        raise UnsupportedModelError(_unknown(model_type))
     family = FAMILIES[model_type]
     text_type = text_config(config).get("model_type")
     if not isinstance(config.get("text_config"), dict):
