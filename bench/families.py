@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from vlmguard_edit import selftest
 from vlmguard_edit.kinds import MODES
 from vlmguard_edit.layout import FAMILIES, REFUSED
+from vlmguard_edit.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- families-start -->", "<!-- families-end -->"
@@ -49,16 +50,29 @@ def status(checks: list[dict], kind: str) -> str:
     return MARK["unsupported"]
 
 
+def recipes_by_family() -> dict[str, list[str]]:
+    """The shipped recipes by the family each names (``family:``)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        family = load_recipe(path).family
+        if family:
+            found.setdefault(family, []).append(f"`{path.name}`")
+    return found
+
+
 def family_rows(results: dict[str, list[dict]]) -> list[str]:
-    head = "| family | text models | text-layer keys | image path | " + " | ".join(MODES) + " |"
-    rows = [head, "|" + " --- |" * (4 + len(MODES))]
+    head = "| family | text models | text-layer keys | image path | " + " | ".join(MODES)
+    rows = [head + " | recipes |", "|" + " --- |" * (5 + len(MODES))]
+    recipes = recipes_by_family()
     for name, checks in results.items():
         family = FAMILIES[name]
         keys = " / ".join(f"`{p}.N`" for p in family.layer_prefixes)
         image = " / ".join(f"`{m}`" for m in family.image_path) or f"- ({family.no_image_path})"
         kinds = " | ".join(status(checks, kind) for kind in MODES)
+        shipped = ", ".join(recipes.get(name, ["-"]))
         rows.append(
-            f"| `{name}` | {', '.join(family.text_model_types)} | {keys} | {image} | {kinds} |"
+            f"| `{name}` | {', '.join(family.text_model_types)} | {keys} | {image} | {kinds} "
+            f"| {shipped} |"
         )
     return rows
 
@@ -79,7 +93,9 @@ def generated(results: dict[str, list[dict]]) -> str:
         "`yes` = converted and checked on every key layout where the family's names differ "
         "(edited tensors == plan, the rest bit-identical, clean load, fold == the kind's hooks "
         "< 1e-5 in float32 with and without an image, visible); `-` = the family cannot take "
-        "that kind (the planner's reason is in docs/families.json).",
+        "that kind (the planner's reason is in docs/families.json). Recipes: the shipped "
+        "recipes that name the family (`family:`); for a family without one, copy a lowrank "
+        "recipe and change its `model:` and `family:` (README, Recipes and defaults).",
         "",
         *family_rows(results),
         "",

@@ -267,6 +267,26 @@ def test_dry_run_writes_nothing(vlm_factory, direction_file, tmp_path):
     assert "language_model.model.layers.2.self_attn.o_proj.weight" in text and "layer   2" in text
 
 
+@pytest.mark.parametrize(
+    ("family", "warned"), [("qwen2_vl", True), ("llava", False), (None, False)]
+)
+def test_a_recipe_for_another_family_is_named(
+    vlm_factory, direction_file, tmp_path, caplog, family, warned
+):
+    options = ConvertOptions(
+        source=str(vlm_factory()),
+        output=tmp_path / "never",
+        recipe=Recipe(layers=[2], rank=1, family=family),
+        direction_file=direction_file,
+        dry_run=True,
+        progress=False,
+    )
+    with caplog.at_level("WARNING"):
+        convert(options)
+    assert ("the recipe is for qwen2_vl models, this is llava" in caplog.text) is warned
+    assert "for llava models" not in caplog.text
+
+
 def independent_u(model, v, layer):
     """u ∝ g ⊙ (Σ_h W_o^h W_v^h)^T v, with the per-head matrices built explicitly."""
     attn = model.model.language_model.layers[layer].self_attn

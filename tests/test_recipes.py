@@ -27,6 +27,10 @@ def test_shipped_recipe_is_valid(path):
         assert recipe.layers is None and recipe.search
     else:
         assert (recipe.base_llm.id or recipe.mode == "image-gap") and recipe.layers
+    # A real model's recipe names its family (convert checks it; docs/families.md lists it);
+    # the organism recipes serve every organism builder's family.
+    local = Path(recipe.model).is_absolute()
+    assert (recipe.family is None) == local, "a real-model recipe says its family"
     first = path.read_text("utf-8").splitlines()[0]
     assert first.startswith("# vlmguard-edit convert"), "a recipe starts with its command line"
 
@@ -41,6 +45,7 @@ def test_all_problems_reported_with_paths():
                 "beta": "strong",
                 "base_llm": {"id": "a/b", "templat": "x"},
                 "layers": "5-2",
+                "family": "not_a_family",
             }
         )
     problems = info.value.problems
@@ -49,7 +54,8 @@ def test_all_problems_reported_with_paths():
     assert any(p.startswith("beta: expected") for p in problems)
     assert any(p.startswith("base_llm.templat: unknown key") for p in problems)
     assert any(p.startswith("layers: bad layer range") for p in problems)
-    assert len(problems) == 5
+    assert any(p.startswith("family: expected a supported family") for p in problems)
+    assert len(problems) == 6
 
 
 def test_template_needs_placeholder():

@@ -102,6 +102,10 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         log.warning("the recipe is for %s, converting %s", recipe.model, opts.source)
     checkpoint = open_checkpoint(source.path)
     layout = find_layout(checkpoint.config, checkpoint.keys)
+    if recipe.family and recipe.family != layout.family.model_type:
+        log.warning(
+            "the recipe is for %s models, this is %s", recipe.family, layout.family.model_type
+        )
     layers = resolve_layers(recipe, layout)
     # From here on the recipe is fully resolved, so the record and card show what was used.
     recipe = replace(recipe, layers=layers)

@@ -26,6 +26,7 @@ import yaml
 
 from .errors import InputError, RecipeError
 from .kinds import MODES, foreign_options, get_kind
+from .layout import FAMILIES
 
 SELF = "self"  # base_llm id meaning "the VLM's own language model, text only"
 
@@ -65,6 +66,10 @@ class Recipe:
     # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
     search: list[dict[str, Any]] = field(default_factory=list)
     notes: str | None = None
+    # The layout family (model type) the recipe was written for: convert warns when the model
+    # is of another one, and the generated family table lists the recipe. None: any family
+    # (the organism recipes serve every organism builder's family).
+    family: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +77,7 @@ class Recipe:
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
-_TOP_KEYS |= {"preserve_images"}
+_TOP_KEYS |= {"preserve_images", "family"}
 # Training images of the learned kinds; typographic renders the anchor itself (learned.py).
 IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
@@ -189,6 +194,8 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
         recipe.search = _search(data["search"], problems)
     if check("notes", isinstance(data.get("notes"), str), "text"):
         recipe.notes = data["notes"]
+    if check("family", data.get("family") in FAMILIES, "a supported family (docs/families.md)"):
+        recipe.family = data["family"]
     problems += mode_problems(recipe, explicit=set(data))
     if problems:
         raise RecipeError(source, problems)
