@@ -9,7 +9,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import json
 import shutil
 from pathlib import Path
 
@@ -83,7 +82,3 @@ def vlm_copy(tmp_path, vlm_factory):
         return target
 
     return make
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text("utf-8"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import blake3
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import model_tensors
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from vlmguard_edit import tiny
@@ -45,17 +45,6 @@ class IndependentHooks:
     def remove(self):
         for handle in self.handles:
             handle.remove()
-
-
-def all_tensors(folder):
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        if shard.name.startswith("vlmguard"):
-            continue
-        with safe_open(str(shard), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                out[key] = handle.get_tensor(key)
-    return out
 
 
 def run_convert(src, out, direction_file=None, beta=-1.0, **recipe_kw):
@@ -131,7 +120,7 @@ def test_fold_equals_runtime_hooks(
         assert effect > 0.05, f"the edit must clearly change the logits (max diff {effect})"
 
     # 3. Exactly the planned writers changed; every other tensor is bit-identical.
-    before, after = all_tensors(src), all_tensors(out)
+    before, after = model_tensors(src), model_tensors(out)
     assert before.keys() == after.keys()
     expected = {k for k in before if (m := WRITER_KEY.fullmatch(k)) and int(m.group(1)) in LAYERS}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -327,7 +316,7 @@ def test_projector_shift_is_image_only_and_matches_hook(
     folded = logits(guarded, image)
     assert (folded - hooked).abs().max() < 1e-5
     assert (folded - logits(original, image)).abs().max() > 1e-3
-    before, after = all_tensors(src), all_tensors(out)
+    before, after = model_tensors(src), model_tensors(out)
     assert {k for k in before if not torch.equal(before[k], after[k])} == {result.plan.edits[0].key}
     key = result.plan.edits[0].key
     assert torch.allclose(after[key], before[key] + 3.0 * u, atol=1e-6)
@@ -345,7 +334,7 @@ def test_projector_shift_ssd_direction(vlm_factory, direction_file, tmp_path):
     )
     key = result.plan.edits[0].key
     v = Direction.load(direction_file).vectors[2][0]
-    assert torch.allclose(all_tensors(out)[key], all_tensors(src)[key] + 0.5 * v, atol=1e-6)
+    assert torch.allclose(model_tensors(out)[key], model_tensors(src)[key] + 0.5 * v, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "user-space"])

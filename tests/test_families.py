@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import model_tensors
 from transformers import AutoModelForImageTextToText
 
 from vlmguard_edit import tiny
@@ -109,15 +109,6 @@ def norm_outputs(model, ids, names):
     return captured
 
 
-def tensors(folder):
-    out = {}
-    for shard in sorted(folder.glob("model*.safetensors")):
-        with safe_open(str(shard), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118
-                out[key] = handle.get_tensor(key)
-    return out
-
-
 @pytest.mark.parametrize(("family", "layout"), CASES, ids=lambda x: str(x))
 @pytest.mark.parametrize("beta", [-1.0, 2.0])
 def test_family_fold(family, layout, beta, tmp_path_factory):
@@ -154,7 +145,7 @@ def test_family_fold(family, layout, beta, tmp_path_factory):
         experts = [e for e in result.plan.edits if e.kind == "experts"]
         assert [e.layer for e in experts] == [0]
         assert experts[0].axis == (2 if layout == "hub" else 1)
-    before, after = tensors(source), tensors(guarded)
+    before, after = model_tensors(source), model_tensors(guarded)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == planned
@@ -477,7 +468,7 @@ def test_projector_shift_families(family, layout, tmp_path):
     assert edit.kind == "shift" and edit.key.endswith(
         ("merger.mlp.2.bias", "linear_fc2.bias", "linear_2.bias")
     )
-    before, after = tensors(source), tensors(tmp_path / "guarded")
+    before, after = model_tensors(source), model_tensors(tmp_path / "guarded")
     assert {k for k in before if not torch.equal(before[k], after[k])} == {edit.key}
     assert torch.allclose(after[edit.key], before[edit.key] + 2.0 * v[0], atol=1e-6)
     guarded = AutoModelForImageTextToText.from_pretrained(tmp_path / "guarded").eval()
@@ -520,7 +511,7 @@ def test_lowrank_fold_on_every_family(family, layout, tmp_path_factory):
     guarded = root / "guarded"
     recipe = Recipe(mode="lowrank", rank=2)
     convert(ConvertOptions(str(source), guarded, recipe, root / "e.safetensors", progress=False))
-    before, after = tensors(source), tensors(guarded)
+    before, after = model_tensors(source), model_tensors(guarded)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {e.key for e in plan.edits} and all("o_proj" in k for k in changed)
     model, info = AutoModelForImageTextToText.from_pretrained(guarded, output_loading_info=True)
