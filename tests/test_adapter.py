@@ -9,7 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from tests.test_convert import all_tensors, logits
+from tests.helpers import model_tensors
+from tests.test_convert import logits
 from tests.test_kinds import RECIPES, parameter_file
 from vlmguard_edit import tiny
 from vlmguard_edit.adapter import adapter_scale, write_adapter
@@ -105,8 +106,8 @@ def test_an_existing_folder_is_replaced_only_when_it_is_an_adapter(
     with pytest.raises(InputError, match="already exists"):
         write_adapter(out, src, tmp_path / "adapter")
     write_adapter(out, src, tmp_path / "adapter", overwrite=True)
-    before = all_tensors(src)  # the source was never written to
-    assert all(torch.equal(before[k], v) for k, v in all_tensors(src).items())
+    before = model_tensors(src)  # the source was never written to
+    assert all(torch.equal(before[k], v) for k, v in model_tensors(src).items())
 
 
 def test_cli_adapter_and_convert_adapter_out(vlm_factory, direction_file, tmp_path):

@@ -11,9 +11,9 @@ from pathlib import Path
 import blake3
 import pytest
 import torch
-from helpers import model_tensors
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+from tests.helpers import model_tensors
 from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import parse_header
 from vlmguard_edit.convert import ConvertOptions, convert

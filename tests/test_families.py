@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-from helpers import model_tensors
 from transformers import AutoModelForImageTextToText
 
+from tests.helpers import model_tensors
 from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from tests.test_convert import all_tensors, logits
+from tests.helpers import model_tensors
+from tests.test_convert import logits
 from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
@@ -64,7 +65,7 @@ def test_kind_folds_exactly_what_it_plans_and_equals_its_runtime_hooks(
     result = convert(opts)
 
     # Exactly the planned tensors changed, every one of them; the kind's file ships beside.
-    before, after = all_tensors(src), all_tensors(out)
+    before, after = model_tensors(src), model_tensors(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {e.key for e in result.plan.edits} and changed
     assert (out / kind.file_name).is_file()
