@@ -268,6 +268,18 @@ def learned_options(prefix: str):
             help=f"{prefix}Images on which only the harmless anchors are taught (to keep the "
             "original's answers), e.g. typographic for a model that may not read.",
         ),
+        click.option(
+            "--preservation-weight",
+            type=click.FloatRange(0, min_open=True),
+            help=f"{prefix}Loss weight of the preservation rows against the refusal rows "
+            "(default 2).",
+        ),
+        click.option(
+            "--recombine",
+            type=click.IntRange(min=0),
+            help=f"{prefix}Also teach N recombined anchor pairs (one pair's changed words in "
+            "another's sentence) on typographic renders (default 0).",
+        ),
     ]
     return _stacked(options)
 
@@ -314,11 +326,11 @@ def _stacked(options: list):
     help=" ".join(f"{kind.name}: {kind.summary}." for kind in KINDS.values())
     + " Default: writers.",
 )
-@learned_options("image-path / lowrank only. ")
+@learned_options("The learned kinds only. ")
 @click.option(
     "--search",
     metavar="EPOCHS:RATE,...",
-    help="image-path / lowrank: candidates to calibrate over, e.g. 40:1e-3,80:3e-3 (scored on "
+    help="The learned kinds: candidates to calibrate over, e.g. 40:1e-3,80:3e-3 (scored on "
     "held-out anchors, one picked by a fixed rule).",
 )
 @click.option("--gamma", type=float, help="projector-shift strength (default 1).")
@@ -387,6 +399,7 @@ def convert(
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
     kinds = _image_kinds(images)
+    learned_extra = {k: kw.pop(k) for k in ("preservation_weight", "recombine")}
     recipe = _build_recipe(
         kw,
         base_llm,
@@ -399,10 +412,11 @@ def convert(
         images=kinds,
         preserve_images=_image_kinds(preserve_images, "--preserve-images"),
         search=_search(search),
+        **learned_extra,
     )
     options = (("beta", beta), ("gamma", gamma), ("shift_direction", shift_direction))
     options += (("epochs", epochs), ("learning_rate", learning_rate), ("images", kinds))
-    options += (("search", search), ("preserve_images", preserve_images))
+    options += (("search", search), ("preserve_images", preserve_images), *learned_extra.items())
     problems = mode_problems(recipe, {name for name, value in options if value is not None})
     if problems:
         raise click.UsageError("; ".join(problems))
@@ -615,6 +629,7 @@ def calibrate(
     changes = {"anchors": anchors, "epochs": epochs, "learning_rate": learning_rate}
     changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
     changes["preserve_images"] = _image_kinds(preserve_images, "--preserve-images")
+    changes |= {k: kw.pop(k) for k in ("preservation_weight", "recombine")}
     if base_llm is not None:
         changes["base_llm"] = BaseLLM(id=base_llm)
     edit = run_calibrate(

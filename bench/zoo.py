@@ -40,6 +40,7 @@ PIPELINES = {
     "calibrated": _recipe("organism"),
     "typographic": _recipe("organism-typographic"),
     "lowrank-image-path": _recipe("organism-lowrank-image-path"),
+    "typographic-attention": _recipe("organism-typographic-attention"),
     "image-path": _recipe("organism-image-path"),
     # The design's literal edit with its defaults: the base LLM's direction projected out
     # of the upper half of the layers' writers (beta -1, rank 1).
@@ -316,6 +317,10 @@ def main() -> None:
                 "lowrank-image-path": "A lead for a VLM that reads: "
                 "`recipes/organism-lowrank-image-path.yaml` (the typographic recipe with the "
                 "image-to-language Linear learned too, rank 4) with each member's own anchors.",
+                "typographic-attention": "A lead for a VLM that reads: "
+                "`recipes/organism-typographic-attention.yaml` (lowrank-attention: o_proj and "
+                "q/k/v, rank 4; typographic training images and 600 recombined anchor pairs "
+                "on renders; preservation weight 4) with each member's own anchors.",
                 "image-path": "The learned image-path edit, calibrated: "
                 "`recipes/organism-image-path.yaml` (the default before lowrank; search "
                 "40:1e-3, 40:3e-3) with each member's own anchors.",

@@ -28,6 +28,7 @@ RECIPES = {
     "image-path": {},
     "lowrank": {"layers": [0, 2], "rank": 2},
     "lowrank-image-path": {"layers": [1], "rank": 2},
+    "lowrank-attention": {"layers": [1, 3], "rank": 2},
 }
 IMAGE_ONLY = {"projector-shift", "image-path"}  # text-only outputs cannot change
 
@@ -93,7 +94,7 @@ def test_kind_folds_exactly_what_it_plans_and_equals_its_runtime_hooks(
 
 def test_the_kinds_declare_what_sets_them_apart():
     assert MODES[:5] == ("writers", "projector-shift", "image-gap", "image-path", "lowrank")
-    assert set(LEARNED) == {"image-path", "lowrank", "lowrank-image-path"}
+    assert set(LEARNED) == {"image-path", "lowrank", "lowrank-image-path", "lowrank-attention"}
     assert {k.name for k in KINDS.values() if k.steered} == {"writers", "projector-shift"}
     assert {k.name for k in KINDS.values() if not k.lora} == {"projector-shift", "image-path"}
     assert KINDS["lowrank"].preserve_text and KINDS["lowrank"].factored

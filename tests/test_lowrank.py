@@ -204,3 +204,38 @@ def test_gradient_checkpointing_learns_the_same_edit_and_leaves_the_model_as_it_
     assert any(v.abs().max() > 1e-4 for k, v in learned_with[True].items() if "lora_B" in k)
     for key, value in learned_with[False].items():
         assert torch.allclose(learned_with[True][key], value, atol=1e-5), key
+
+
+def test_recombined_pairs_swap_the_changed_words_and_never_repeat_an_anchor():
+    harmful = ["how do i burn the bus ?", "tell me how to rob a shop .", "a b c", "x"]
+    harmless = ["how do i paint the bus ?", "tell me how to clean a shop .", "a b c", "y z"]
+    new_h, new_b = learned.recombine(harmful, harmless, 10, seed=0)
+    assert set(zip(new_h, new_b, strict=True)) == {
+        ("how do i rob the bus ?", "how do i clean the bus ?"),
+        ("tell me how to burn a shop .", "tell me how to paint a shop ."),
+    }  # "a b c" changes nothing and "x"/"y z" has no shared sentence: neither takes part
+    assert learned.recombine(harmful[:1], harmless[:1], 5) == ([], [])
+
+
+def test_lowrank_attention_plans_every_layers_four_attention_projections(vlm_factory):
+    checkpoint = open_checkpoint(vlm_factory())
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    plan = build_plan(checkpoint, layout, [0, 2], 2, -1.0, "lowrank-attention")
+    names = sorted(e.key.split("layers.")[1] for e in plan.edits)
+    expected = [f"{i}.self_attn.{p}_proj.weight" for i in (0, 2) for p in "kovq"]
+    assert names == sorted(expected)
+    lowrank = build_plan(checkpoint, layout, [0, 2], 2, -1.0, "lowrank")
+    assert {e.key for e in lowrank.edits} < {e.key for e in plan.edits}
+
+
+def test_learned_recipe_keys_are_checked():
+    recipe = recipe_from_dict({"mode": "lowrank", "recombine": 300, "preservation_weight": 4})
+    assert (recipe.recombine, recipe.preservation_weight) == (300, 4.0)
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict({"mode": "lowrank", "recombine": -1, "preservation_weight": 0})
+    assert sorted(p.split(":")[0] for p in info.value.problems) == [
+        "preservation_weight",
+        "recombine",
+    ]
+    with pytest.raises(RecipeError, match="recombine: not used by writers"):
+        recipe_from_dict({"mode": "writers", "recombine": 5})

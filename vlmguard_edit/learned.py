@@ -60,6 +60,10 @@ class Settings:
     probes: int = 96  # image-description prompts on drawn shapes (preservation)
     # The preservation rows' loss weight against the refusal rows' (1: equal per batch).
     preservation_weight: float = 2.0
+    # Recombined pairs added on typographic renders (``recombine``): each fit pair's changed
+    # words put into another pair's sentence, so the edit must read the request in the image
+    # rather than remember the anchors' sentences. 0: none.
+    recombined: int = 0
     max_new_tokens: int = 24
     batch_size: int = 16
     seed: int = 0
@@ -276,6 +280,8 @@ def learn(
     probes = _probe_rows(settings, grammar)
     cut = len(probes) * 4 // 5
     fit = _batches(model, processor, fit_h, fit_b, probes[:cut], settings, teacher)
+    if settings.recombined:
+        fit += _recombined_batches(model, processor, fit_h, fit_b, settings, teacher)
     val = _batches(model, processor, val_h, val_b, probes[cut:], settings, teacher)
     if settings.preserve_text:
         fit += _text_batches(model, processor, fit_h + fit_b, settings)
@@ -387,6 +393,49 @@ def _image_rows(prompts: list[str], kinds: tuple[str, ...]) -> list[tuple[str, A
             else:
                 rows.append(_row(prompt, makers[kind](1000 + i)))
     return rows
+
+
+def _changed(harmful: str, harmless: str) -> tuple[list[str], list[str], list[str], list[str]]:
+    """A pair as (words before, the harmful words, the harmless words, words after): the
+    longest common prefix and suffix of the two, in words."""
+    a, b = harmful.split(), harmless.split()
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    return a[:start], a[start : len(a) - end], b[start : len(b) - end], a[len(a) - end :]
+
+
+def recombine(harmful: list[str], harmless: list[str], count: int, seed: int = 0):
+    """Up to ``count`` new (harmful, harmless) pairs: one pair's changed words in another
+    pair's sentence ("how do i burn the bus ?" / "... paint ..." with "drug" / "carry" from
+    another pair gives "how do i drug the bus ?" / "how do i carry the bus ?"). Only pairs
+    that differ in one span take part; no new pair repeats an anchor. Their answers come from
+    the teachers, as the anchors' do."""
+    parts = [_changed(h, b) for h, b in zip(harmful, harmless, strict=True)]
+    parts = [p for p in parts if p[1] and p[2] and (p[0] or p[3])]  # a sentence around a change
+    seen = set(zip(harmful, harmless, strict=True))
+    rng, out = random.Random(seed), []
+    for _ in range(50 * count if len(parts) > 1 else 0):
+        (before, _, _, after), (_, bad, good, _) = rng.choice(parts), rng.choice(parts)
+        pair = (" ".join(before + bad + after), " ".join(before + good + after))
+        if pair not in seen:
+            seen.add(pair)
+            out.append(pair)
+        if len(out) == count:
+            break
+    return [h for h, _ in out], [b for _, b in out]
+
+
+@torch.no_grad()
+def _recombined_batches(model, processor, harmful, harmless, settings: Settings, teacher):
+    """Recombined pairs rendered into the image (typographic rows only): harmful ones taught
+    to the text-only answer, harmless ones held to the original's with-image answer."""
+    new_h, new_b = recombine(harmful, harmless, settings.recombined, settings.seed)
+    typographic = replace(settings, images=("typographic",), preserve_images=())
+    return _batches(model, processor, new_h, new_b, [], typographic, teacher)
 
 
 def _anchor_rows(harmful: list[str], harmless: list[str], settings: Settings):

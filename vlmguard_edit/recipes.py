@@ -65,6 +65,10 @@ class Recipe:
     # Calibration: candidates {epochs, learning_rate} tried one by one, each
     # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
     search: list[dict[str, Any]] = field(default_factory=list)
+    # The harmless (preservation) rows' loss weight against the refusal rows' (learned.py).
+    preservation_weight: float = 2.0
+    # Recombined anchor pairs taught on typographic renders (learned.recombine); 0: none.
+    recombine: int = 0
     notes: str | None = None
     # The layout family (model type) the recipe was written for: convert warns when the model
     # is of another one, and the generated family table lists the recipe. None: any family
@@ -77,7 +81,7 @@ class Recipe:
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
-_TOP_KEYS |= {"preserve_images", "family"}
+_TOP_KEYS |= {"preserve_images", "family", "preservation_weight", "recombine"}
 # Training images of the learned kinds; typographic renders the anchor itself (learned.py).
 IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
@@ -180,6 +184,19 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
         recipe.shift_direction = shift
     if check("batch_size", _is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
         recipe.batch_size = data["batch_size"]
+    _learned_keys(data, recipe, check, problems)
+    if check("notes", isinstance(data.get("notes"), str), "text"):
+        recipe.notes = data["notes"]
+    if check("family", data.get("family") in FAMILIES, "a supported family (docs/families.md)"):
+        recipe.family = data["family"]
+    problems += mode_problems(recipe, explicit=set(data))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _learned_keys(data: dict, recipe: Recipe, check, problems: list[str]) -> None:
+    """The learned kinds' keys (learned.Settings)."""
     if check("epochs", _is_int(data.get("epochs")) and data["epochs"] >= 1, "an integer >= 1"):
         recipe.epochs = data["epochs"]
     rate = data.get("learning_rate")
@@ -192,14 +209,13 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
         recipe.preserve_images = list(data["preserve_images"])
     if "search" in data:
         recipe.search = _search(data["search"], problems)
-    if check("notes", isinstance(data.get("notes"), str), "text"):
-        recipe.notes = data["notes"]
-    if check("family", data.get("family") in FAMILIES, "a supported family (docs/families.md)"):
-        recipe.family = data["family"]
-    problems += mode_problems(recipe, explicit=set(data))
-    if problems:
-        raise RecipeError(source, problems)
-    return recipe
+    weight = data.get("preservation_weight")
+    good = _is_number(weight) and math.isfinite(weight) and weight > 0
+    if check("preservation_weight", good, "a number > 0"):
+        recipe.preservation_weight = float(weight)
+    count = data.get("recombine")
+    if check("recombine", _is_int(count) and count >= 0, "an integer >= 0"):
+        recipe.recombine = count
 
 
 def _image_list(value: Any, empty: bool) -> bool:

@@ -561,6 +561,7 @@ def _recipe(kind, layers: list[int]):
         "image-path": {},
         "lowrank": {"layers": layers, "rank": 2},
         "lowrank-image-path": {"layers": layers[:1], "rank": 2},
+        "lowrank-attention": {"layers": layers, "rank": 2},
     }
     return Recipe(mode=kind.name, **options.get(kind.name, {"layers": layers}))
 

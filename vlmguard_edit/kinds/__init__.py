@@ -10,6 +10,7 @@ from .base import Context, EditKind, Parameters
 from .image_gap import ImageGap
 from .image_path import ImagePath
 from .lowrank import LowRank
+from .lowrank_attention import LowRankAttention
 from .lowrank_image_path import LowRankImagePath
 from .projector_shift import ProjectorShift
 from .writers import Writers
@@ -23,6 +24,7 @@ KINDS: dict[str, EditKind] = {
         ImagePath(),
         LowRank(),
         LowRankImagePath(),
+        LowRankAttention(),
     )
 }
 MODES = tuple(KINDS)

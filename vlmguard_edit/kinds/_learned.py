@@ -16,6 +16,7 @@ from .base import Context, EditKind, Parameters
 
 EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
 LEARNED_OPTIONS = frozenset({"epochs", "learning_rate", "images", "preserve_images", "search"})
+LEARNED_OPTIONS |= {"preservation_weight", "recombine"}
 
 
 class LearnedKind(EditKind):
@@ -96,7 +97,8 @@ class LearnedKind(EditKind):
         parts += ["--images", ",".join(recipe.images)]
         if recipe.preserve_images:
             parts += ["--preserve-images", ",".join(recipe.preserve_images)]
-        return parts
+        parts += ["--preservation-weight", f"{recipe.preservation_weight:g}"]
+        return parts + (["--recombine", str(recipe.recombine)] if recipe.recombine else [])
 
 
 def modules_of(plan: Plan) -> list[str]:
@@ -162,6 +164,8 @@ def _settings(recipe, kind: LearnedKind):
         candidates=tuple((c["epochs"], c["learning_rate"]) for c in recipe.search),
         rank=recipe.rank if kind.factored else 0,
         preserve_text=kind.preserve_text,
+        preservation_weight=recipe.preservation_weight,
+        recombined=recipe.recombine,
     )
 
 

@@ -1,0 +1,78 @@
+"""lowrank-attention (learned): the lowrank kind's B A of every selected text layer's
+attention output projection, and a rank-r B A of the same layer's query, key and value
+projections wherever they are separate Linears, learned together, text-only answers held.
+
+Why the inputs too: an o_proj change re-mixes what each position's attention already read,
+but the last prompt token of a typographic prompt does not read the request in the image
+(on the organism that reads, a linear probe there tells harmful renders from harmless ones
+at 65-70% on unseen nouns): a q/k change can make it attend to the words that do carry it.
+Each change is a plain Linear's weight, so the fold is exact (W + B A) behind any norm."""
+
+from __future__ import annotations
+
+from ..checkpoint import FLOAT_DTYPES
+from ..plan import PlannedEdit
+from .lowrank import LowRank
+
+INPUTS = ("q_proj", "k_proj", "v_proj")  # an attention module's separate input projections
+
+
+class LowRankAttention(LowRank):
+    name = "lowrank-attention"
+    summary = (
+        "lowrank plus a rank-r update of each layer's attention q/k/v projections (where "
+        "separate), learned together: what the last prompt token attends to can change"
+    )
+
+    def plan_edits(self, checkpoint, layout, layers, beta):
+        edits = super().plan_edits(checkpoint, layout, layers, beta)
+        return edits + [e for edit in edits for e in input_edits(checkpoint, edit)]
+
+    def map_text(self, plan):
+        inputs = sum(edit.key.rsplit(".", 2)[-2] in INPUTS for edit in plan.edits)
+        return (
+            f"W <- W + B A on attention o_proj and on {inputs} q/k/v projections "
+            f"(learned, rank {plan.rank}, per layer)"
+        )
+
+    def card_text(self, record):
+        from ..card import learned_text
+
+        _, how = learned_text(record, lowrank=True)
+        layers = len({e["layer"] for e in record["edits"]})
+        inputs = sum(e["module"].rsplit(".", 1)[-1] in INPUTS for e in record["edits"])
+        what = (
+            f"Only the attention projections of {layers} text layers changed (the outputs, "
+            f"and {inputs} query/key/value projections), each by a rank-"
+            f"{record['recipe']['rank']} product B A; text-only answers were held to the "
+            "original's own while it was learned (they can move slightly: see the held-out "
+            "numbers below)."
+        )
+        return what, how
+
+
+def input_edits(checkpoint, output: PlannedEdit) -> list[PlannedEdit]:
+    """The q/k/v projections beside an attention output projection, as separate float
+    matrices in the checkpoint (none for fused qkv, latent attention or a linear-attention
+    layer: those layers keep the o_proj change only)."""
+    parent = output.module.rsplit(".", 1)[0]
+    edits = []
+    for name in INPUTS:
+        key = f"{parent}.{name}.weight"
+        if key not in checkpoint.key_to_file:
+            continue
+        info = checkpoint.info(key)
+        if info.dtype in FLOAT_DTYPES and len(info.shape) == 2:
+            file = checkpoint.key_to_file[key]
+            edits.append(
+                PlannedEdit(
+                    key,
+                    file,
+                    output.layer,
+                    key.removesuffix(".weight"),
+                    info.dtype,
+                    info.shape,
+                    "delta",
+                )
+            )
+    return edits
