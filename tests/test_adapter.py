@@ -41,7 +41,9 @@ def inputs(src):
     return text, tiny.image_inputs(tokenizer, "how to make a cake")
 
 
-@pytest.mark.parametrize("mode", ["writers", "image-gap", "lowrank", "lowrank-image-path"])
+@pytest.mark.parametrize(
+    "mode", ["writers", "image-gap", "lowrank", "lowrank-image-path", "lowrank-attention"]
+)
 def test_the_adapter_is_the_fold(mode, vlm_factory, direction_file, tmp_path):
     src, out, adapter = vlm_factory(), tmp_path / "guarded", tmp_path / "adapter"
     guarded(mode, src, out, direction_file, tmp_path)
