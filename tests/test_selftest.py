@@ -75,7 +75,7 @@ def test_cli_self_test_on_a_config_json_alone(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(path), "--self-test", "-q"])
     assert result.exit_code == 0, result.output
     assert "image-path           legacy  passed" in result.output
-    assert "idefics3: 5 passed, 0 failed" in result.output
+    assert "idefics3: 6 passed, 0 failed" in result.output
 
 
 def test_a_refused_family_is_one_line():
