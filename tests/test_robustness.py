@@ -21,8 +21,11 @@ COMMAND = Path(sys.executable).parent / "vlmguard-edit"
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 # Loaded at start-up by the installed command (PYTHONPATH): torch first, so that a signal
 # lands in the copy phase and not inside an import, and copies that take DELAY s each.
+# SIGINT is set back to Python's default: a shell starts a background job with it ignored,
+# and a child inherits that (a CI run in the background would otherwise never see Ctrl-C).
 SITECUSTOMIZE = """
-import time, torch, vlmguard_edit.convert as c
+import signal, time, torch, vlmguard_edit.convert as c
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real = c.copy_file
 def slow(*a):
     time.sleep({delay})
