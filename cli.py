@@ -245,6 +245,10 @@ def direction_options(func):
     return _stacked(options)(func)
 
 
+# learned_options' recipe keys that convert and calibrate pass through as they are.
+LEARNED_KEYS = ("preservation_weight", "recombine")
+
+
 def learned_options(prefix: str):
     """The image-path options shared by `convert` (``prefix`` "image-path: ") and `calibrate`."""
     options = [
@@ -399,7 +403,7 @@ def convert(
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
     kinds = _image_kinds(images)
-    learned_extra = {k: kw.pop(k) for k in ("preservation_weight", "recombine")}
+    learned_extra = {k: kw.pop(k) for k in LEARNED_KEYS}
     recipe = _build_recipe(
         kw,
         base_llm,
@@ -629,7 +633,7 @@ def calibrate(
     changes = {"anchors": anchors, "epochs": epochs, "learning_rate": learning_rate}
     changes |= {"images": _image_kinds(images), "batch_size": kw.pop("batch_size")}
     changes["preserve_images"] = _image_kinds(preserve_images, "--preserve-images")
-    changes |= {k: kw.pop(k) for k in ("preservation_weight", "recombine")}
+    changes |= {k: kw.pop(k) for k in LEARNED_KEYS}
     if base_llm is not None:
         changes["base_llm"] = BaseLLM(id=base_llm)
     edit = run_calibrate(

@@ -57,6 +57,13 @@ def o_proj_edit(checkpoint, layout, layer: int) -> PlannedEdit:
         raise PlanError(
             f"{writer.weight} is {info.dtype} {list(info.shape)}; expected a float matrix"
         )
-    module = writer.weight.removesuffix(".weight")
-    file = checkpoint.key_to_file[writer.weight]
-    return PlannedEdit(writer.weight, file, layer, module, info.dtype, info.shape, "delta")
+    return delta_edit(checkpoint, writer.weight, layer)
+
+
+def delta_edit(checkpoint, key: str, layer: int) -> PlannedEdit:
+    """A learned change ("delta") of the weight ``key`` of a text layer."""
+    info = checkpoint.info(key)
+    module = key.removesuffix(".weight")
+    return PlannedEdit(
+        key, checkpoint.key_to_file[key], layer, module, info.dtype, info.shape, "delta"
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..checkpoint import FLOAT_DTYPES
 from ..plan import PlannedEdit
-from .lowrank import LowRank
+from .lowrank import LowRank, delta_edit
 
 INPUTS = ("q_proj", "k_proj", "v_proj")  # an attention module's separate input projections
 
@@ -56,23 +56,10 @@ def input_edits(checkpoint, output: PlannedEdit) -> list[PlannedEdit]:
     matrices in the checkpoint (none for fused qkv, latent attention or a linear-attention
     layer: those layers keep the o_proj change only)."""
     parent = output.module.rsplit(".", 1)[0]
-    edits = []
-    for name in INPUTS:
-        key = f"{parent}.{name}.weight"
-        if key not in checkpoint.key_to_file:
-            continue
-        info = checkpoint.info(key)
-        if info.dtype in FLOAT_DTYPES and len(info.shape) == 2:
-            file = checkpoint.key_to_file[key]
-            edits.append(
-                PlannedEdit(
-                    key,
-                    file,
-                    output.layer,
-                    key.removesuffix(".weight"),
-                    info.dtype,
-                    info.shape,
-                    "delta",
-                )
-            )
-    return edits
+    keys = [f"{parent}.{name}.weight" for name in INPUTS]
+    infos = {k: checkpoint.info(k) for k in keys if k in checkpoint.key_to_file}
+    return [
+        delta_edit(checkpoint, key, output.layer)
+        for key, info in infos.items()
+        if info.dtype in FLOAT_DTYPES and len(info.shape) == 2
+    ]
