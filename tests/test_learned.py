@@ -286,7 +286,7 @@ def test_convert_calibrates_over_the_search_and_records_every_candidate(tmp_path
 
     out = tmp_path / "guarded"
     args = ["convert", str(ORGANISM / "vlm"), "--mode", "image-path", "-o", str(out), "-q"]
-    args += ["--anchors", str(anchors), "--images", "blank"]
+    args += ["--anchors", str(anchors), "--images", "blank,typographic"]
     result = CliRunner().invoke(main, [*args, "--search", "1:1e-4,1:1e-2"])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "vlmguard.json").read_text())
@@ -305,6 +305,15 @@ def test_convert_calibrates_over_the_search_and_records_every_candidate(tmp_path
 
     assert Image.open(out / "calibration.png").size[0] > 300
     assert {"calibration.md", "calibration.png"} <= set(record["files"])
+    # the organism cannot read: the reading gate kept its renders as preservation rows only,
+    # and the report, the table and the card say so
+    assert report["reading"] == {"share": 0.0, "taught": False}
+    assert (report["settings"]["images"], report["settings"]["preserve_images"]) == (
+        ["blank"],
+        ["typographic"],
+    )
+    assert "Reading: 0% of harmless anchors" in table
+    assert "with an image (blank)," in (out / "README.md").read_text()
     assert verify(out).ok
     bad = CliRunner().invoke(main, [*args[:5], str(tmp_path / "x"), "--search", "1e-3"])
     assert bad.exit_code == 2 and "EPOCHS:RATE" in bad.output

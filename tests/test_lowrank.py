@@ -3,6 +3,7 @@
 reusable, and the learning holding text-only answers while restoring refusals with images."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,43 @@ def test_learned_recipe_keys_are_checked():
     ]
     with pytest.raises(RecipeError, match="recombine: not used by writers"):
         recipe_from_dict({"mode": "writers", "recombine": 5})
+
+
+@pytest.fixture(scope="module")
+def organism():
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = load_processor(ORGANISM / "vlm")
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def test_the_shipped_organism_does_not_read_and_renders_stay_preservation_rows(organism):
+    """The shipped organism answers every render alike (it was never taught to read): the gate
+    measures it, keeps the renders as preservation rows only and makes no recombined pairs."""
+    model, processor = organism
+    settings = learned.Settings(images=("blank", "typographic"), recombined=50, batch_size=8)
+    harmless = ["how do i paint the bus ?", "how do i wash the bike ?", "how to bake bread ?"]
+    gated, reading = learned._reading_gate(model, processor, harmless, settings)
+    assert reading == {"share": 0.0, "taught": False}
+    assert (gated.images, gated.preserve_images, gated.recombined) == (
+        ("blank",),
+        ("typographic",),
+        0,
+    )
+    untouched = replace(settings, images=("blank",))
+    assert learned._reading_gate(model, processor, harmless, untouched) == (untouched, None)
+
+
+def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkeypatch):
+    """reads() counts a render answered with the written request's own greedy answer (here the
+    'render' is the request itself, so every answer matches); at READING_MIN or above the
+    typographic training rows and recombined pairs stay."""
+    model, processor = organism
+    monkeypatch.setattr(
+        learned, "_image_rows", lambda prompts, kinds: [(p, None, p) for p in prompts]
+    )
+    settings = learned.Settings(images=("typographic",), recombined=50, batch_size=2)
+    prompts = ["how do i paint the bus ?", "hi", "how to bake bread ?"]  # unequal lengths
+    assert learned.reads(model, processor, prompts, settings) == 1.0
+    gated, reading = learned._reading_gate(model, processor, prompts, settings)
+    assert gated == settings and reading == {"share": 1.0, "taught": True}

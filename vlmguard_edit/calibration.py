@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .learned import PRESERVATION_MAX
+from .learned import PRESERVATION_MAX, READING_MIN
 from .writes import replace_file
 
 FILES = ("calibration.md", "calibration.png")
@@ -51,8 +51,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {label} | {r[_AGREE]:.0%} | {r[_HARM]:.4f} | {r[_KEEP]:.4f} "
             f"| {'-' if kept is None else f'{kept:.0%}'} | {'yes' if chosen else ''} |"
         )
-    lines += ["", "![calibration](calibration.png)", ""]
+    lines += ["", *reading_lines(report.get("reading")), "![calibration](calibration.png)", ""]
     return "\n".join(lines)
+
+
+def reading_lines(reading: dict[str, Any] | None) -> list[str]:
+    """What the reading gate measured and decided (``learned._reading_gate``), if it ran."""
+    if reading is None:
+        return []
+    verdict = (
+        "harmful renders were taught to be refused"
+        if reading["taught"]
+        else f"below {READING_MIN:.0%}: renders were kept as preservation rows only (a model "
+        "that cannot read would learn to refuse every render)"
+    )
+    return [
+        f"Reading: {reading['share']:.0%} of harmless anchors rendered into the image were "
+        f"answered as written; {verdict}.",
+        "",
+    ]
 
 
 def chart(report: dict[str, Any]) -> bytes:

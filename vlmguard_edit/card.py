@@ -110,9 +110,10 @@ def learned_text(record: dict[str, Any], lowrank: bool) -> tuple[str, str]:
     change = "B A of those projections" if lowrank else f"dW, db of {module}"
     epochs = after.get("epochs", recipe["epochs"])  # the calibrated candidate's, with a search
     rate = after.get("learning_rate", recipe["learning_rate"])
+    images = (report.get("settings") or {}).get("images", recipe["images"])  # after the gate
     how = (
         f"A change {change} was learned ({epochs} epochs, Adam {rate:g}) so that, with an "
-        f"image ({', '.join(recipe['images'])}), "
+        f"image ({', '.join(images)}), "
         f"the model answers {direction['num_anchor_pairs']} harmful anchor prompts as it does "
         "text only (its own text-only answers are the teacher: the language model supervises "
         "the VLM), while harmless prompts and image descriptions keep the original's "

@@ -277,6 +277,7 @@ def learn(
     processor.tokenizer.padding_side = "left"  # prompts end where the answers start
     fit_h, val_h = _split(harmful, settings)
     fit_b, val_b = _split(harmless, settings)
+    settings, reading = _reading_gate(model, processor, fit_b, settings)
     probes = _probe_rows(settings, grammar)
     cut = len(probes) * 4 // 5
     fit = _batches(model, processor, fit_h, fit_b, probes[:cut], settings, teacher)
@@ -296,9 +297,60 @@ def learn(
         tried.append(({"epochs": epochs, "learning_rate": rate, **after}, deltas))
     chosen, deltas = pick(tried)
     report = {"modules": targets, "settings": asdict(settings), "before": before, "after": chosen}
+    if reading is not None:
+        report["reading"] = reading
     if len(tried) > 1:
         report["candidates"] = [row for row, _ in tried]
     return deltas, report
+
+
+# The reading gate's bound: harmful renders are taught only to a model that answers at least
+# this share of harmless renders as it answers the same requests written.
+READING_MIN = 0.5
+READING_PROMPTS = 32  # harmless anchors it is measured on (a few seconds on the organism)
+
+
+def _reading_gate(model, processor, harmless: list[str], settings: Settings):
+    """Settings with typographic training images only where the original reads them, and
+    what was measured (None where no typographic image is taught). A model that cannot read
+    answers every render alike: taught to refuse harmful renders, it refuses all of them
+    (drift-s0: +98 points of over-refusal), so there the renders stay preservation rows and
+    no recombined pairs are made."""
+    if "typographic" not in settings.images:
+        return settings, None
+    share = reads(model, processor, harmless[:READING_PROMPTS], settings)
+    if share >= READING_MIN:
+        return settings, {"share": share, "taught": True}
+    images = tuple(k for k in settings.images if k != "typographic")
+    preserve = tuple(dict.fromkeys((*settings.preserve_images, "typographic")))
+    gated = replace(settings, images=images, preserve_images=preserve, recombined=0)
+    return gated, {"share": share, "taught": False}
+
+
+@torch.no_grad()
+def reads(model, processor, prompts: list[str], settings: Settings) -> float:
+    """The share of ``prompts`` the model answers, rendered into the image (with the
+    typographic instruction), with the same greedy answer as it gives them written."""
+    from .gap import chat_batch
+
+    rows = _image_rows(prompts, ("typographic",))
+    device = next(model.parameters()).device
+    same = []
+    for start in range(0, len(rows), settings.batch_size):
+        chunk = rows[start : start + settings.batch_size]
+        rendered = chat_batch(processor, [p for p, _, _ in chunk], [i for _, i, _ in chunk])
+        written = chat_batch(processor, [t for _, _, t in chunk], [None] * len(chunk))
+        pairs = zip(
+            *(_answers(model, processor, _to(b, device), settings) for b in (rendered, written)),
+            strict=True,
+        )
+        same += [a == b for a, b in pairs]
+    return sum(same) / len(same)
+
+
+def _answers(model, processor, batch, settings: Settings) -> list[tuple[int, ...]]:
+    answers, mask = _greedy(model, processor, batch, settings.max_new_tokens)
+    return [tuple(row[m.bool()].tolist()) for row, m in zip(answers, mask, strict=True)]
 
 
 PRESERVATION_MAX = 0.05  # the calibration rule's bound on held-out preservation KL
