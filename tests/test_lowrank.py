@@ -280,3 +280,23 @@ def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkey
     assert learned.reads(model, processor, prompts, settings) == 1.0
     gated, reading = learned._reading_gate(model, processor, prompts, settings)
     assert gated == settings and reading == {"share": 1.0, "taught": True}
+
+
+def test_candidates_of_one_rate_share_a_run_and_equal_their_own_runs(organism):
+    """A search over 1 and 2 epochs at one rate trains once and reads the deltas at epoch 1
+    and 2: each equals the deltas a run of exactly that many epochs learns."""
+    model, processor = organism
+    settings = learned.Settings(images=("blank",), batch_size=4, rank=2, learning_rate=1e-2)
+    settings = replace(settings, candidates=((2, 1e-2), (1, 1e-2), (1, 1e-3)))
+    name = "model.language_model.layers.0.self_attn.o_proj"
+    modules = {name: learned.find_module(model, learned.memory_names(name))[1]}
+    fit = learned._batches(model, processor, ["how do i steal the bike ?"], ["hi"], [], settings)
+    shared = learned._fit_candidates(model, modules, fit, settings, progress=False)
+    assert list(shared) == [(2, 1e-2), (1, 1e-2), (1, 1e-3)]
+    for (epochs, rate), deltas in shared.items():
+        alone = learned._fit(
+            model, modules, fit, replace(settings, epochs=epochs, learning_rate=rate), False
+        )
+        assert all(torch.equal(deltas[k], alone[k]) for k in alone)
+    key = f"{name}.weight.lora_B"
+    assert not torch.equal(shared[(1, 1e-2)][key], shared[(2, 1e-2)][key])  # it kept learning

@@ -288,10 +288,9 @@ def learn(
         fit += _text_batches(model, processor, fit_h + fit_b, settings)
         val += _text_batches(model, processor, val_h + val_b, settings)
     before = score(model, val)
+    fitted = _fit_candidates(model, modules, fit, settings, progress)
     tried = []
-    for epochs, rate in settings.candidates or ((settings.epochs, settings.learning_rate),):
-        candidate = replace(settings, epochs=epochs, learning_rate=rate)
-        deltas = _fit(model, modules, fit, candidate, progress)
+    for (epochs, rate), deltas in fitted.items():
         with hooks(modules, deltas):
             after = score(model, val)
         tried.append(({"epochs": epochs, "learning_rate": rate, **after}, deltas))
@@ -369,12 +368,27 @@ def pick(tried: list[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], Any]:
     )
 
 
-def _fit(model, modules: dict[str, torch.nn.Linear], fit: list[Batch], settings, progress):
+def _fit_candidates(model, modules, fit: list[Batch], settings: Settings, progress: bool):
+    """The deltas of every (epochs, learning rate) candidate, in the search's order.
+    Candidates of one learning rate share one run, read at each of their epoch counts: a
+    10-epoch run is exactly the first 10 epochs of a 20-epoch one (same seed, same order)."""
+    candidates = settings.candidates or ((settings.epochs, settings.learning_rate),)
+    learned = {}
+    for rate in dict.fromkeys(r for _, r in candidates):
+        counts = sorted({e for e, r in candidates if r == rate})
+        run = replace(settings, epochs=counts[-1], learning_rate=rate)
+        snapshots = _fit(model, modules, fit, run, progress, at=set(counts))
+        learned |= {(epochs, rate): snapshots[epochs] for epochs in counts}
+    return {c: learned[c] for c in dict.fromkeys(candidates)}
+
+
+def _fit(model, modules, fit: list[Batch], settings, progress, at: set[int] | None = None):
+    """The learned deltas after settings.epochs, or by epoch count for each count in ``at``."""
     deltas = _initial(modules, settings)
     for delta in deltas.values():
         delta.requires_grad_(True)
-    _train(model, modules, deltas, fit, settings, progress)
-    return {k: d.detach() for k, d in deltas.items()}
+    snapshots = _train(model, modules, deltas, fit, settings, progress, at or set())
+    return snapshots if at else {k: d.detach() for k, d in deltas.items()}
 
 
 def _initial(modules: dict[str, torch.nn.Linear], settings: Settings) -> dict[str, torch.Tensor]:
@@ -620,7 +634,10 @@ def checkpointing(model: torch.nn.Module, enabled: bool):
         model.eval()
 
 
-def _train(model, modules, deltas, batches, settings: Settings, progress: bool) -> None:
+def _train(model, modules, deltas, batches, settings: Settings, progress: bool, at=()):
+    """Adam on the deltas over ``batches``; returns a copy of them after each epoch count
+    in ``at``."""
+    snapshots = {}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=settings.learning_rate)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -630,7 +647,7 @@ def _train(model, modules, deltas, batches, settings: Settings, progress: bool) 
     on_cuda = next(model.parameters()).device.type == "cuda"
     save_memory = on_cuda if settings.checkpointing is None else settings.checkpointing
     with hooks(modules, deltas), checkpointing(model, save_memory):
-        for _ in range(settings.epochs):
+        for epoch in range(settings.epochs):
             rng.shuffle(order)
             for i in order:
                 weight = 1.0 if batches[i].harmful else settings.preservation_weight
@@ -640,7 +657,10 @@ def _train(model, modules, deltas, batches, settings: Settings, progress: bool) 
                 optimizer.zero_grad()
                 bar.update()
                 bar.set_postfix(kl=f"{loss.item():.3f}")
+            if epoch + 1 in at:
+                snapshots[epoch + 1] = {k: d.detach().clone() for k, d in deltas.items()}
     bar.close()
+    return snapshots
 
 
 @torch.no_grad()
