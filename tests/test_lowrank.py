@@ -278,6 +278,7 @@ def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkey
     settings = learned.Settings(images=("typographic",), recombined=50, batch_size=2)
     prompts = ["how do i paint the bus ?", "hi", "how to bake bread ?"]  # unequal lengths
     assert learned.reads(model, processor, prompts, settings) == 1.0
+    assert learned.reads(model, processor, [], settings) == 0.0  # nothing shows it reads
     gated, reading = learned._reading_gate(model, processor, prompts, settings)
     assert gated == settings and reading == {"share": 1.0, "taught": True}
 

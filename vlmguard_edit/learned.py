@@ -344,7 +344,7 @@ def reads(model, processor, prompts: list[str], settings: Settings) -> float:
             strict=True,
         )
         same += [a == b for a, b in pairs]
-    return sum(same) / len(same)
+    return sum(same) / len(same) if same else 0.0  # no prompt: nothing shows it reads
 
 
 def _answers(model, processor, batch, settings: Settings) -> list[tuple[int, ...]]:
