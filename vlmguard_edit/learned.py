@@ -373,22 +373,28 @@ def _fit_candidates(model, modules, fit: list[Batch], settings: Settings, progre
     Candidates of one learning rate share one run, read at each of their epoch counts: a
     10-epoch run is exactly the first 10 epochs of a 20-epoch one (same seed, same order)."""
     candidates = settings.candidates or ((settings.epochs, settings.learning_rate),)
-    learned = {}
+    by_candidate = {}
     for rate in dict.fromkeys(r for _, r in candidates):
-        counts = sorted({e for e, r in candidates if r == rate})
-        run = replace(settings, epochs=counts[-1], learning_rate=rate)
-        snapshots = _fit(model, modules, fit, run, progress, at=set(counts))
-        learned |= {(epochs, rate): snapshots[epochs] for epochs in counts}
-    return {c: learned[c] for c in dict.fromkeys(candidates)}
+        counts = {e for e, r in candidates if r == rate}
+        run = replace(settings, epochs=max(counts), learning_rate=rate)
+        snapshots = _fit_snapshots(model, modules, fit, run, progress, counts)
+        by_candidate |= {(epochs, rate): deltas for epochs, deltas in snapshots.items()}
+    return {c: by_candidate[c] for c in dict.fromkeys(candidates)}
 
 
-def _fit(model, modules, fit: list[Batch], settings, progress, at: set[int] | None = None):
-    """The learned deltas after settings.epochs, or by epoch count for each count in ``at``."""
+def _fit(model, modules, fit: list[Batch], settings: Settings, progress: bool):
+    """The deltas learned over settings.epochs."""
+    return _fit_snapshots(model, modules, fit, settings, progress, {settings.epochs})[
+        settings.epochs
+    ]
+
+
+def _fit_snapshots(model, modules, fit: list[Batch], settings, progress, at: set[int]):
+    """The learned deltas after each epoch count in ``at``, by count."""
     deltas = _initial(modules, settings)
     for delta in deltas.values():
         delta.requires_grad_(True)
-    snapshots = _train(model, modules, deltas, fit, settings, progress, at or set())
-    return snapshots if at else {k: d.detach() for k, d in deltas.items()}
+    return _train(model, modules, deltas, fit, settings, progress, at)
 
 
 def _initial(modules: dict[str, torch.nn.Linear], settings: Settings) -> dict[str, torch.Tensor]:
@@ -634,7 +640,7 @@ def checkpointing(model: torch.nn.Module, enabled: bool):
         model.eval()
 
 
-def _train(model, modules, deltas, batches, settings: Settings, progress: bool, at=()):
+def _train(model, modules, deltas, batches, settings: Settings, progress: bool, at):
     """Adam on the deltas over ``batches``; returns a copy of them after each epoch count
     in ``at``."""
     snapshots = {}
