@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,20 +90,21 @@ class Refused(Exception):
     """A pipeline step that ended with an error: the member's row says so, in one line."""
 
 
-def run(args: list[str], member: Path, work: Path) -> list[str]:
+def run(args: list[str], member: Path, work: Path, threads: int) -> list[str]:
     filled = [a.format(m=member, w=work) for a in args]
-    done = subprocess.run([EXE, "-q", *filled], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([EXE, "-q", *filled], capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise Refused(f"vlmguard-edit {filled[0]}: {last}")
     return filled
 
 
-def member_numbers(member: Path, pipeline: str, limit: int) -> dict:
+def member_numbers(member: Path, pipeline: str, limit: int, threads: int) -> dict:
     steps, target = PIPELINES[pipeline]
     with tempfile.TemporaryDirectory() as tmp:
         work, start = Path(tmp), time.time()
-        commands = [run(step, member, work) for step in steps]
+        commands = [run(step, member, work, threads) for step in steps]
         evaluate = [
             "eval",
             *target,
@@ -121,7 +123,7 @@ def member_numbers(member: Path, pipeline: str, limit: int) -> dict:
             "--limit",
             str(limit),
         ]
-        commands.append(run(evaluate, member, work))
+        commands.append(run(evaluate, member, work, threads))
         report = json.loads((work / "report" / "eval.json").read_text())
         seconds = time.time() - start
     systems = report["systems"]
@@ -135,9 +137,9 @@ def member_numbers(member: Path, pipeline: str, limit: int) -> dict:
     }
 
 
-def member_row(member: Path, pipeline: str, limit: int) -> dict:
+def member_row(member: Path, pipeline: str, limit: int, threads: int) -> dict:
     try:
-        return member_numbers(member, pipeline, limit)
+        return member_numbers(member, pipeline, limit, threads)
     except Refused as refused:
         return {"refused": str(refused)}
 
@@ -209,6 +211,11 @@ def cell(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _jobs(data: dict) -> str:
+    jobs = data.get("jobs", 1)
+    return f", {jobs} members at a time" if jobs > 1 else ""
+
+
 def table(results: dict) -> str:
     lines = [
         "# Zoo results",
@@ -258,14 +265,42 @@ def table(results: dict) -> str:
         lines += [
             "",
             f"CPU time: {data['seconds']:.0f} s for {len(rows)} members on "
-            f"{data['cores']} cores (eval limited to the first {data['limit']} prompts of "
-            "each set).",
+            f"{data['cores']} cores{_jobs(data)} (eval limited to the first {data['limit']} "
+            "prompts of each set).",
             "",
         ]
     return "\n".join(lines)
 
 
-def main() -> None:
+NOTES = {
+    "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
+    "(image-gap, layers 0-1) with each member's own anchors.",
+    "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank, rank 4 "
+    "on every text layer's o_proj, harmless anchors rendered into the image as "
+    "preservation rows, calibrated over its search space on each member's "
+    "held-out anchors) with each member's own anchors and no other flag.",
+    "typographic": "A lead (not the default): `recipes/organism-typographic.yaml` "
+    "(the default recipe with typographic training images too: the anchors rendered "
+    "into the image) with each member's own anchors.",
+    "lowrank-image-path": "A lead for a VLM that reads: "
+    "`recipes/organism-lowrank-image-path.yaml` (the typographic recipe with the "
+    "image-to-language Linear learned too, rank 4) with each member's own anchors.",
+    "typographic-attention": "A lead for a VLM that reads: "
+    "`recipes/organism-typographic-attention.yaml` (lowrank-attention: o_proj and "
+    "q/k/v, rank 4; typographic training images and 600 recombined anchor pairs "
+    "on renders; preservation weight 4) with each member's own anchors.",
+    "image-path": "The learned image-path edit, calibrated: "
+    "`recipes/organism-image-path.yaml` (the default before lowrank; search "
+    "40:1e-3, 40:3e-3) with each member's own anchors.",
+    "writers": "The design's literal edit: `--base-llm {m}/llm` (the member's "
+    "own base LLM's direction, projected out of the writers of the upper half of "
+    "the layers; beta -1, rank 1, the defaults) with each member's own anchors.",
+    "runtime": "Reference: the paper's runtime gated steer on the original "
+    "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
+}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", choices=sorted(PIPELINES), action="append")
     parser.add_argument("--zoo", default=str(ROOT / ".zoo"))
@@ -277,70 +312,77 @@ def main() -> None:
         help="comma-separated member names: rerun only these (built and admitted), keep the "
         "other rows; builds nothing",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="members measured at once, each with cores/JOBS torch threads (the organisms are "
+        "too small for two threads to help one run: 2 jobs of 1 thread finish sooner)",
+    )
+    return parser.parse_args()
+
+
+def zoo_members(args: argparse.Namespace) -> tuple[dict, set[str] | None]:
+    """The admitted members (building the zoo first unless --members) and the chosen ones."""
+    sys.path.insert(0, str(ROOT))
+    from vlmguard_edit.zoo import members
+
+    chosen = set(args.members.split(",")) if args.members else None
+    if chosen is None:  # --members reruns built members only and keeps the other rows
+        subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
+    built = {m.name: m for m in members(Path(args.zoo))}
+    missing = sorted((chosen or set()) - set(built))
+    if missing:
+        raise SystemExit(f"not admitted members of {args.zoo}: {missing}")
+    if any(int(name.rsplit("-s", 1)[1]) >= 100 for name in built):
+        raise SystemExit("seeds >= 100 are reserved: never report on them")
+    return built, chosen
+
+
+def run_pipeline(pipeline: str, built: dict, chosen, args, results: dict, out: Path) -> None:
+    """Every (chosen) member's row, written to ``out`` as each member finishes, so that a
+    killed run keeps the members it measured."""
+    start = time.time()
+    kept = results.get(pipeline, {}).get("members", {}) if chosen else {}
+    order = [*kept, *[n for n in built if n not in kept]]
+    rows = {n: kept[n] for n in order if chosen is not None and n not in chosen and n in kept}
+    todo = [n for n in order if chosen is None or n in chosen]
+    threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            pool.submit(member_row, built[n], pipeline, args.limit, threads): n for n in todo
+        }
+        for future in as_completed(futures):
+            name = futures[future]
+            rows[name] = future.result()
+            print(f"{pipeline} {name}: {rows[name]}"[:200], flush=True)
+            ordered = {n: rows[n] for n in order if n in rows}
+            results[pipeline] = pipeline_record(pipeline, ordered, start, chosen, args)
+            out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def pipeline_record(pipeline: str, rows: dict, start: float, chosen, args) -> dict:
+    seconds = round(time.time() - start, 1)
+    if chosen:  # the pipeline's time: every member's own, old rows included
+        seconds = sum(r.get("seconds", 0) for r in rows.values())
+    return {
+        "members": rows,
+        "seconds": seconds,
+        "cores": len(os.sched_getaffinity(0)),
+        "limit": args.limit,
+        "jobs": args.jobs,
+        "note": NOTES[pipeline],
+    }
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     if not args.table:
-        sys.path.insert(0, str(ROOT))
-        from vlmguard_edit.zoo import members
-
-        chosen = set(args.members.split(",")) if args.members else None
-        if chosen is None:  # --members reruns built members only and keeps the other rows
-            subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
-        built = {m.name: m for m in members(Path(args.zoo))}
-        missing = sorted((chosen or set()) - set(built))
-        if missing:
-            raise SystemExit(f"not admitted members of {args.zoo}: {missing}")
+        built, chosen = zoo_members(args)
         for pipeline in args.pipeline or sorted(PIPELINES):
-            start = time.time()
-            kept = results.get(pipeline, {}).get("members", {}) if chosen else {}
-            rows = {}
-            for name in [*kept, *[n for n in built if n not in kept]]:
-                if int(name.rsplit("-s", 1)[1]) >= 100:
-                    raise SystemExit("seeds >= 100 are reserved: never report on them")
-                if chosen is not None and name not in chosen:
-                    if name in kept:
-                        rows[name] = kept[name]
-                    continue
-                rows[name] = member_row(built[name], pipeline, args.limit)
-                print(f"{pipeline} {name}: {rows[name]}"[:200])
-            note = {
-                "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
-                "(image-gap, layers 0-1) with each member's own anchors.",
-                "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank, rank 4 "
-                "on every text layer's o_proj, harmless anchors rendered into the image as "
-                "preservation rows, calibrated over its search space on each member's "
-                "held-out anchors) with each member's own anchors and no other flag.",
-                "typographic": "A lead (not the default): `recipes/organism-typographic.yaml` "
-                "(the default recipe with typographic training images too: the anchors rendered "
-                "into the image) with each member's own anchors.",
-                "lowrank-image-path": "A lead for a VLM that reads: "
-                "`recipes/organism-lowrank-image-path.yaml` (the typographic recipe with the "
-                "image-to-language Linear learned too, rank 4) with each member's own anchors.",
-                "typographic-attention": "A lead for a VLM that reads: "
-                "`recipes/organism-typographic-attention.yaml` (lowrank-attention: o_proj and "
-                "q/k/v, rank 4; typographic training images and 600 recombined anchor pairs "
-                "on renders; preservation weight 4) with each member's own anchors.",
-                "image-path": "The learned image-path edit, calibrated: "
-                "`recipes/organism-image-path.yaml` (the default before lowrank; search "
-                "40:1e-3, 40:3e-3) with each member's own anchors.",
-                "writers": "The design's literal edit: `--base-llm {m}/llm` (the member's "
-                "own base LLM's direction, projected out of the writers of the upper half of "
-                "the layers; beta -1, rank 1, the defaults) with each member's own anchors.",
-                "runtime": "Reference: the paper's runtime gated steer on the original "
-                "(base-LLM direction at layers 2-3, alpha 2, midpoint gate).",
-            }[pipeline]
-            seconds = round(time.time() - start, 1)
-            if chosen:  # the pipeline's time: every member's own, old rows included
-                seconds = sum(r.get("seconds", 0) for r in rows.values())
-            results[pipeline] = {
-                "members": rows,
-                "seconds": seconds,
-                "cores": len(os.sched_getaffinity(0)),
-                "limit": args.limit,
-                "note": note,
-            }
-        out.write_text(json.dumps(results, indent=2) + "\n")
+            run_pipeline(pipeline, built, chosen, args, results, out)
     out.with_suffix(".md").write_text(table(results))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

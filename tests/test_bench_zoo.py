@@ -97,3 +97,36 @@ def test_a_refused_member_is_a_row_not_a_number(bench):
     text = bench.table(results)
     assert "| m-s0 | vlmguard-edit convert: error: no o_proj |" in text
     assert "| **mean** (n=1) | | | | | 100% |" in text  # the refused member is not averaged in
+
+
+def test_members_run_in_parallel_and_every_finished_one_is_written_at_once(
+    bench, tmp_path, monkeypatch
+):
+    """--jobs 2 measures two members at a time, each with its share of the cores; the results
+    file holds every finished member (in zoo order) as soon as it finishes, so a killed run
+    keeps them; --members keeps the rows it does not rerun."""
+    import argparse
+    import json
+
+    out, calls = tmp_path / "zoo.json", []
+
+    def fake_row(member, pipeline, limit, threads):
+        calls.append((member, threads))
+        if member == "D":
+            raise KeyboardInterrupt  # the run is stopped while measuring the last member
+        return {"seconds": 1.0, "numbers": {"member": member}}
+
+    monkeypatch.setattr(bench, "member_row", fake_row)
+    built = {"a-s0": "A", "b-s0": "B", "c-s0": "C"}
+    results = {}
+    bench.run_pipeline("image-gap", built, None, argparse.Namespace(jobs=2, limit=8), results, out)
+    saved = json.loads(out.read_text())["image-gap"]
+    assert list(saved["members"]) == ["a-s0", "b-s0", "c-s0"] and saved["jobs"] == 2
+    assert {t for _, t in calls} == {max(1, len(bench.os.sched_getaffinity(0)) // 2)}
+    one = argparse.Namespace(jobs=1, limit=8)
+    bench.run_pipeline("image-gap", built, {"b-s0"}, one, results, out)
+    assert list(json.loads(out.read_text())["image-gap"]["members"]) == ["a-s0", "b-s0", "c-s0"]
+    assert sorted(m for m, _ in calls) == ["A", "B", "B", "C"]  # only b-s0 was measured again
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_pipeline("writers", {**built, "d-s0": "D"}, None, one, results, out)
+    assert list(json.loads(out.read_text())["writers"]["members"]) == ["a-s0", "b-s0", "c-s0"]
