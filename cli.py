@@ -44,7 +44,7 @@ Examples:
   vlmguard-edit calibrate examples/organism/vlm --base-llm examples/organism/llm \\
       --anchors examples/organism/anchors.jsonl -o from-base.safetensors
   vlmguard-edit calibrate examples/organism/vlm --recipe recipes/organism.yaml \\
-      -o lowrank-edit.safetensors
+      -o guard-edit.safetensors
 """
 
 EXAMPLES_DIRECTION = """

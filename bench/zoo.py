@@ -41,7 +41,7 @@ PIPELINES = {
     "calibrated": _recipe("organism"),
     "typographic": _recipe("organism-typographic"),
     "lowrank-image-path": _recipe("organism-lowrank-image-path"),
-    "typographic-attention": _recipe("organism-typographic-attention"),
+    "lowrank": _recipe("organism-lowrank"),
     "image-path": _recipe("organism-image-path"),
     # The design's literal edit with its defaults: the base LLM's direction projected out
     # of the upper half of the layers' writers (beta -1, rank 1).
@@ -275,20 +275,21 @@ def table(results: dict) -> str:
 NOTES = {
     "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
     "(image-gap, layers 0-1) with each member's own anchors.",
-    "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank, rank 4 "
-    "on every text layer's o_proj, harmless anchors rendered into the image as "
-    "preservation rows, calibrated over its search space on each member's "
-    "held-out anchors) with each member's own anchors and no other flag.",
+    "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank-attention: rank 4 "
+    "on every text layer's o_proj and q/k/v; typographic renders taught, with 600 recombined "
+    "pairs, only where the member reads (the reading gate), else kept as preservation rows; "
+    "preservation weight 4; calibrated over 10 and 20 epochs on each member's held-out "
+    "anchors) with each member's own anchors and no other flag.",
+    "lowrank": "The default until session 14: `recipes/organism-lowrank.yaml` (lowrank, rank "
+    "4 on every text layer's o_proj, harmless anchors rendered into the image as "
+    "preservation rows, calibrated over its search space on each member's held-out "
+    "anchors) with each member's own anchors.",
     "typographic": "A lead (not the default): `recipes/organism-typographic.yaml` "
-    "(the default recipe with typographic training images too: the anchors rendered "
+    "(the lowrank recipe with typographic training images too: the anchors rendered "
     "into the image) with each member's own anchors.",
     "lowrank-image-path": "A lead for a VLM that reads: "
     "`recipes/organism-lowrank-image-path.yaml` (the typographic recipe with the "
     "image-to-language Linear learned too, rank 4) with each member's own anchors.",
-    "typographic-attention": "A lead for a VLM that reads: "
-    "`recipes/organism-typographic-attention.yaml` (lowrank-attention: o_proj and "
-    "q/k/v, rank 4; typographic training images and 600 recombined anchor pairs "
-    "on renders; preservation weight 4) with each member's own anchors.",
     "image-path": "The learned image-path edit, calibrated: "
     "`recipes/organism-image-path.yaml` (the default before lowrank; search "
     "40:1e-3, 40:3e-3) with each member's own anchors.",

@@ -19,10 +19,10 @@ def test_convert_verify_adapter_evaluate_on_the_organism(tmp_path, capsys):
         ORGANISM / "vlm",
         out,
         recipe=ROOT / "recipes" / "organism.yaml",
-        direction=ORGANISM / "lowrank-edit.safetensors",
+        direction=ORGANISM / "guard-edit.safetensors",
         progress=False,
     )
-    assert result.record["recipe"]["mode"] == "lowrank" and result.output == out
+    assert result.record["recipe"]["mode"] == "lowrank-attention" and result.output == out
     assert api.verify(out, source=ORGANISM / "vlm").ok
     assert api.adapter(out, ORGANISM / "vlm", tmp_path / "lora")["r"] == 4
     report = api.evaluate(
@@ -60,10 +60,10 @@ def test_calibrate_passes_the_resolved_recipe(tmp_path, monkeypatch):
         progress=False,
     )
     assert opts is seen["opts"] and opts.output == tmp_path / "edit.safetensors"
-    assert opts.recipe.mode == "lowrank" and opts.recipe.epochs == 1
+    assert opts.recipe.mode == "lowrank-attention" and opts.recipe.epochs == 1
     assert opts.recipe.images == ["blank"] and not opts.progress
     assert opts.recipe.search == []  # an explicit training length replaces the search
-    assert opts.recipe.preserve_images == ["typographic"]  # the recipe's, kept
+    assert (opts.recipe.recombine, opts.recipe.preservation_weight) == (600, 4)  # the recipe's
 
 
 def test_bad_options_are_exceptions_with_one_line(tmp_path):

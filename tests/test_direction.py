@@ -231,7 +231,9 @@ def test_self_direction_of_the_organism_is_not_degenerate(tmp_path):
     learned = Path(__file__).parent.parent / "recipes" / "organism.yaml"
     args = ["direction", "self", "--vlm", str(organism), "-o", str(tmp_path / "l.safetensors")]
     refused = CliRunner().invoke(main, [*args, "--recipe", str(learned)])
-    assert refused.exit_code == 2 and "lowrank, whose parameters are learned" in refused.output
+    assert refused.exit_code == 2 and "lowrank-attention, whose parameters are learned" in (
+        refused.output
+    )
 
 
 def test_requests_refused_before_loading(base_llm):

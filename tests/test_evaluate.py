@@ -205,7 +205,7 @@ def test_quickstart_convert_organism_then_eval_with_card(tmp_path):
     args = ["convert", str(ORGANISM / "vlm"), "--recipe", str(recipe), "-o", str(guarded), "-q"]
     # The edit this recipe learns on the organism ships beside it (vlmguard-edit calibrate
     # examples/organism/vlm --recipe recipes/organism.yaml -o ...): folding it takes seconds.
-    edit = ORGANISM / "lowrank-edit.safetensors"
+    edit = ORGANISM / "guard-edit.safetensors"
     done = runner.invoke(main, [*args, "--direction", str(edit)])
     assert done.exit_code == 0, done.output
     report = tmp_path / "report"

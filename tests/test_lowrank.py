@@ -168,7 +168,7 @@ def test_the_cli_converts_with_lowrank_and_records_the_factors(tmp_path):
 
 
 def test_an_edit_file_of_another_kind_is_refused_by_name(tmp_path):
-    edit = ORGANISM / "lowrank-edit.safetensors"  # shipped: learned by recipes/organism.yaml
+    edit = ORGANISM / "lowrank-edit.safetensors"  # shipped: learned by organism-lowrank.yaml
     args = ["convert", str(ORGANISM / "vlm"), "--mode", "image-path", "--direction", str(edit)]
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and "is a lowrank edit, the mode is image-path" in result.output

@@ -143,8 +143,11 @@ def test_recipe_paths_are_relative_to_the_recipe(tmp_path):
 def test_organism_recipe_points_at_the_shipped_organism():
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "organism.yaml")
     assert Path(recipe.model, "config.json").is_file() and recipe.base_llm.id is None
-    assert Path(recipe.anchors).is_file() and recipe.mode == "lowrank" and recipe.rank == 4
-    assert len(recipe.search) == 2 and recipe.layers is None
+    assert Path(recipe.anchors).is_file() and recipe.mode == "lowrank-attention"
+    assert recipe.rank == 4 and len(recipe.search) == 2 and recipe.layers is None
+    assert "typographic" in recipe.images and recipe.recombine == 600  # behind the reading gate
+    lowrank = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-lowrank.yaml")
+    assert lowrank.mode == "lowrank" and lowrank.preserve_images == ["typographic"]
     image_path = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-image-path.yaml")
     assert image_path.mode == "image-path" and len(image_path.search) == 2
     previous = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-image-gap.yaml")

@@ -150,7 +150,7 @@ def guarded_organism(tmp_path_factory):
     args = ["convert", str(ORGANISM / "vlm"), "--recipe", str(recipe), "-o", str(out), "-q"]
     # The recipe's edit ships learned beside the organism: folding it takes seconds, where
     # learning it again took minutes of the suite (these tests are about the card, not it).
-    edit = ORGANISM / "lowrank-edit.safetensors"
+    edit = ORGANISM / "guard-edit.safetensors"
     result = CliRunner().invoke(main, [*args, "--direction", str(edit)])
     assert result.exit_code == 0, result.output
     return out
