@@ -317,8 +317,8 @@ def parse_args() -> argparse.Namespace:
         "--jobs",
         type=int,
         default=1,
-        help="members measured at once, each with cores/JOBS torch threads (the organisms are "
-        "too small for two threads to help one run: 2 jobs of 1 thread finish sooner)",
+        help="members measured at once, each with cores/JOBS torch threads (runs with more "
+        "threads together than cores slow each other many times over)",
     )
     return parser.parse_args()
 

@@ -127,6 +127,7 @@ def test_members_run_in_parallel_and_every_finished_one_is_written_at_once(
     bench.run_pipeline("image-gap", built, {"b-s0"}, one, results, out)
     assert list(json.loads(out.read_text())["image-gap"]["members"]) == ["a-s0", "b-s0", "c-s0"]
     assert sorted(m for m, _ in calls) == ["A", "B", "B", "C"]  # only b-s0 was measured again
+    assert set(bench.NOTES) == set(bench.PIPELINES)  # every pipeline's table says what it ran
     with pytest.raises(KeyboardInterrupt):
         bench.run_pipeline("writers", {**built, "d-s0": "D"}, None, one, results, out)
     assert list(json.loads(out.read_text())["writers"]["members"]) == ["a-s0", "b-s0", "c-s0"]
