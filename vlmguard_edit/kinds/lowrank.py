@@ -19,7 +19,7 @@ class LowRank(LearnedKind):
     preserve_text = True
     summary = (
         "learn a rank-r (--rank) update of the text layers' attention o_proj with the same "
-        "teachers, text-only answers held too (the default)"
+        "teachers, text-only answers held too"
     )
 
     def default_layers(self, layout):

@@ -21,7 +21,8 @@ class LowRankAttention(LowRank):
     name = "lowrank-attention"
     summary = (
         "lowrank plus a rank-r update of each layer's attention q/k/v projections (where "
-        "separate), learned together: what the last prompt token attends to can change"
+        "separate), learned together: what the last prompt token attends to can change (the "
+        "organism default)"
     )
 
     def plan_edits(self, checkpoint, layout, layers, beta):
