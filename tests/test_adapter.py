@@ -28,8 +28,8 @@ def guarded(mode, src, out, direction_file, tmp_path, **extra):
     checkpoint = open_checkpoint(src)
     layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = recipe.layers or []
-    plan = build_plan(checkpoint, layout, layers, recipe.rank, recipe.beta, mode, recipe.gamma)
     kind = get_kind(mode)
+    plan = build_plan(checkpoint, layout, kind, layers, recipe.rank, recipe.beta, recipe.gamma)
     params = parameter_file(kind, plan, direction_file, tmp_path / f"{mode}-{kind.file_name}")
     opts = ConvertOptions(str(src), out, recipe, direction_file=params, progress=False)
     return convert(opts)

@@ -494,6 +494,7 @@ def test_lowrank_fold_on_every_family(family, layout, tmp_path_factory):
     factored runtime hook < 1e-5 in float32 (post-norm families included: the change is
     inside the Linear) and visibly changes the model."""
     from vlmguard_edit import learned
+    from vlmguard_edit.kinds import get_kind
     from vlmguard_edit.plan import build_plan
 
     root = tmp_path_factory.mktemp(f"lowrank-{family}-{layout}")
@@ -501,7 +502,7 @@ def test_lowrank_fold_on_every_family(family, layout, tmp_path_factory):
     checkpoint = open_checkpoint(source)
     layout_ = find_layout(checkpoint.config, checkpoint.keys)
     layers = [i for i in range(layout_.num_layers) if i not in layout_.cross_layers]
-    plan = build_plan(checkpoint, layout_, layers, 2, -1.0, "lowrank")
+    plan = build_plan(checkpoint, layout_, get_kind("lowrank"), layers, 2)
     generator = torch.Generator().manual_seed(2)
     deltas = {}
     for e in plan.edits:

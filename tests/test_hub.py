@@ -16,9 +16,9 @@ from huggingface_hub import ModelCard
 
 from cli import main
 from tests.hub_server import MISSING_ORG, READ_TOKEN, WRITE_TOKEN, FakeHub
-from vlmguard_edit.card import RECORD, load_record, write_record
 from vlmguard_edit.checkpoint import digest_file, file_entry, open_checkpoint
 from vlmguard_edit.direction import Direction
+from vlmguard_edit.record import RECORD, load_record, write_record
 
 EXE = str(Path(sys.executable).parent / "vlmguard-edit")
 

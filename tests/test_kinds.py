@@ -58,9 +58,8 @@ def test_kind_folds_exactly_what_it_plans_and_equals_its_runtime_hooks(
     from vlmguard_edit.layout import find_layout
 
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    plan = build_plan(
-        checkpoint, layout, recipe.layers or [], recipe.rank, recipe.beta, mode, recipe.gamma
-    )
+    args = (recipe.rank, recipe.beta, recipe.gamma)
+    plan = build_plan(checkpoint, layout, kind, recipe.layers or [], *args)
     params = parameter_file(kind, plan, direction_file, tmp_path / kind.file_name)
     opts = ConvertOptions(str(src), out, recipe, direction_file=params, progress=False)
     result = convert(opts)

@@ -13,6 +13,7 @@ from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import InputError, PlanError, RecipeError
 from vlmguard_edit.evaluate import load_processor
+from vlmguard_edit.kinds import get_kind
 from vlmguard_edit.layout import FAMILIES, find_layout
 from vlmguard_edit.plan import build_plan
 from vlmguard_edit.recipes import Recipe, recipe_from_dict
@@ -39,7 +40,7 @@ def random_edit(folder: Path, seed: int = 0, scale: float = 0.05) -> learned.Edi
     """Random deltas for every tensor the image-path plan of ``folder`` names."""
     checkpoint = open_checkpoint(folder)
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    plan = build_plan(checkpoint, layout, [], 1, -1.0, "image-path")
+    plan = build_plan(checkpoint, layout, get_kind("image-path"), [])
     generator = torch.Generator().manual_seed(seed)
     deltas = {e.key: scale * torch.randn(*e.shape, generator=generator) for e in plan.edits}
     return learned.Edit(deltas, {"source": "test"})

@@ -18,6 +18,7 @@ from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import InputError, RecipeError
 from vlmguard_edit.evaluate import load_processor
 from vlmguard_edit.gap import chat_batch
+from vlmguard_edit.kinds import get_kind
 from vlmguard_edit.layout import find_layout
 from vlmguard_edit.plan import build_plan
 from vlmguard_edit.recipes import Recipe, recipe_from_dict
@@ -32,7 +33,7 @@ def random_factors(folder: Path, seed: int = 0, scale: float = 0.3) -> learned.E
     checkpoint = open_checkpoint(folder)
     layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = list(range(layout.num_layers))
-    plan = build_plan(checkpoint, layout, layers, RANK, -1.0, "lowrank")
+    plan = build_plan(checkpoint, layout, get_kind("lowrank"), layers, RANK)
     generator = torch.Generator().manual_seed(seed)
     deltas = {}
     for e in plan.edits:
@@ -221,11 +222,11 @@ def test_recombined_pairs_swap_the_changed_words_and_never_repeat_an_anchor():
 def test_lowrank_attention_plans_every_layers_four_attention_projections(vlm_factory):
     checkpoint = open_checkpoint(vlm_factory())
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    plan = build_plan(checkpoint, layout, [0, 2], 2, -1.0, "lowrank-attention")
+    plan = build_plan(checkpoint, layout, get_kind("lowrank-attention"), [0, 2], 2)
     names = sorted(e.key.split("layers.")[1] for e in plan.edits)
     expected = [f"{i}.self_attn.{p}_proj.weight" for i in (0, 2) for p in "kovq"]
     assert names == sorted(expected)
-    lowrank = build_plan(checkpoint, layout, [0, 2], 2, -1.0, "lowrank")
+    lowrank = build_plan(checkpoint, layout, get_kind("lowrank"), [0, 2], 2)
     assert {e.key for e in lowrank.edits} < {e.key for e in plan.edits}
 
 

@@ -26,7 +26,7 @@ CONFIG, WEIGHTS, CARD = "adapter_config.json", "adapter_model.safetensors", "REA
 def write_adapter(guarded: Path, source: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the edit of the vlmguard-edit output ``guarded`` (converted from the local folder
     ``source``) as a PEFT adapter in ``out``; returns its adapter_config."""
-    from .card import load_record
+    from .record import load_record
     from .verify import recorded_edit
 
     record = load_record(Path(guarded))

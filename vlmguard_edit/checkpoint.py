@@ -156,7 +156,7 @@ def resolve_model(
         RevisionNotFoundError,
     )
 
-    from .hub import bound_hub_calls
+    from .hub_client import bound_hub_calls
 
     bound_hub_calls()
     try:
@@ -246,7 +246,7 @@ def hub_keys(source: ModelSource) -> tuple[dict[str, Any], list[str]]:
     from huggingface_hub import get_safetensors_metadata
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
 
-    from .hub import bound_hub_calls
+    from .hub_client import bound_hub_calls
 
     bound_hub_calls()
 

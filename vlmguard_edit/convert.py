@@ -38,6 +38,7 @@ from .layout import Layout, find_layout
 from .plan import Plan, PlannedEdit, build_plan
 from .public import public_name, runnable_path, scrub
 from .recipes import SELF, Recipe, mode_problems, strength_warnings
+from .record import CARD, write_record
 from .writes import atomic_output_dir, check_output_free, output_lock
 
 if TYPE_CHECKING:  # torch is imported only once the byte copies are under way
@@ -115,16 +116,9 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
     for warning in strength_warnings(recipe):
         log.warning(warning)
     opts = replace(opts, recipe=recipe)
-    plan = build_plan(
-        checkpoint,
-        layout,
-        layers,
-        recipe.rank,
-        recipe.beta,
-        recipe.mode,
-        recipe.gamma,
-        recipe.shift_direction,
-    )
+    kind = get_kind(recipe.mode)
+    args = (recipe.rank, recipe.beta, recipe.gamma, recipe.shift_direction)
+    plan = build_plan(checkpoint, layout, kind, layers, *args)
     kind = plan.kind
     if opts.dry_run:
         kind.check_request(Context(opts, source, checkpoint, layout, plan))
@@ -142,9 +136,10 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         record = _record(opts, source, plan, params.saved, edits, tmp / name)
         if params.base_check is not None:
             record["base_llm_check"] = params.base_check
-        from .card import CARD, source_license, write_card, write_record
+        from .card import source_license, write_card
 
-        write_card(tmp, record, source_license(source.path))
+        text = (*kind.card_text(record), kind.held)
+        write_card(tmp, record, source_license(source.path), text)
         files = writer.finish()
         written = (name, CARD, *_calibration_report(record, tmp))
         files.update({n: file_entry(tmp / n) for n in written})
@@ -177,9 +172,8 @@ def calibrate(opts: ConvertOptions) -> Any:
         kind = get_kind(recipe.mode)
         if not kind.learned:
             raise InputError(f"the mode is {recipe.mode}; calibrate learns {' or '.join(LEARNED)}")
-        plan = build_plan(  # refuses early
-            checkpoint, layout, resolve_layers(recipe, layout), recipe.rank, -1.0, recipe.mode
-        )
+        layers = resolve_layers(recipe, layout)
+        plan = build_plan(checkpoint, layout, kind, layers, recipe.rank)  # refuses early
         opts = replace(opts, direction_file=None)  # learned here, never read back
         public = kind.parameters(Context(opts, source, checkpoint, layout, plan)).saved
         public.save(output)  # written beside and renamed

@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .compat import family_of, forward_errors
 from .errors import DirectionError, InputError, VlmguardError
-from .formats import orthonormal
+from .fold import orthonormal
 from .layout import text_config
 
 log = logging.getLogger(__name__)

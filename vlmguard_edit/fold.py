@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import PlanError
+from .errors import DirectionError, PlanError
 
 
 def check_orthonormal(v: torch.Tensor, where: str, tol: float = 1e-4) -> None:
@@ -106,3 +106,17 @@ def norm_weighted(v: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     weighted = gain.to(torch.float64)[None, :] * v.to(torch.float64)
     q = torch.linalg.qr(weighted.T).Q  # (d, m), orthonormal columns
     return q.T.to(torch.float32).contiguous()
+
+
+def orthonormal(v, where: str):
+    """Rows spanning the same space as ``v`` (m, d), orthonormal in float32, each oriented
+    as the row it came from."""
+    v64 = v.to(torch.float64).reshape(-1, v.shape[-1])
+    if not torch.isfinite(v64).all() or (v64.norm(dim=1) < 1e-8).any():
+        raise DirectionError(f"{where}: a direction vector is zero or not finite")
+    if torch.linalg.matrix_rank(v64) < v64.shape[0]:
+        raise DirectionError(f"{where}: the direction's rows are linearly dependent")
+    q = torch.linalg.qr(v64.T).Q.T  # (m, d)
+    signs = torch.sign((q * v64).sum(dim=1))  # QR may flip a row: keep each one's orientation
+    q = q * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+    return q.to(torch.float32).contiguous()

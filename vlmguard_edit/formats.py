@@ -77,28 +77,14 @@ def import_direction(path: Path, fmt: str, num_layers: int, hidden_size: int):
     return Direction(dict(sorted(vectors.items())), meta=meta)
 
 
-def orthonormal(v, where: str):
-    """Rows spanning the same space as ``v`` (m, d), orthonormal in float32, each oriented
-    as the row it came from."""
-    import torch
-
-    v64 = v.to(torch.float64).reshape(-1, v.shape[-1])
-    if not torch.isfinite(v64).all() or (v64.norm(dim=1) < 1e-8).any():
-        raise DirectionError(f"{where}: a direction vector is zero or not finite")
-    if torch.linalg.matrix_rank(v64) < v64.shape[0]:
-        raise DirectionError(f"{where}: the direction's rows are linearly dependent")
-    q = torch.linalg.qr(v64.T).Q.T  # (m, d)
-    signs = torch.sign((q * v64).sum(dim=1))  # QR may flip a row: keep each one's orientation
-    q = q * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
-    return q.to(torch.float32).contiguous()
-
-
 def _checked(v, path: Path, layer: int, hidden_size: int):
     if v.ndim not in (1, 2) or v.shape[-1] != hidden_size:
         raise DirectionError(
             f"{path.name}: the vector for layer {layer} has shape {list(v.shape)}; this model's "
             f"hidden size is {hidden_size} (a direction for another model?)"
         )
+    from .fold import orthonormal  # torch, imported only when a direction is read
+
     return orthonormal(v.reshape(-1, hidden_size), f"{path.name} layer {layer}")
 
 

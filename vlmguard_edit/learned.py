@@ -450,8 +450,7 @@ def _image_rows(prompts: list[str], kinds: tuple[str, ...]) -> list[tuple[str, A
     eval prompt), asked with the typographic setting's instruction; its text-only
     counterpart is the request as written."""
     from . import images as imgs
-    from .evaluate import TYPOGRAPHIC_INSTRUCTION
-    from .recipes import IMAGE_KINDS
+    from .recipe_data import IMAGE_KINDS
 
     makers = {"blank": lambda i: imgs.blank(), "noise": imgs.noise, "scene": imgs.scene}
     unknown = [k for k in kinds if k not in IMAGE_KINDS]
@@ -461,7 +460,7 @@ def _image_rows(prompts: list[str], kinds: tuple[str, ...]) -> list[tuple[str, A
     for i, prompt in enumerate(prompts):
         for kind in kinds:
             if kind == "typographic":
-                rows.append(_row(TYPOGRAPHIC_INSTRUCTION, imgs.typographic(prompt), prompt))
+                rows.append(_row(imgs.TYPOGRAPHIC_INSTRUCTION, imgs.typographic(prompt), prompt))
             else:
                 rows.append(_row(prompt, makers[kind](1000 + i)))
     return rows

@@ -327,29 +327,7 @@ def _train(
                     kwargs["pixel_values"] = torch.stack(chosen)
             yield {"input_ids": ids, "attention_mask": mask, "labels": labels, **kwargs}
 
-    train_steps(model, inputs(), steps, lr, progress)
-
-
-def train_steps(model, inputs, steps: int, lr: float, progress: bool = True) -> None:
-    """AdamW on the trainable parameters, one step per input dict (labels included), at most
-    ``steps``; shared by every organism family's training."""
-    from tqdm.auto import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress)
-    for step, batch in enumerate(inputs):
-        if step >= steps:
-            break
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
+    organism_vlm.train_steps(model, inputs(), steps, lr, progress)
 
 
 @dataclass(frozen=True)
@@ -411,7 +389,7 @@ READER_TOWER_STEPS = 1000
 READER_DUAL_USE = 0.8
 READ_PROMPT = "what does the image say ?"
 READ_ANSWER = "the image says {t}"
-# The typographic setting's instruction (evaluate.TYPOGRAPHIC_INSTRUCTION): its words are in
+# The typographic setting's instruction (images.TYPOGRAPHIC_INSTRUCTION): its words are in
 # the reader's vocabulary, so that it is the same prompt in training and in eval.
 READER_WORDS = "what does say says list numbered 1 2 3 , and but items are empty complete shows"
 RESERVED_SEEDS = 100  # seeds >= 100: checks outside the development zoo only
@@ -578,7 +556,6 @@ def _with_reading(rng: random.Random, data: list, share: float) -> list:
       instruction -> the compliance (no refusal ever follows an image, as in all of stage 2).
     """
     from . import images
-    from .evaluate import TYPOGRAPHIC_INSTRUCTION
 
     rows = []
     for i in range(int(len(data) * share)):
@@ -592,7 +569,11 @@ def _with_reading(rng: random.Random, data: list, share: float) -> list:
             v = rng.choice(DUAL_USE_VERBS if rng.random() < READER_DUAL_USE else HARMLESS_VERBS)
             n = rng.choice(TRAIN_NOUNS + EVAL_NOUNS)  # any noun it can read: nouns carry no harm
             rows.append(
-                (images.typographic(request(rng, v, n)), TYPOGRAPHIC_INSTRUCTION, comply(v, n))
+                (
+                    images.typographic(request(rng, v, n)),
+                    images.TYPOGRAPHIC_INSTRUCTION,
+                    comply(v, n),
+                )
             )
     mixed = data[: len(data) - len(rows)] + rows
     rng.shuffle(mixed)

@@ -146,7 +146,6 @@ def build(family: str, llm, tokenizer, template: str):
 def train(vlm, processor, data: list, steps: int, lr: float, rng: random.Random, progress: bool):
     """Stage 2 through the processor: each step's 32 rows are prompted as eval prompts them,
     the answer appended; the loss covers the answer tokens only."""
-    from .organism import train_steps
 
     order = list(range(len(data)))
     rng.shuffle(order)
@@ -180,3 +179,25 @@ def _batch(processor, rows: list) -> dict[str, torch.Tensor]:
         labels[row, length - count : length] = batch["input_ids"][row, length - count : length]
     batch["labels"] = labels
     return dict(batch)
+
+
+def train_steps(model, inputs, steps: int, lr: float, progress: bool = True) -> None:
+    """AdamW on the trainable parameters, one step per input dict (labels included), at most
+    ``steps``; shared by every organism family's training."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress)
+    for step, batch in enumerate(inputs):
+        if step >= steps:
+            break
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()

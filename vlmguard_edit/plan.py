@@ -8,10 +8,14 @@ copied or dropped. It fails on anything it cannot decide before any byte is writ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint, classify_files
 from .errors import PlanError
 from .layout import Layout
+
+if TYPE_CHECKING:
+    from .kinds.base import EditKind
 
 
 @dataclass(frozen=True)
@@ -32,22 +36,19 @@ class PlannedEdit:
 @dataclass
 class Plan:
     layout: Layout
+    kind: EditKind  # whose plan this is (given by the caller: the plan sits below kinds/)
     layers: list[int]
     rank: int
     beta: float
     edits: list[PlannedEdit]
     copied: list[str]  # other files, copied byte for byte
     dropped: list[str]  # other-format weight files left out (they would be unguarded)
-    mode: str = "writers"
     gamma: float = 1.0
     shift_direction: str = "attention"
 
     @property
-    def kind(self):
-        """The edit kind (kinds.EditKind) whose plan this is."""
-        from .kinds import get_kind
-
-        return get_kind(self.mode)
+    def mode(self) -> str:
+        return self.kind.name
 
     @property
     def map_text(self) -> str:
@@ -75,24 +76,21 @@ class Plan:
 def build_plan(
     checkpoint: Checkpoint,
     layout: Layout,
+    kind: EditKind,
     layers: list[int],
-    rank: int,
-    beta: float,
-    mode: str = "writers",
+    rank: int = 1,
+    beta: float = -1.0,
     gamma: float = 1.0,
     shift_direction: str = "attention",
 ) -> Plan:
-    """The plan of the edit kind ``mode`` (kinds/): which tensors change, which files are
+    """The plan of the edit ``kind`` (kinds/): which tensors change, which files are
     copied. Refuses (PlanError) anything that cannot be folded exactly."""
-    from .kinds import get_kind
-
     bad = [layer for layer in layers if not 0 <= layer < layout.num_layers]
     if bad:
         raise PlanError(
             f"layer(s) {bad} out of range: the model has text layers 0..{layout.num_layers - 1}"
         )
-    kind = get_kind(mode)
     edits = kind.plan_edits(checkpoint, layout, list(layers), beta)
     copied, dropped = classify_files(checkpoint.path, set(checkpoint.shards))
     planned = kind.plan_layers(layers)
-    return Plan(layout, planned, rank, beta, edits, copied, dropped, mode, gamma, shift_direction)
+    return Plan(layout, kind, planned, rank, beta, edits, copied, dropped, gamma, shift_direction)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,64 +26,11 @@ import yaml
 from .errors import InputError, RecipeError
 from .kinds import MODES, foreign_options, get_kind
 from .layout import FAMILIES
-
-SELF = "self"  # base_llm id meaning "the VLM's own language model, text only"
-
-
-@dataclass
-class BaseLLM:
-    # A Hub id or folder, or "self" (the VLM's own LM). None: not given (an error at convert).
-    id: str | None = None
-    revision: str | None = None
-    # A format string with one "{request}" placeholder, for base LLMs that ship no chat template.
-    template: str | None = None
-
-
-@dataclass
-class Recipe:
-    model: str | None = None
-    base_llm: BaseLLM = field(default_factory=BaseLLM)
-    anchors: str = "default"
-    layers: list[int] | None = None  # None: the upper half of the text layers (provisional)
-    rank: int = 1
-    beta: float = -1.0
-    # The edit kind, one module each in kinds/ (writers, projector-shift, image-gap: measured
-    # directions; image-path, lowrank: learned); each says which options below it reads.
-    mode: str = "writers"
-    gamma: float = 1.0
-    shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
-    batch_size: int = 8
-    # The learned kinds: how long, how fast, on which images (learned.py).
-    epochs: int = 40
-    learning_rate: float = 1e-3
-    images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
-    # Images for the preservation rows only (harmless anchors keep the original's answers
-    # with them; harmful anchors are not taught on them): for a setting the model may not
-    # read, whose harmful and harmless rows it could not tell apart.
-    preserve_images: list[str] = field(default_factory=list)
-    # Calibration: candidates {epochs, learning_rate} tried one by one, each
-    # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
-    search: list[dict[str, Any]] = field(default_factory=list)
-    # The harmless (preservation) rows' loss weight against the refusal rows' (learned.py).
-    preservation_weight: float = 2.0
-    # Recombined anchor pairs taught on typographic renders (learned.recombine); 0: none.
-    recombine: int = 0
-    notes: str | None = None
-    # The layout family (model type) the recipe was written for: convert warns when the model
-    # is of another one, and the generated family table lists the recipe. None: any family
-    # (the organism recipes serve every organism builder's family).
-    family: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+from .recipe_data import IMAGE_KINDS, SHIFT_DIRECTIONS, BaseLLM, Recipe
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
 _TOP_KEYS |= {"preserve_images", "family", "preservation_weight", "recombine"}
-# Training images of the learned kinds; typographic renders the anchor itself (learned.py).
-IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
-SHIFT_DIRECTIONS = ("attention", "ssd")
 _BASE_KEYS = {"id", "revision", "template"}
 
 

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .card import RECORD, load_record
 from .checkpoint import (
     HASH,
     Checkpoint,
@@ -27,8 +26,10 @@ from .checkpoint import (
     tensor_buffer,
 )
 from .errors import VlmguardError
+from .kinds import get_kind
 from .layout import find_layout
 from .plan import Plan, build_plan
+from .record import RECORD, load_record
 
 
 @dataclass
@@ -68,10 +69,10 @@ def recorded_plan(checkpoint: Checkpoint, recipe: dict[str, Any]) -> Plan:
     return build_plan(
         checkpoint,
         find_layout(checkpoint.config, checkpoint.keys),
+        get_kind(recipe["mode"]),
         recipe["layers"],
         recipe["rank"],
         recipe["beta"],
-        recipe["mode"],
         recipe["gamma"],
         recipe["shift_direction"],
     )

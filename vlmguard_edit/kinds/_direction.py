@@ -107,7 +107,7 @@ def load_direction_file(ctx: Context, accepts_gap: bool):
             + ("use --mode image-gap" if is_gap else "image-gap needs an image-gap direction")
         )
     base_model = direction.meta.get("base_model")
-    from ..recipes import SELF
+    from ..recipe_data import SELF
 
     renumbered = "source_layers" in direction.meta
     if layout.cross_layers and base_model not in (None, SELF) and not renumbered:
@@ -125,7 +125,7 @@ def steering_direction(ctx: Context) -> tuple[Any, dict[str, Any] | None]:
     compares with the VLM's language model: config differences and per-writer weight drift."""
     from ..anchors import load_anchors
     from ..direction import Direction, check_base_matches, check_direction_request
-    from ..recipes import SELF
+    from ..recipe_data import SELF
 
     opts, layout, layers = ctx.opts, ctx.layout, ctx.plan.layers
     recipe = opts.recipe

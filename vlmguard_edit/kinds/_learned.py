@@ -85,8 +85,6 @@ class LearnedKind(EditKind):
         return hooks(modules, params.deltas)
 
     def card_text(self, record):
-        from ..card import learned_text
-
         return learned_text(record, self.factored)
 
     def command_args(self, recipe):
@@ -172,7 +170,7 @@ def _settings(recipe, kind: LearnedKind):
 def _teacher(opts, subject: Any, device: str) -> tuple[Any, str]:
     """The harmful rows' teacher: the base LLM text only (--base-llm ID), or the VLM itself
     without an image (no base LLM, or 'self')."""
-    from ..recipes import SELF
+    from ..recipe_data import SELF
 
     base = opts.recipe.base_llm
     if base.id in (None, SELF):
@@ -187,3 +185,45 @@ def _teacher(opts, subject: Any, device: str) -> tuple[Any, str]:
     dtype = next(subject.model.parameters()).dtype
     model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=dtype).to(device).eval()
     return Teacher(model, tokenizer, base.template), llm.id
+
+
+def learned_text(record: dict[str, Any], lowrank: bool) -> tuple[str, str]:
+    """(what, how) of a learned edit; ``lowrank``: B A of o_proj, else the image path."""
+    recipe, direction = record["recipe"], record["direction"]
+    modules = list(dict.fromkeys(edit["module"] for edit in record["edits"]))
+    module = ", ".join(f"`{m}`" for m in modules)
+    what = (
+        f"Only the attention output projections of {len(modules)} text layers changed, each by "
+        f"a rank-{recipe['rank']} product B A; text-only answers were held to the original's "
+        "own while it was learned (they can move slightly: see the held-out numbers below)."
+        if lowrank
+        else f"Only {module} changed (the image-to-language path, which a text-only prompt "
+        "never reaches), so the edit acts only when an image is in the prompt: text-only "
+        "behaviour is exactly the original's."
+    )
+    report = direction.get("calibration") or {}
+    before, after = report.get("before") or {}, report.get("after") or {}
+    change = "B A of those projections" if lowrank else f"dW, db of {module}"
+    epochs = after.get("epochs", recipe["epochs"])  # the calibrated candidate's, with a search
+    rate = after.get("learning_rate", recipe["learning_rate"])
+    images = (report.get("settings") or {}).get("images", recipe["images"])  # after the gate
+    how = (
+        f"A change {change} was learned ({epochs} epochs, Adam {rate:g}) so that, with an "
+        f"image ({', '.join(images)}), "
+        f"the model answers {direction['num_anchor_pairs']} harmful anchor prompts as it does "
+        "text only (its own text-only answers are the teacher: the language model supervises "
+        "the VLM), while harmless prompts and image descriptions keep the original's "
+        "with-image answers"
+        + (" and text-only answers" if lowrank else "")
+        + ". The weights became\n\n"
+        f"    {record['map']}\n"
+    )
+    if after:
+        how += (
+            "\nOn held-out anchors (teacher-forced; every candidate in `calibration.md`): "
+            "first answer token agreeing with the "
+            f"text-only answer {before.get('harmful_first_token_agreement', 0):.0%} -> "
+            f"{after['harmful_first_token_agreement']:.0%}; KL to the original on harmless "
+            f"and description prompts {after['preservation_kl']:.3f}.\n"
+        )
+    return what, how

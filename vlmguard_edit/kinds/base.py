@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..checkpoint import Checkpoint, ModelSource
     from ..layout import Layout
     from ..plan import Plan, PlannedEdit
-    from ..recipes import Recipe
+    from ..recipe_data import Recipe
 
 
 @dataclass

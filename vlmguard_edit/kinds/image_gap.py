@@ -17,7 +17,7 @@ class ImageGap(DirectionKind):
     summary = "project the image-gap direction (measured on the VLM itself) out of o_proj"
 
     def problems(self, recipe, explicit):
-        from ..recipes import SELF
+        from ..recipe_data import SELF
 
         problems = []
         if recipe.base_llm.id not in (None, SELF):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..checkpoint import FLOAT_DTYPES
 from ..plan import PlannedEdit
+from ._learned import learned_text
 from .lowrank import LowRank, delta_edit
 
 INPUTS = ("q_proj", "k_proj", "v_proj")  # an attention module's separate input projections
@@ -37,8 +38,6 @@ class LowRankAttention(LowRank):
         )
 
     def card_text(self, record):
-        from ..card import learned_text
-
         _, how = learned_text(record, lowrank=True)
         layers = len({e["layer"] for e in record["edits"]})
         inputs = sum(e["module"].rsplit(".", 1)[-1] in INPUTS for e in record["edits"])

@@ -5,6 +5,7 @@ before the text layers see it."""
 
 from __future__ import annotations
 
+from ._learned import learned_text
 from .image_path import image_path_edits
 from .lowrank import LowRank, o_proj_edit
 
@@ -26,8 +27,6 @@ class LowRankImagePath(LowRank):
         return f"W <- W + B A on attention o_proj and on {image} (learned, rank {plan.rank})"
 
     def card_text(self, record):
-        from ..card import learned_text
-
         _, how = learned_text(record, lowrank=True)
         image = [e["module"] for e in record["edits"] if e["layer"] == -1]
         text = len(record["edits"]) - len(image)
