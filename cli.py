@@ -1056,9 +1056,11 @@ def organism_zoo(root, quiet):
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier demo folder.")
 @quiet_option
 def demo(output, overwrite, quiet):
-    """Offline demo: build a tiny base LLM + LLaVA pair, convert it, check the fold.
+    """Offline demo: guard the shipped model organism with the default edit, then show its
+    answers with a blank image before and after, and that the fold equals the runtime hooks.
 
-    Needs no network: the models are built from configs in seconds.
+    Needs no network and a clone of the repository (examples/organism, recipes/); about 10
+    seconds on 2 CPU cores.
     """
     from vlmguard_edit.demo import run_demo
 

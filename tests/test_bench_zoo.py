@@ -131,3 +131,37 @@ def test_members_run_in_parallel_and_every_finished_one_is_written_at_once(
     with pytest.raises(KeyboardInterrupt):
         bench.run_pipeline("writers", {**built, "d-s0": "D"}, None, one, results, out)
     assert list(json.loads(out.read_text())["writers"]["members"]) == ["a-s0", "b-s0", "c-s0"]
+
+
+def test_results_are_named_by_build_and_another_build_is_archived(bench, tmp_path):
+    """The results page names the zoo build (date, hash of the members' organism.json);
+    results of another build move to results/archive/DATE-HASH before new rows are written;
+    a recipe pipeline records its recipe file and hash."""
+    import json
+
+    built = {}
+    for name in ("a-s0", "b-s0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "organism.json").write_text(json.dumps({"seed": name}))
+        built[name] = tmp_path / name
+    build = bench.build_of(built)
+    assert build["members"] == ["a-s0", "b-s0"] and len(build["hash"]) == 12
+    out = tmp_path / "docs" / "results.json"
+    out.parent.mkdir()
+    rows = {"a-s0": {"refused": "no"}}
+    same = {
+        "build": build,
+        "x": {"members": rows, "seconds": 1, "cores": 2, "limit": 8, "note": ""},
+    }
+    assert bench.archive_if_other_build(out, same, build) == same  # same build: kept
+    assert not (out.parent / "results").exists()
+    (tmp_path / "b-s0" / "organism.json").write_text(json.dumps({"seed": "rebuilt"}))
+    other = bench.build_of(built)
+    assert other["hash"] != build["hash"]
+    assert bench.archive_if_other_build(out, same, other) == {"build": other}
+    archived = out.parent / "results" / "archive" / f"{build['date']}-{build['hash']}"
+    assert json.loads(archived.with_suffix(".json").read_text()) == same
+    assert f"hash {build['hash']}" in archived.with_suffix(".md").read_text()
+    recipe = bench.recipe_of("calibrated")
+    assert recipe["file"] == "recipes/organism.yaml" and len(recipe["sha256"]) == 12
+    assert bench.recipe_of("writers") is None

@@ -149,12 +149,25 @@ def test_direction_command(base_llm, vlm_factory, tmp_path):
 
 
 def test_demo(tmp_path):
+    """The demo guards the shipped organism with the default edit: each harmful request with
+    a blank image is complied with before and refused after, the harmless one is answered
+    both times, and the fold equals the runtime hooks while changing the model visibly."""
     result = run(["demo", tmp_path / "demo"])
     assert result.exit_code == 0, result.output
-    gap = float(result.output.split("logits(runtime hooks)| = ")[1].split()[0])
-    effect = float(result.output.split("logits(original)|      = ")[1].split()[0])
+    gap = float(result.output.split("runtime hooks)| = ")[1].split()[0])
+    effect = float(result.output.split("logits(original)| = ")[1].split()[0])
     assert gap < 1e-5 < 0.05 < effect
-    assert (tmp_path / "demo" / "vlm-guarded" / "vlmguard.json").is_file()
+    lines = result.output.splitlines()
+    harmful = [i for i, line in enumerate(lines) if line.strip().startswith("harmful ")]
+    harmless = [i for i, line in enumerate(lines) if line.strip().startswith("harmless")]
+    assert len(harmful) == 3 and len(harmless) == 1
+    assert all("[refusal]" in lines[i + 2] and "[refusal]" not in lines[i + 1] for i in harmful)
+    assert any("[compliance]" in lines[i + 1] for i in harmful)
+    assert all("[compliance]" in lines[i + 1] and "[compliance]" in lines[i + 2] for i in harmless)
+    record = tmp_path / "demo" / "organism-guarded" / "vlmguard.json"
+    assert '"mode": "lowrank-attention"' in record.read_text()
+    again = run(["demo", tmp_path / "demo"])
+    assert again.exit_code != 0 and "--overwrite" in again.output
 
 
 def test_installed_command(vlm_factory, direction_file, tmp_path):

@@ -26,7 +26,7 @@ import yaml
 from .errors import InputError, RecipeError
 from .kinds import MODES, foreign_options, get_kind
 from .layout import FAMILIES
-from .recipe_data import IMAGE_KINDS, SHIFT_DIRECTIONS, BaseLLM, Recipe
+from .recipe_data import IMAGE_KINDS, SELF, SHIFT_DIRECTIONS, BaseLLM, Recipe
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
@@ -254,3 +254,10 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The recipe's data lives in recipe_data (below the edit kinds); these names stay importable
+# from here, where users have always found them.
+__all__ = ["IMAGE_KINDS", "SELF", "SHIFT_DIRECTIONS", "BaseLLM", "Recipe"]
+__all__ += ["load_recipe", "mode_problems", "parse_layers", "recipe_from_dict"]
+__all__ += ["strength_problems", "strength_warnings", "training_length"]
