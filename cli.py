@@ -25,8 +25,11 @@ EXAMPLES_CONVERT = """
 Examples:
   vlmguard-edit convert llava-hf/llava-1.5-7b-hf --recipe recipes/llava-1.5-7b.yaml \\
       -o ./llava-guarded
-  vlmguard-edit convert ./my-llava --base-llm lmsys/vicuna-7b-v1.5 --layers 16-31 -o ./out
-  vlmguard-edit convert ./my-llava --direction ssd.safetensors --layers 20,21 --beta -1 -o ./out
+  vlmguard-edit convert ./my-llava -o ./out
+  vlmguard-edit convert ./my-llava --base-llm lmsys/vicuna-7b-v1.5 -o ./out
+  vlmguard-edit convert ./my-llava --direction edit.safetensors -o ./out
+  vlmguard-edit convert ./my-llava --mode writers --base-llm lmsys/vicuna-7b-v1.5 \\
+      --layers 16-31 -o ./out
   vlmguard-edit convert ./my-llava --recipe r.yaml -o ./out --dry-run
   vlmguard-edit convert ./my-llava --mode image-path --anchors anchors.jsonl -o ./out
   vlmguard-edit convert examples/organism/vlm --mode lowrank --rank 4 --epochs 20 \\
@@ -38,8 +41,8 @@ EXAMPLES_CALIBRATE = """
 Examples:
   vlmguard-edit calibrate examples/organism/vlm --anchors examples/organism/anchors.jsonl \\
       -o organism-edit.safetensors
-  vlmguard-edit convert examples/organism/vlm --mode image-path \\
-      --direction organism-edit.safetensors -o organism-guarded
+  vlmguard-edit convert examples/organism/vlm --direction organism-edit.safetensors \\
+      -o organism-guarded
   vlmguard-edit calibrate ./my-llava --epochs 20 --images blank,scene -o edit.safetensors
   vlmguard-edit calibrate examples/organism/vlm --base-llm examples/organism/llm \\
       --anchors examples/organism/anchors.jsonl -o from-base.safetensors
@@ -402,6 +405,10 @@ def convert(
         check_repo_id(push_to_hub) if dry_run else preflight(push_to_hub)
     if base_llm and direction_file:
         raise click.UsageError("give either --base-llm or --direction, not both")
+    if direction_file and mode is None and not kw["recipe"]:
+        from vlmguard_edit.api import file_mode
+
+        mode = file_mode(direction_file)  # a shipped edit says its kind; a direction: writers
     kinds = _image_kinds(images)
     learned_extra = {k: kw.pop(k) for k in LEARNED_KEYS}
     recipe = _build_recipe(
@@ -590,7 +597,9 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Edit file to write."
 )
 @click.option(
-    "--recipe", type=click.Path(dir_okay=False), help="Recipe YAML (mode image-path or lowrank)."
+    "--recipe",
+    type=click.Path(dir_okay=False),
+    help="Recipe YAML of a learned kind (default: the default edit's values).",
 )
 @click.option("--anchors", help="'default' or a JSONL/CSV file with harmful,harmless columns.")
 @click.option(
@@ -613,19 +622,18 @@ def _push(folder: Path, repo_id: str, private: bool, revision, commit_message) -
 def calibrate(
     source, output, recipe, anchors, base_llm, epochs, learning_rate, images, preserve_images, **kw
 ):
-    """Learn the image-path (or, with a lowrank recipe, the lowrank) edit of the VLM SOURCE
-    and write it to OUTPUT.
+    """Learn the default edit (lowrank-attention), or the recipe's learned kind, of the VLM
+    SOURCE and write it to OUTPUT.
 
     The VLM's own text-only answers to the harmful anchors are the teacher for the same
     prompts with an image; harmless prompts and image descriptions keep the original's
-    answers. image-path learns only the image-to-language Linear, so text-only outputs cannot
-    change; lowrank learns B A of the text layers' o_proj and holds text-only answers too.
-    Prints the held-out validation before and after.
+    answers (and, for the lowrank kinds, its text-only answers). Prints the held-out
+    validation before and after; `convert SOURCE --direction OUTPUT` folds it.
     """
     from vlmguard_edit.api import calibrate as run_calibrate
-    from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe
+    from vlmguard_edit.recipes import BaseLLM, base_recipe, load_recipe
 
-    base = load_recipe(recipe) if recipe else Recipe(mode="image-path")
+    base = load_recipe(recipe) if recipe else base_recipe(None)
     if base.mode not in LEARNED:
         raise click.UsageError(
             f"the recipe's mode is {base.mode}; calibrate learns {' or '.join(LEARNED)}"
@@ -692,7 +700,7 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
 
     if Path(output).exists() and not overwrite:
         raise click.UsageError(f"{output} already exists; pass --overwrite to replace it")
-    recipe = _build_recipe(kw, base_llm)
+    recipe = _build_recipe(kw, base_llm, default=False)  # a direction: the plain values
     kind = KINDS[recipe.mode]
     if not kind.steered:
         steered = " and ".join(k.name for k in KINDS.values() if k.steered)
@@ -1069,12 +1077,16 @@ def demo(output, overwrite, quiet):
         click.echo(line)
 
 
-def _build_recipe(kw: dict, base_llm: str | None, **extra):
-    """Recipe values, overridden by the command-line options that were given."""
-    from vlmguard_edit.recipes import BaseLLM, Recipe, load_recipe, parse_layers
+def _build_recipe(kw: dict, base_llm: str | None, default: bool = True, **extra):
+    """Recipe values, overridden by the command-line options that were given; without a
+    recipe file, the default edit's (``default``) or the plain values."""
+    from vlmguard_edit.recipes import BaseLLM, Recipe, base_recipe, load_recipe, parse_layers
 
     recipe_path = kw.pop("recipe")
-    recipe = load_recipe(recipe_path) if recipe_path else Recipe()
+    if recipe_path:
+        recipe = load_recipe(recipe_path)
+    else:
+        recipe = base_recipe(extra.get("mode")) if default else Recipe()
     layers = kw.pop("layers")
     if layers is not None:
         try:

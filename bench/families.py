@@ -95,7 +95,7 @@ def generated(results: dict[str, list[dict]]) -> str:
         "< 1e-5 in float32 with and without an image, visible); `-` = the family cannot take "
         "that kind (the planner's reason is in docs/families.json). Recipes: the shipped "
         "recipes that name the family (`family:`); for a family without one, copy a lowrank "
-        "recipe and change its `model:` and `family:` (README, Recipes and defaults).",
+        "recipe and change its `model:` and `family:` (docs/usage.md, Recipes).",
         "",
         *family_rows(results),
         "",

@@ -103,6 +103,8 @@ PIPELINES = {
             [
                 "convert",
                 "{m}/vlm",
+                "--mode",
+                "writers",
                 "--base-llm",
                 "{m}/llm",
                 "--anchors",

@@ -94,7 +94,19 @@ def test_corrupt_header(vlm_copy, out, direction_file):
 
 def test_hidden_size_mismatch(tmp_path, vlm_factory, out, direction_file):
     small = tiny.build_base(tmp_path / "small-base", hidden=32)
-    args = ["convert", vlm_factory(), "-o", out, "--base-llm", small, "--layers", "1", "-q"]
+    args = [
+        "convert",
+        vlm_factory(),
+        "-o",
+        out,
+        "--mode",
+        "writers",
+        "--base-llm",
+        small,
+        "--layers",
+        "1",
+        "-q",
+    ]
     assert_refused(run(args), out, "hidden size of the base LLM")
     other = tmp_path / "small.safetensors"
     from vlmguard_edit.direction import Direction
@@ -108,7 +120,19 @@ def test_base_llm_without_tokenizer(tmp_path, vlm_factory, base_llm, out):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(base_llm / name, bare)
-    args = ["convert", vlm_factory(), "-o", out, "--base-llm", bare, "--layers", "1", "-q"]
+    args = [
+        "convert",
+        vlm_factory(),
+        "-o",
+        out,
+        "--mode",
+        "writers",
+        "--base-llm",
+        bare,
+        "--layers",
+        "1",
+        "-q",
+    ]
     assert_refused(run(args), out, "cannot load the tokenizer")
 
 
@@ -132,6 +156,8 @@ def test_rank_larger_than_anchors(tmp_path, vlm_factory, base_llm, out):
         vlm_factory(),
         "-o",
         out,
+        "--mode",
+        "writers",
         "--base-llm",
         base_llm,
         "--anchors",
@@ -159,7 +185,19 @@ def test_pickle_only_base_llm_needs_flag(tmp_path, vlm_factory, base_llm, out):
 
     torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
     (base / "model.safetensors").unlink()
-    args = ["convert", vlm_factory(), "-o", out, "--base-llm", base, "--layers", "1", "-q"]
+    args = [
+        "convert",
+        vlm_factory(),
+        "-o",
+        out,
+        "--mode",
+        "writers",
+        "--base-llm",
+        base,
+        "--layers",
+        "1",
+        "-q",
+    ]
     assert_refused(run(args), out, "--allow-pickle")
     result = run([*args, "--allow-pickle"])
     assert result.exit_code == 0, result.output
@@ -277,7 +315,7 @@ def test_no_op_recipe_invalid(tmp_path):
     from vlmguard_edit.recipes import load_recipe
 
     path = tmp_path / "r.yaml"
-    path.write_text("base_llm: self\nbeta: 0\n")
+    path.write_text("mode: writers\nbase_llm: self\nbeta: 0\n")
     with pytest.raises(RecipeError, match="beta: 0 changes nothing"):
         load_recipe(path)
     result = run(["validate", path])
@@ -289,7 +327,7 @@ def test_strength_outside_measured_range_warns(vlm_factory, out, direction_file,
     assert result.exit_code == 0, result.output
     assert "beta -1e+09 is outside the measured range [-2, 4]" in caplog.text
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("base_llm: self\nbeta: 50\n")
+    recipe.write_text("mode: writers\nbase_llm: self\nbeta: 50\n")
     validated = run(["validate", recipe])
     assert validated.exit_code == 0 and "warning: beta 50 is outside" in validated.output
 

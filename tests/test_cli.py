@@ -107,7 +107,7 @@ def test_usage_errors(vlm_factory, direction_file, tmp_path, base_llm):
         ["convert", vlm_factory(), "-o", out, "--base-llm", base_llm, "--direction", direction_file]
     )
     assert both.exit_code == 2 and "not both" in both.output
-    neither = run(["convert", vlm_factory(), "-o", out, "--layers", "1"])
+    neither = run(["convert", vlm_factory(), "-o", out, "--mode", "writers", "--layers", "1"])
     assert (
         neither.exit_code == 1 and "say where the steering direction comes from" in neither.stderr
     )
@@ -119,7 +119,8 @@ def test_usage_errors(vlm_factory, direction_file, tmp_path, base_llm):
 def test_recipe_supplies_model_and_base(vlm_factory, base_llm, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(
-        f"model: {vlm_factory()}\nbase_llm:\n  id: {base_llm}\nlayers: [2]\nrank: 2\nbeta: 1.5\n"
+        f"model: {vlm_factory()}\nmode: writers\nbase_llm:\n  id: {base_llm}\nlayers: [2]\n"
+        "rank: 2\nbeta: 1.5\n"
     )
     out = tmp_path / "out"
     result = run(["convert", "--recipe", recipe, "-o", out, "--rank", "1", "-q"])

@@ -183,7 +183,7 @@ def test_preservation_only_images_reach_the_harmless_rows_only():
     with pytest.raises(RecipeError, match="preserve_images: expected a list"):
         recipe_from_dict({"mode": "lowrank", "preserve_images": ["figstep"]})
     with pytest.raises(RecipeError, match="preserve_images: not used by writers"):
-        recipe_from_dict({"preserve_images": ["blank"]})
+        recipe_from_dict({"mode": "writers", "preserve_images": ["blank"]})
 
 
 def test_learning_moves_image_answers_to_the_text_only_ones():

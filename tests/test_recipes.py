@@ -40,6 +40,7 @@ def test_all_problems_reported_with_paths():
         recipe_from_dict(
             {
                 "model": "x/y",
+                "mode": "writers",
                 "layer": [1],
                 "rank": 0,
                 "beta": "strong",

@@ -27,9 +27,12 @@ def recipe_with(recipe: Any = None, **fields: Any):
     """A Recipe from a YAML path, a Recipe, or the defaults, with ``fields`` replacing its
     values (None leaves a value as it is; epochs or learning_rate without search replace the
     recipe's search, as on the command line); checked as a recipe file is."""
-    from .recipes import Recipe, load_recipe, mode_problems, training_length
+    from .recipes import Recipe, base_recipe, load_recipe, mode_problems, training_length
 
-    base = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe or Recipe()
+    if isinstance(recipe, (str, Path)):
+        base = load_recipe(recipe)
+    else:  # no recipe: the default edit, or the --mode given with plain values
+        base = recipe or base_recipe(fields.get("mode"))
     given = {k: v for k, v in training_length(fields).items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(Recipe)})
     if unknown:
@@ -39,6 +42,23 @@ def recipe_with(recipe: Any = None, **fields: Any):
     if problems:
         raise InputError("; ".join(problems))
     return resolved
+
+
+def file_mode(path: str | Path) -> str:
+    """The edit kind a parameter file is for, from its header alone: a learned edit file
+    names its kind; a direction file (or one another tool wrote) is folded as the design's
+    projection of the writers unless another --mode is given."""
+    from .checkpoint import read_provenance
+    from .errors import DirectionError
+    from .learned import EDIT_FORMAT, KIND
+
+    try:
+        _, metadata = read_provenance(Path(path), "direction or edit file", DirectionError)
+    except DirectionError:  # not a safetensors file: another tool's format (--direction-format)
+        return "writers"
+    if metadata.get("vlmguard.format") == EDIT_FORMAT:
+        return metadata.get("vlmguard.kind", KIND)
+    return "writers"
 
 
 def convert(
@@ -106,13 +126,12 @@ def calibrate(
     **recipe_fields: Any,
 ):
     """Learn the edit of ``source`` (the recipe's mode, a learned kind; without a recipe,
-    image-path, as the command does) and write it to the edit file ``output``; returns the
-    ``learned.Edit`` (its calibration report in ``.meta["calibration"]``)."""
+    the default edit, as the command does) and write it to the edit file ``output``;
+    returns the ``learned.Edit`` (its calibration report in ``.meta["calibration"]``)."""
     from .convert import ConvertOptions
     from .convert import calibrate as run
-    from .recipes import Recipe
 
-    resolved = recipe_with(recipe or Recipe(mode="image-path"), **recipe_fields)
+    resolved = recipe_with(recipe, **recipe_fields)
     opts = ConvertOptions(
         str(source),
         Path(output),

@@ -372,14 +372,7 @@ def compute_direction(
     decoder, tokenizer = load_text_decoder(
         source, max(measured), is_vlm, device, dtype, allow_pickle, trust_remote_code
     )
-    prompts: dict[str, list[str]] = {}
-    add_special = True
-    for kind, requests in (("harmful", anchors.harmful), ("harmless", anchors.harmless)):
-        texts = []
-        for request in requests:
-            text, add_special = format_prompt(tokenizer, request, template)
-            texts.append(text)
-        prompts[kind] = texts
+    prompts, add_special = _anchor_prompts(tokenizer, anchors, template)
     log.info("computing hidden states for %d anchor pairs on %s", len(anchors), device)
     states = {
         kind: last_token_states(
@@ -414,6 +407,22 @@ def compute_direction(
         "tool_version": __version__,
     }
     return Direction(vectors, stats, meta)
+
+
+def _anchor_prompts(
+    tokenizer: Any, anchors: AnchorSet, template: str | None
+) -> tuple[dict[str, list[str]], bool]:
+    """Every anchor request in the chat template (or ``template``), by kind, and whether the
+    tokenizer should add its special tokens (not where the template already holds them)."""
+    prompts: dict[str, list[str]] = {}
+    add_special = True
+    for kind, requests in (("harmful", anchors.harmful), ("harmless", anchors.harmless)):
+        texts = []
+        for request in requests:
+            text, add_special = format_prompt(tokenizer, request, template)
+            texts.append(text)
+        prompts[kind] = texts
+    return prompts, add_special
 
 
 def check_direction_request(

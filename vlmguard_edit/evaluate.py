@@ -197,6 +197,16 @@ def rates(labels: list[str]) -> dict[str, float]:
     return {k: labels.count(k) / n for k in (REFUSAL, COMPLIANCE, NEITHER)}
 
 
+@dataclass
+class Comparison:
+    """What a benign set's answers add up to against the original's (sums over tokens)."""
+
+    kl: float = 0.0
+    nll: float = 0.0
+    tokens: int = 0
+    agree: int = 0
+
+
 def evaluate_setting(
     subject: Subject,
     original: Subject | None,
@@ -208,69 +218,80 @@ def evaluate_setting(
     samples: dict[str, list[dict[str, str]]] = {}
     for kind, prompts in (("harmful", opts.harmful), ("benign", opts.benign)):
         texts, pictures = setting_inputs(setting, prompts, folder)
-        answers, kl_sum, kl_tokens, nll_sum, agree = [], 0.0, 0, 0.0, 0
-        batches = range(0, len(texts), opts.batch_size)
-        for start in tqdm(
-            batches, desc=f"{setting}/{kind}", unit="batch", disable=not opts.progress, leave=False
-        ):
-            batch = subject.inputs(
-                texts[start : start + opts.batch_size], pictures[start : start + opts.batch_size]
-            )
-            prompt_len = batch["input_ids"].shape[1]
-            tokenizer = subject.processor.tokenizer
-            key = (setting, kind, start)
-            out = subject.generate(key, batch, opts.max_new_tokens)
-            decoded = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-            answers += decoded
-            if original is not None and kind == "benign":
-                ref = original.generate(key, batch, opts.max_new_tokens)
-                ref_text = tokenizer.batch_decode(ref[:, prompt_len:], skip_special_tokens=True)
-                agree += sum(a.strip() == b.strip() for a, b in zip(decoded, ref_text, strict=True))
-                mask = answer_mask(ref, prompt_len, tokenizer.eos_token_id, tokenizer.pad_token_id)
-                attention = torch.cat(
-                    [batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1
-                )
-                # Positions prompt_len-1 .. end-1 predict the answer tokens.
-                logp_ref = torch.log_softmax(
-                    original.logits(batch, ref, attention)[:, prompt_len - 1 : -1], -1
-                )
-                logp_new = torch.log_softmax(
-                    subject.logits(batch, ref, attention)[:, prompt_len - 1 : -1], -1
-                )
-                weight = mask.float()
-                kl = (logp_ref.exp() * (logp_ref - logp_new)).sum(-1)  # (B, T_answer)
-                kl_sum += float((kl * weight).sum())
-                target = ref[:, prompt_len:]
-                nll = -logp_new.gather(-1, target[..., None])[..., 0]
-                nll_sum += float((nll * weight).sum())
-                kl_tokens += int(weight.sum())
+        compare = original if kind == "benign" else None
+        answers, comparison = _answer_set(subject, compare, setting, kind, texts, pictures, opts)
         labels = label_answers(prompts, answers, opts.exact)
         if kind == "harmful" and opts.guard is not None:
             rows = zip(prompts, texts, pictures, answers, labels, strict=True)
             labels = [combine(lab, opts.guard.rate(p, t, i, a)) for p, t, i, a, lab in rows]
-        r = rates(labels)
-        if kind == "harmful":
-            metrics.update(
-                harmful_refusal=r[REFUSAL],
-                harmful_compliance=r[COMPLIANCE],
-                harmful_neither=r[NEITHER],
-            )
-        else:
-            metrics.update(
-                benign_compliance=r[COMPLIANCE],
-                benign_refusal=r[REFUSAL],
-                benign_neither=r[NEITHER],
-            )
-            if original is not None:
-                metrics["kl"] = kl_sum / max(kl_tokens, 1)
-                metrics["agreement"] = agree / len(prompts)
-                metrics["perplexity"] = math.exp(nll_sum / max(kl_tokens, 1))
-        metrics[f"n_{kind}"] = len(prompts)
+        metrics.update(_set_metrics(kind, rates(labels), comparison, len(prompts)))
         samples[kind] = [
             {"prompt": p, "answer": a, "label": lab}
             for p, a, lab in zip(prompts, answers, labels, strict=True)
         ][:5]
     return metrics, samples
+
+
+def _answer_set(subject, original, setting, kind, texts, pictures, opts):
+    """Greedy answers to one prompt set, batch by batch, and (``original`` given) how they
+    compare with the original's: KL, perplexity of its answers, exact agreement."""
+    answers: list[str] = []
+    comparison = Comparison() if original is not None else None
+    tokenizer = subject.processor.tokenizer
+    batches = range(0, len(texts), opts.batch_size)
+    quiet = not opts.progress
+    for start in tqdm(batches, desc=f"{setting}/{kind}", unit="batch", disable=quiet, leave=False):
+        chunk = slice(start, start + opts.batch_size)
+        batch = subject.inputs(texts[chunk], pictures[chunk])
+        prompt_len = batch["input_ids"].shape[1]
+        key = (setting, kind, start)
+        out = subject.generate(key, batch, opts.max_new_tokens)
+        decoded = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        answers += decoded
+        if comparison is not None:
+            _compare(subject, original, key, batch, decoded, opts, comparison)
+    return answers, comparison
+
+
+def _compare(subject, original, key, batch, decoded, opts, into: Comparison) -> None:
+    """Add one batch's KL (original || subject) and NLL over the original's answer tokens."""
+    tokenizer = subject.processor.tokenizer
+    prompt_len = batch["input_ids"].shape[1]
+    ref = original.generate(key, batch, opts.max_new_tokens)
+    ref_text = tokenizer.batch_decode(ref[:, prompt_len:], skip_special_tokens=True)
+    into.agree += sum(a.strip() == b.strip() for a, b in zip(decoded, ref_text, strict=True))
+    mask = answer_mask(ref, prompt_len, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    attention = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
+    # Positions prompt_len-1 .. end-1 predict the answer tokens.
+    logp_ref = torch.log_softmax(original.logits(batch, ref, attention)[:, prompt_len - 1 : -1], -1)
+    logp_new = torch.log_softmax(subject.logits(batch, ref, attention)[:, prompt_len - 1 : -1], -1)
+    weight = mask.float()
+    kl = (logp_ref.exp() * (logp_ref - logp_new)).sum(-1)  # (B, T_answer)
+    into.kl += float((kl * weight).sum())
+    nll = -logp_new.gather(-1, ref[:, prompt_len:][..., None])[..., 0]
+    into.nll += float((nll * weight).sum())
+    into.tokens += int(weight.sum())
+
+
+def _set_metrics(kind: str, r: dict[str, float], comparison, count: int) -> dict[str, float]:
+    if kind == "harmful":
+        out = {
+            "harmful_refusal": r[REFUSAL],
+            "harmful_compliance": r[COMPLIANCE],
+            "harmful_neither": r[NEITHER],
+        }
+    else:
+        out = {
+            "benign_compliance": r[COMPLIANCE],
+            "benign_refusal": r[REFUSAL],
+            "benign_neither": r[NEITHER],
+        }
+    if comparison is not None:
+        out["kl"] = comparison.kl / max(comparison.tokens, 1)
+        out["agreement"] = comparison.agree / count
+        out["perplexity"] = math.exp(comparison.nll / max(comparison.tokens, 1))
+    out[f"n_{kind}"] = count
+    return out
 
 
 def label_answers(prompts: list[str], answers: list[str], exact: Any) -> list[str]:

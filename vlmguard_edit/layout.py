@@ -763,62 +763,17 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
     family = detect_family(config)
     text = text_config(config)
     num_layers = int(text["num_hidden_layers"])
-    present = [p for p in family.layer_prefixes if any(k.startswith(p + ".") for k in keys)]
-    if not present:
-        raise UnsupportedModelError(
-            f"no language-model layer keys found for {family.model_type}; expected keys under "
-            f"{' or '.join(family.layer_prefixes)}"
-        )
-    if len(present) > 1:
-        raise UnsupportedModelError(f"ambiguous key layout: keys under both {present}")
-    prefix = present[0]
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
-    by_layer: dict[int, set[str]] = {}
-    for key in keys:
-        match = pattern.fullmatch(key)
-        if match:
-            by_layer.setdefault(int(match.group(1)), set()).add(match.group(2))
-    found_layers = sorted(by_layer)
-    extra = found_layers[num_layers:]
-    if found_layers[:num_layers] != list(range(num_layers)) or len(extra) > family.trailing_layers:
-        raise UnsupportedModelError(
-            f"config declares {num_layers} text layers but the checkpoint has layers "
-            f"{_span(found_layers)} under {prefix}"
-        )
-    for layer in extra:  # e.g. GLM's multi-token-prediction layer: copied, never edited
-        del by_layer[layer]
+    prefix = _layer_prefix(family, keys)
+    by_layer, extra = _layer_names(family, keys, prefix, num_layers)
     cross_key = family.cross_layers_key
     cross = tuple(sorted(text.get(cross_key) or ())) if cross_key else ()
     if any(not 0 <= layer < num_layers for layer in cross):
         raise UnsupportedModelError(f"{cross_key} {list(cross)} out of range")
     num_experts = int(text.get(family.experts_key) or 0) if family.experts_key else None
-    writers: dict[int, tuple[Writer, ...]] = {}
-    for layer, names in by_layer.items():
-        found = []
-        for wanted in family.cross_writers if layer in cross else family.writers:
-            module = _present(wanted, names, dict(family.alternatives).get(wanted, ()))
-            # one fused-tensor name per key layout may be listed for a writer (Aria's Hub
-            # mlp.experts.fc2.weight, transformers 5's mlp.experts.down_proj)
-            options = [f for w, f in family.fused if w == module]
-            fused = next(
-                (f for f in options if ".".join(f) in names), options[0] if options else None
-            )
-            if f"{module}.weight" not in names and fused and ".".join(fused) in names:
-                key = f"{prefix}.{layer}.{'.'.join(fused)}"
-                found.append(Writer(layer, fused[0], key, None, fused=True))
-                continue
-            if f"{module}.weight" not in names and fused:
-                experts = _per_expert(names, fused, num_experts, f"{prefix}.{layer}")
-                found += [
-                    Writer(layer, name, f"{prefix}.{layer}.{name}.weight", None) for name in experts
-                ]
-                if experts:
-                    continue
-            found.append(_writer(family, names, prefix, layer, module))
-        for module in family.extra_writers:
-            if f"{module}.weight" in names:
-                found.append(_writer(family, names, prefix, layer, module))
-        writers[layer] = tuple(found)
+    writers = {
+        layer: _layer_writers(family, names, prefix, layer, layer in cross, num_experts)
+        for layer, names in by_layer.items()
+    }
     projector = [k for k in family.projector_bias if k in set(keys)]
     heads = int(text.get("num_attention_heads", 0))
     return Layout(
@@ -834,6 +789,74 @@ def find_layout(config: dict[str, Any], keys: list[str]) -> Layout:
         tuple(extra),
         next((m for m in family.image_path if f"{m}.weight" in set(keys)), None),
     )
+
+
+def _layer_prefix(family: Family, keys: list[str]) -> str:
+    """The one prefix the language model's layers sit under in this checkpoint."""
+    present = [p for p in family.layer_prefixes if any(k.startswith(p + ".") for k in keys)]
+    if not present:
+        raise UnsupportedModelError(
+            f"no language-model layer keys found for {family.model_type}; expected keys under "
+            f"{' or '.join(family.layer_prefixes)}"
+        )
+    if len(present) > 1:
+        raise UnsupportedModelError(f"ambiguous key layout: keys under both {present}")
+    return present[0]
+
+
+def _layer_names(
+    family: Family, keys: list[str], prefix: str, num_layers: int
+) -> tuple[dict[int, set[str]], list[int]]:
+    """Each text layer's key names below it, and the trailing layers past the configured
+    count (e.g. GLM's multi-token-prediction layer: copied, never edited)."""
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.(.+)")
+    by_layer: dict[int, set[str]] = {}
+    for key in keys:
+        match = pattern.fullmatch(key)
+        if match:
+            by_layer.setdefault(int(match.group(1)), set()).add(match.group(2))
+    found_layers = sorted(by_layer)
+    extra = found_layers[num_layers:]
+    if found_layers[:num_layers] != list(range(num_layers)) or len(extra) > family.trailing_layers:
+        raise UnsupportedModelError(
+            f"config declares {num_layers} text layers but the checkpoint has layers "
+            f"{_span(found_layers)} under {prefix}"
+        )
+    for layer in extra:
+        del by_layer[layer]
+    return by_layer, extra
+
+
+def _layer_writers(
+    family: Family, names: set[str], prefix: str, layer: int, cross: bool, num_experts
+) -> tuple[Writer, ...]:
+    """The residual writers of one layer (a cross-attention layer's own list where it has one)."""
+    found: list[Writer] = []
+    for wanted in family.cross_writers if cross else family.writers:
+        module = _present(wanted, names, dict(family.alternatives).get(wanted, ()))
+        found += _module_writers(family, names, prefix, layer, module, num_experts)
+    for module in family.extra_writers:
+        if f"{module}.weight" in names:
+            found.append(_writer(family, names, prefix, layer, module))
+    return tuple(found)
+
+
+def _module_writers(family, names, prefix, layer, module, num_experts) -> list[Writer]:
+    """One writer module: a plain Linear, one fused experts tensor, or one per expert."""
+    # one fused-tensor name per key layout may be listed for a writer (Aria's Hub
+    # mlp.experts.fc2.weight, transformers 5's mlp.experts.down_proj)
+    options = [f for w, f in family.fused if w == module]
+    fused = next((f for f in options if ".".join(f) in names), options[0] if options else None)
+    if f"{module}.weight" not in names and fused and ".".join(fused) in names:
+        key = f"{prefix}.{layer}.{'.'.join(fused)}"
+        return [Writer(layer, fused[0], key, None, fused=True)]
+    if f"{module}.weight" not in names and fused:
+        experts = _per_expert(names, fused, num_experts, f"{prefix}.{layer}")
+        if experts:
+            return [
+                Writer(layer, name, f"{prefix}.{layer}.{name}.weight", None) for name in experts
+            ]
+    return [_writer(family, names, prefix, layer, module)]
 
 
 def _writer(family: Family, names: set[str], prefix: str, layer: int, module: str) -> Writer:
@@ -930,13 +953,21 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
         layout = find_layout(config, keys)
     except UnsupportedModelError as exc:
         return [*lines, f"convert         NOT SUPPORTED: {exc}"]
+    lines += _shape_lines(layout, config)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for layer, writers in sorted(layout.writers.items()):
+        groups.setdefault(_writer_names(writers), []).append(layer)
+    for names, layers in groups.items():
+        lines.append(f"writers         layers {_span(layers)}: {', '.join(names)}")
+    return lines + _support_lines(layout, keys)
+
+
+def _shape_lines(layout: Layout, config: dict[str, Any]) -> list[str]:
+    """Key layout, sizes, and the layers that are not plain text layers."""
     family = layout.family
-    which = (
-        "Hub / save_pretrained"
-        if layout.layer_prefix == family.layer_prefixes[0]
-        else ("transformers 5 module names")
-    )
-    lines += [
+    first = layout.layer_prefix == family.layer_prefixes[0]
+    which = "Hub / save_pretrained" if first else "transformers 5 module names"
+    lines = [
         f"key layout      {layout.layer_prefix}.N  ({which})",
         f"text layers     {layout.num_layers} x hidden {layout.hidden_size}, "
         f"{layout.num_heads} heads / {layout.num_kv_heads} kv heads",
@@ -959,29 +990,33 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
             f"trailing        layers {_span(list(layout.trailing_layers))} beyond the config's "
             "count (multi-token prediction; transformers ignores them): copied, never edited"
         )
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for layer, writers in sorted(layout.writers.items()):
-        names = []
-        for w in writers:
-            name = w.module
-            if re.search(r"\.\d+\.", name):  # per-expert writers: one entry for all of them
-                collapsed = re.sub(r"\.\d+\.", ".{e}.", name)
-                if names and names[-1].startswith(collapsed):
-                    continue
-                count = sum(
-                    1 for o in writers if re.sub(r"\.\d+\.", ".{e}.", o.module) == collapsed
-                )
-                name = f"{collapsed} ({count} experts, 2-D)"
-            elif w.fused:
-                name += " (fused experts)"
-            names.append(
-                name
-                + (" (+bias)" if w.bias else "")
-                + (f" -> {w.post_norm.rsplit('.', 2)[-2]}" if w.post_norm else "")
-            )
-        groups.setdefault(tuple(names), []).append(layer)
-    for names, layers in groups.items():
-        lines.append(f"writers         layers {_span(layers)}: {', '.join(names)}")
+    return lines
+
+
+def _writer_names(writers: tuple[Writer, ...]) -> tuple[str, ...]:
+    """One layer's writers as `inspect` names them (per-expert writers as one entry)."""
+    names: list[str] = []
+    for w in writers:
+        name = w.module
+        if re.search(r"\.\d+\.", name):
+            collapsed = re.sub(r"\.\d+\.", ".{e}.", name)
+            if names and names[-1].startswith(collapsed):
+                continue
+            count = sum(1 for o in writers if re.sub(r"\.\d+\.", ".{e}.", o.module) == collapsed)
+            name = f"{collapsed} ({count} experts, 2-D)"
+        elif w.fused:
+            name += " (fused experts)"
+        names.append(
+            name
+            + (" (+bias)" if w.bias else "")
+            + (f" -> {w.post_norm.rsplit('.', 2)[-2]}" if w.post_norm else "")
+        )
+    return tuple(names)
+
+
+def _support_lines(layout: Layout, keys: list[str]) -> list[str]:
+    """Look-alike tensors outside the language model, notes, and what convert can do."""
+    lines = []
     inside = re.compile(re.escape(layout.layer_prefix) + r"\.\d+\.")
     lookalike = sorted(
         k for k in keys if re.search(r"(o_proj|down_proj)\.weight$", k) and not inside.match(k)
@@ -991,21 +1026,17 @@ def describe(config: dict[str, Any], keys: list[str]) -> list[str]:
             f"look-alikes     {len(lookalike)} o_proj/down_proj tensors outside the language "
             f"model, never edited (e.g. {lookalike[0]})"
         )
-    if family.model_type in NOTES:
-        lines.append(f"note            {NOTES[family.model_type]}")
+    if layout.family.model_type in NOTES:
+        lines.append(f"note            {NOTES[layout.family.model_type]}")
     shift = (
         f"yes ({layout.projector_bias})"
         if layout.projector_bias
         else "no (no projector output bias known for this family)"
     )
     normed = any(w.post_norm for ws in layout.writers.values() for w in ws)
-    lines += [
-        "convert         supported: "
-        + (
-            "the projection only (beta -1), folded against the norm-gain-weighted direction"
-            if normed
-            else "writers mode folds (I + beta V^T V) into every writer of the selected layers"
-        ),
-        f"projector-shift {shift}",
-    ]
-    return lines
+    how = (
+        "the projection only (beta -1), folded against the norm-gain-weighted direction"
+        if normed
+        else "writers mode folds (I + beta V^T V) into every writer of the selected layers"
+    )
+    return [*lines, "convert         supported: " + how, f"projector-shift {shift}"]

@@ -59,3 +59,28 @@ class Recipe:
 # Training images of the learned kinds; typographic renders the anchor itself (learned.py).
 IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
+
+
+# The one default: what `convert` and `calibrate` (and the Python API) use without a recipe
+# file or --mode, and what the real-model recipes hold. It is the edit the zoo measures as
+# best (docs/results.md; why each value, docs/method.md "The default").
+DEFAULT_MODE = "lowrank-attention"
+
+
+def default_recipe() -> Recipe:
+    """The learned lowrank-attention edit: rank 4 on every text layer's o_proj and q/k/v,
+    the VLM's own text-only answers as teacher, the shipped anchors, typographic renders
+    behind the reading gate, preservation weight 4, calibrated over 10 and 20 epochs."""
+    return Recipe(
+        mode=DEFAULT_MODE,
+        rank=4,
+        images=["blank", "noise", "scene", "typographic"],
+        preservation_weight=4.0,
+        search=[{"epochs": 10, "learning_rate": 1e-3}, {"epochs": 20, "learning_rate": 1e-3}],
+    )
+
+
+def base_recipe(mode: str | None) -> Recipe:
+    """What a command starts from without a recipe file: the default edit, or, for another
+    --mode, that kind with the plain field values."""
+    return default_recipe() if mode in (None, DEFAULT_MODE) else Recipe(mode=mode)

@@ -26,7 +26,16 @@ import yaml
 from .errors import InputError, RecipeError
 from .kinds import MODES, foreign_options, get_kind
 from .layout import FAMILIES
-from .recipe_data import IMAGE_KINDS, SELF, SHIFT_DIRECTIONS, BaseLLM, Recipe
+from .recipe_data import (
+    DEFAULT_MODE,
+    IMAGE_KINDS,
+    SELF,
+    SHIFT_DIRECTIONS,
+    BaseLLM,
+    Recipe,
+    base_recipe,
+    default_recipe,
+)
 
 _TOP_KEYS = {"model", "base_llm", "anchors", "layers", "rank", "beta", "batch_size", "notes"}
 _TOP_KEYS |= {"mode", "gamma", "shift_direction", "epochs", "learning_rate", "images", "search"}
@@ -92,9 +101,10 @@ def load_recipe(path: str | Path) -> Recipe:
 def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a parsed recipe. Collects every problem, then raises one RecipeError."""
     problems: list[str] = []
-    recipe = Recipe()
     if not isinstance(data, dict):
         raise RecipeError(source, ["the top level must be a mapping of keys to values"])
+    # Values the file leaves out are the default edit's, or its mode's plain values.
+    recipe = base_recipe(data["mode"] if data.get("mode") in MODES else None)
     for key in sorted(set(data) - _TOP_KEYS):
         problems.append(f"{key}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
 
@@ -191,11 +201,14 @@ def strength_problems(recipe: Recipe) -> list[str]:
 
 
 def strength_warnings(recipe: Recipe) -> list[str]:
-    """Strengths far outside anything measured (allowed, but said)."""
+    """The kind's own warning, and strengths far outside anything measured (allowed, but
+    said)."""
+    kind = get_kind(recipe.mode)
+    warnings = [kind.warning] if kind.warning else []
     if not strength_problems(recipe):
-        warning = get_kind(recipe.mode).strength_warning(recipe)
-        return [warning] if warning else []
-    return []
+        warning = kind.strength_warning(recipe)
+        return warnings + ([warning] if warning else [])
+    return warnings
 
 
 def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
@@ -258,6 +271,7 @@ def _is_number(value: Any) -> bool:
 
 # The recipe's data lives in recipe_data (below the edit kinds); these names stay importable
 # from here, where users have always found them.
-__all__ = ["IMAGE_KINDS", "SELF", "SHIFT_DIRECTIONS", "BaseLLM", "Recipe"]
+__all__ = ["DEFAULT_MODE", "IMAGE_KINDS", "SELF", "SHIFT_DIRECTIONS", "BaseLLM", "Recipe"]
+__all__ += ["base_recipe", "default_recipe"]
 __all__ += ["load_recipe", "mode_problems", "parse_layers", "recipe_from_dict"]
 __all__ += ["strength_problems", "strength_warnings", "training_length"]

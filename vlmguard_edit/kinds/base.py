@@ -82,6 +82,7 @@ class EditKind:
     # a kind that does not read it is refused (recipes.mode_problems).
     uses: frozenset[str] = frozenset()
     summary: str = ""  # one line: what it edits (the CLI's --mode help, the docs)
+    warning: str = ""  # said whenever the kind is used (a measured reason to prefer another)
     # Whether the parameters are the base LLM's safety steering direction (the `direction`
     # command computes it; --base-llm names the LLM); else how they are obtained.
     steered: bool = False

@@ -1,8 +1,8 @@
 """lowrank (learned): a rank-r update B A of every selected text layer's attention output
 projection, the design's own edit site, learned as image-path is but also holding text-only
 answers to the original's: for a VLM whose text-only behaviour must change too, and the
-default (docs/zoo.md). A weight change is exact behind a post-norm too: the fold is the
-Linear itself."""
+edit the default (lowrank-attention) builds on. A weight change is exact behind a post-norm
+too: the fold is the Linear itself."""
 
 from __future__ import annotations
 

@@ -18,6 +18,11 @@ class Writers(DirectionKind):
     uses = frozenset({"layers", "rank", "beta"})
     steered = True
     summary = "fold (I + beta V^T V) into o_proj/down_proj (V: the base LLM's steering direction)"
+    warning = (
+        "writers (the design's literal projection) removes text-only refusals on the zoo "
+        "instead of restoring refusals with images (docs/results.md); the default edit, "
+        "lowrank-attention, restores them"
+    )
 
     def problems(self, recipe, explicit):
         if recipe.beta == 0:
