@@ -227,13 +227,15 @@ def test_calibrate_command_writes_an_edit_that_convert_folds(tmp_path, anchors):
     assert "harmful_first_token_agreement" in result.output and out.is_file()
     edit = learned.Edit.load(out)
     assert edit.meta["calibration"]["settings"]["epochs"] == 1
+    assert edit.kind == "lowrank-attention"  # no recipe: the default edit
     assert str(tmp_path) not in out.read_bytes().decode("latin-1")  # no local paths shipped
     again = runner.invoke(main, args)
     assert again.exit_code != 0 and "already exists" in again.output
     guarded = tmp_path / "guarded"
-    convert_args = ["convert", str(ORGANISM / "vlm"), "--mode", "image-path"]
+    convert_args = ["convert", str(ORGANISM / "vlm")]  # the edit file says its kind
     result = runner.invoke(main, [*convert_args, "--direction", str(out), "-o", str(guarded)])
     assert result.exit_code == 0, result.output
+    assert '"mode": "lowrank-attention"' in (guarded / "vlmguard.json").read_text()
     assert (guarded / "vlmguard_edit.safetensors").read_bytes() == out.read_bytes()
 
 

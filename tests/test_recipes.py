@@ -153,3 +153,28 @@ def test_organism_recipe_points_at_the_shipped_organism():
     assert image_path.mode == "image-path" and len(image_path.search) == 2
     previous = load_recipe(Path(__file__).parent.parent / "recipes" / "organism-image-gap.yaml")
     assert previous.mode == "image-gap" and previous.layers == [0, 1]
+
+
+def test_one_default_everywhere(direction_file):
+    """No recipe file, a recipe without mode, and the Python API all start from the default
+    edit (learned lowrank-attention); another mode starts from the plain values; a parameter
+    file names its own kind; writers always says what the zoo measured of it."""
+    from vlmguard_edit import api
+    from vlmguard_edit.recipes import default_recipe, strength_warnings
+
+    default = default_recipe()
+    assert default.mode == "lowrank-attention" and default.rank == 4
+    assert "typographic" in default.images and default.preservation_weight == 4.0
+    assert recipe_from_dict({}) == default
+    assert recipe_from_dict({"anchors": "x.jsonl"}).mode == "lowrank-attention"
+    assert api.recipe_with() == default and api.recipe_with(rank=8).rank == 8
+    writers = api.recipe_with(mode="writers")
+    assert writers.rank == 1 and writers.search == []
+    assert any("removes text-only refusals" in w for w in strength_warnings(writers))
+    assert not strength_warnings(default)
+    shipped = Path(__file__).resolve().parent.parent / "examples" / "organism"
+    assert api.file_mode(shipped / "guard-edit.safetensors") == "lowrank-attention"
+    assert api.file_mode(shipped / "lowrank-edit.safetensors") == "lowrank"
+    assert api.file_mode(direction_file) == "writers"
+    real = [load_recipe(p) for p in RECIPES if not p.stem.startswith("organism")]
+    assert sum(r.mode == "lowrank-attention" for r in real) == len(real) - 1  # all but paligemma
