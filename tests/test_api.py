@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlmguard_edit import api
-from vlmguard_edit.errors import InputError
+from vlmguard_edit.errors import InputError, RecipeError
 
 ROOT = Path(__file__).parent.parent
 ORGANISM = ROOT / "examples" / "organism"
@@ -67,10 +67,15 @@ def test_calibrate_passes_the_resolved_recipe(tmp_path, monkeypatch):
 
 
 def test_bad_options_are_exceptions_with_one_line(tmp_path):
-    with pytest.raises(InputError, match="unknown recipe field"):
+    # One validator: the API's fields are checked as a recipe file's keys are.
+    with pytest.raises(RecipeError, match="strength: unknown key"):
         api.recipe_with(mode="lowrank", strength=3)
-    with pytest.raises(InputError, match="beta: not used by lowrank"):
+    with pytest.raises(RecipeError, match="beta: not used by lowrank"):
         api.recipe_with(mode="lowrank", beta=-2.0)
+    with pytest.raises(RecipeError, match="rank: expected an integer >= 1, got 0"):
+        api.recipe_with(rank=0)
+    with pytest.raises(RecipeError, match="images: expected a list of blank"):
+        api.recipe_with(images=["figstep"])
     with pytest.raises(InputError, match="unknown setting"):
         api.evaluate(ORGANISM / "vlm", settings=("sideways",), progress=False)
     assert api.recipe_with(ROOT / "recipes" / "organism.yaml", rank=8).rank == 8

@@ -16,7 +16,6 @@ DirectionError, RecipeError). The CLI is a thin layer over these.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +23,19 @@ from .errors import InputError
 
 
 def recipe_with(recipe: Any = None, **fields: Any):
-    """A Recipe from a YAML path, a Recipe, or the defaults, with ``fields`` replacing its
-    values (None leaves a value as it is; epochs or learning_rate without search replace the
-    recipe's search, as on the command line); checked as a recipe file is."""
-    from .recipes import Recipe, base_recipe, load_recipe, mode_problems, training_length
+    """A Recipe from a YAML path, a Recipe, or the defaults (the default edit, or the plain
+    values of another ``mode``), with ``fields`` replacing its values (None leaves a value as
+    it is; epochs or learning_rate without search replace the recipe's search, as on the
+    command line); every field is checked as a recipe file's key is (one validator)."""
+    from .recipes import base_recipe, load_recipe, training_length
+    from .recipes import recipe_with as checked
 
     if isinstance(recipe, (str, Path)):
         base = load_recipe(recipe)
     else:  # no recipe: the default edit, or the --mode given with plain values
         base = recipe or base_recipe(fields.get("mode"))
     given = {k: v for k, v in training_length(fields).items() if v is not None}
-    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(Recipe)})
-    if unknown:
-        raise InputError(f"unknown recipe field(s) {unknown}")
-    resolved = dataclasses.replace(base, **given)
-    problems = mode_problems(resolved, set(given))
-    if problems:
-        raise InputError("; ".join(problems))
-    return resolved
+    return checked(base, given)
 
 
 def file_mode(path: str | Path) -> str:

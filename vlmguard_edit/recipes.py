@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,21 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a parsed recipe. Collects every problem, then raises one RecipeError."""
-    problems: list[str] = []
     if not isinstance(data, dict):
         raise RecipeError(source, ["the top level must be a mapping of keys to values"])
     # Values the file leaves out are the default edit's, or its mode's plain values.
-    recipe = base_recipe(data["mode"] if data.get("mode") in MODES else None)
+    return recipe_with(
+        base_recipe(data["mode"] if data.get("mode") in MODES else None), data, source
+    )
+
+
+def recipe_with(base: Recipe, data: dict[str, Any], source: str = "(options)") -> Recipe:
+    """``base`` with the values of ``data`` (a recipe file's keys, command-line options or
+    the Python API's keyword arguments), each checked as a recipe file's key is, and the
+    result checked against its kind; every problem is collected into one RecipeError."""
+    problems: list[str] = []
+    recipe = replace(base, base_llm=replace(base.base_llm))
+    data = {k: asdict(v) if isinstance(v, BaseLLM) else v for k, v in data.items()}
     for key in sorted(set(data) - _TOP_KEYS):
         problems.append(f"{key}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
 
@@ -220,9 +231,10 @@ def mode_problems(recipe: Recipe, explicit: set[str]) -> list[str]:
 
 
 def _search(value: Any, problems: list[str]) -> list[dict[str, Any]]:
-    """A list of {epochs: int >= 1, learning_rate: number in (0, 1)} candidates."""
+    """A list of {epochs: int >= 1, learning_rate: number in (0, 1)} candidates (empty: no
+    search, one training length)."""
     expected = "a list of {epochs: N, learning_rate: R} mappings"
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
         problems.append(f"search: expected {expected}, got {value!r}")
         return []
     out = []
@@ -273,5 +285,5 @@ def _is_number(value: Any) -> bool:
 # from here, where users have always found them.
 __all__ = ["DEFAULT_MODE", "IMAGE_KINDS", "SELF", "SHIFT_DIRECTIONS", "BaseLLM", "Recipe"]
 __all__ += ["base_recipe", "default_recipe"]
-__all__ += ["load_recipe", "mode_problems", "parse_layers", "recipe_from_dict"]
+__all__ += ["load_recipe", "mode_problems", "parse_layers", "recipe_from_dict", "recipe_with"]
 __all__ += ["strength_problems", "strength_warnings", "training_length"]
