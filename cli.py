@@ -367,36 +367,12 @@ def _stacked(options: list):
     "snapshot, models--ORG--NAME/snapshots/REV, is recognised without it).",
 )
 @direction_options
-def convert(
-    source,
-    output,
-    base_llm,
-    direction_file,
-    direction_format,
-    beta,
-    mode,
-    gamma,
-    shift_direction,
-    epochs,
-    learning_rate,
-    images,
-    preserve_images,
-    search,
-    revision,
-    dry_run,
-    overwrite,
-    push_to_hub,
-    private,
-    adapter_out,
-    base_model,
-    **kw,
-):
+def convert(source, output, base_llm, direction_file, mode, dry_run, push_to_hub, **kw):
     """Write a guarded copy of the VLM SOURCE (a folder or Hub id) to OUTPUT.
 
     SOURCE may be left out when the recipe names the model.
     """
     from vlmguard_edit.api import convert as run_convert
-    from vlmguard_edit.recipes import mode_problems
 
     if push_to_hub:
         from vlmguard_edit.hub import check_repo_id, preflight
@@ -409,43 +385,22 @@ def convert(
         from vlmguard_edit.api import file_mode
 
         mode = file_mode(direction_file)  # a shipped edit says its kind; a direction: writers
-    kinds = _image_kinds(images)
-    learned_extra = {k: kw.pop(k) for k in LEARNED_KEYS}
-    recipe = _build_recipe(
-        kw,
-        base_llm,
-        beta=beta,
-        mode=mode,
-        gamma=gamma,
-        shift_direction=shift_direction,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        images=kinds,
-        preserve_images=_image_kinds(preserve_images, "--preserve-images"),
-        search=_search(search),
-        **learned_extra,
-    )
-    options = (("beta", beta), ("gamma", gamma), ("shift_direction", shift_direction))
-    options += (("epochs", epochs), ("learning_rate", learning_rate), ("images", kinds))
-    options += (("search", search), ("preserve_images", preserve_images), *learned_extra.items())
-    problems = mode_problems(recipe, {name for name, value in options if value is not None})
-    if problems:
-        raise click.UsageError("; ".join(problems))
+    recipe = _checked_recipe(kw, base_llm, _recipe_options(kw, mode))
     source = source or recipe.model
     if not source:
         raise click.UsageError("give the SOURCE model (or a recipe with 'model')")
-    if adapter_out and not KINDS[recipe.mode].lora:
+    if kw["adapter_out"] and not KINDS[recipe.mode].lora:
         raise click.UsageError(f"--adapter-out: a {recipe.mode} edit is not a LoRA update")
     result = run_convert(
         source,
         output,
         recipe=recipe,
         direction=direction_file,
-        direction_format=direction_format,
-        adapter_out=adapter_out,
-        base_model=_hub_id(base_model, "--base-model"),
-        revision=revision,
-        overwrite=overwrite,
+        direction_format=kw["direction_format"],
+        adapter_out=kw["adapter_out"],
+        base_model=_hub_id(kw["base_model"], "--base-model"),
+        revision=kw["revision"],
+        overwrite=kw["overwrite"],
         dry_run=dry_run,
         allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],
@@ -453,6 +408,32 @@ def convert(
         dtype=kw["dtype"],
         progress=_progress(kw["quiet"]),
     )
+    _report_convert(result, output, kw["adapter_out"], dry_run)
+    if push_to_hub and not dry_run:
+        _push(Path(output), push_to_hub, kw["private"], None, None)
+
+
+def _recipe_options(kw: dict, mode: str | None) -> dict:
+    """The recipe fields convert's options give (None where an option was not given)."""
+    given = {name: kw.pop(name) for name in ("beta", "gamma", "shift_direction", "epochs")}
+    given |= {"mode": mode, "learning_rate": kw.pop("learning_rate")}
+    given["images"] = _image_kinds(kw.pop("images"))
+    given["preserve_images"] = _image_kinds(kw.pop("preserve_images"), "--preserve-images")
+    return given | {"search": _search(kw.pop("search")), **{k: kw.pop(k) for k in LEARNED_KEYS}}
+
+
+def _checked_recipe(kw: dict, base_llm: str | None, given: dict):
+    """The recipe with the options given; what its kind rules out is a usage error."""
+    from vlmguard_edit.recipes import mode_problems
+
+    recipe = _build_recipe(kw, base_llm, **given)
+    problems = mode_problems(recipe, {name for name, value in given.items() if value is not None})
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    return recipe
+
+
+def _report_convert(result, output, adapter_out, dry_run: bool) -> None:
     if adapter_out and not dry_run:
         click.echo(f"wrote {adapter_out}: the edit as a PEFT LoRA adapter")
     if dry_run:
@@ -464,8 +445,6 @@ def convert(
         f"wrote {output}: {_count(len(result.record['edits']), 'tensor')} edited in "
         f"{_span(result.plan.layers)} ({result.plan.map_text})"
     )
-    if push_to_hub:
-        _push(Path(output), push_to_hub, private, None, None)
 
 
 @main.command(epilog=EXAMPLES_INSPECT)
@@ -691,11 +670,7 @@ def direction(base_llm, output, vlm, overwrite, **kw):
 
 
 def _direction_command(base_llm, output, vlm, overwrite, **kw):
-    from vlmguard_edit.anchors import load_anchors
-    from vlmguard_edit.checkpoint import resolve_model
-    from vlmguard_edit.direction import compute_direction
-    from vlmguard_edit.kinds.base import upper_half as default_layers
-    from vlmguard_edit.layout import text_config
+    from vlmguard_edit.api import direction
     from vlmguard_edit.recipes import SELF
 
     if Path(output).exists() and not overwrite:
@@ -708,50 +683,12 @@ def _direction_command(base_llm, output, vlm, overwrite, **kw):
             f"the recipe's mode is {recipe.mode}, whose parameters are {kind.obtained}; "
             f"`direction` computes safety steering directions (modes {steered})"
         )
-    is_self = recipe.base_llm.id == SELF
-    if is_self and not vlm:
+    if recipe.base_llm.id == SELF and not vlm:
         raise click.UsageError("BASE_LLM 'self' needs --vlm (the VLM whose language model to use)")
-    source = resolve_model(
-        vlm if is_self else recipe.base_llm.id,
-        None if is_self else recipe.base_llm.revision,
-        kw["allow_pickle"],
-    )
-    layout = None
-    if vlm:
-        from vlmguard_edit.checkpoint import open_checkpoint
-        from vlmguard_edit.layout import find_layout
-
-        target = source if is_self else resolve_model(vlm, None, kw["allow_pickle"])
-        checkpoint = open_checkpoint(target.path)
-        layout = find_layout(checkpoint.config, checkpoint.keys)
-    layers = recipe.layers
-    if layers is None:
-        import json
-
-        config = json.loads((source.path / "config.json").read_text("utf-8"))
-        layers = default_layers(
-            layout.num_layers if layout else int(text_config(config)["num_hidden_layers"])
-        )
-    layer_map = layout.direction_layers(layers, in_base=not is_self) if layout else None
-    result = compute_direction(
-        source,
-        load_anchors(recipe.anchors),
-        layers,
-        recipe.rank,
-        is_vlm=is_self,
-        template=recipe.base_llm.template,
-        batch_size=recipe.batch_size,
-        device=kw["device"],
-        dtype=kw["dtype"],
-        allow_pickle=kw["allow_pickle"],
-        trust_remote_code=kw["trust_remote_code"],
-        progress=_progress(kw["quiet"]),
-        layer_map=layer_map,
-    )
-    result.save(Path(output))
-    click.echo(f"wrote {output}: rank {result.rank}, {_span(layers)}")
-    for layer in layers:
-        s = result.stats[layer]
+    options = {k: kw[k] for k in ("device", "dtype", "allow_pickle", "trust_remote_code")}
+    result = direction(recipe, output, vlm=vlm, progress=_progress(kw["quiet"]), **options)
+    click.echo(f"wrote {output}: rank {result.rank}, {_span(sorted(result.stats))}")
+    for layer, s in sorted(result.stats.items()):
         click.echo(
             f"  layer {layer:>3}: explained {s['explained_variance'][0]:.3f}  "
             f"separation acc {s['separation_accuracy']:.2f}  d {s['separation_d']:.2f}"
@@ -882,12 +819,7 @@ def eval_command(
 
     if update_card:
         ev.check_card_target(model)  # before hours of evaluation, not after
-    if image_folder:  # before any model is loaded
-        from vlmguard_edit.images import folder_images
-
-        if not Path(image_folder).is_dir():
-            raise click.BadParameter(f"{image_folder} is not a folder", param_hint="--image-folder")
-        folder_images(Path(image_folder))
+    _check_image_folder(image_folder)
     opts = eval_options(
         settings=[s.strip() for s in settings.split(",") if s.strip()],
         harmful=harmful,
@@ -906,14 +838,7 @@ def eval_command(
         raise click.BadParameter(
             f"unknown {unknown}; known: {', '.join(ev.SETTINGS)}", param_hint="--settings"
         )
-    if judge not in (None, "phrases") and not judge_model:
-        raise click.UsageError(f"--judge {judge} needs --judge-model FOLDER")
-    if judge == "phrases" and judge_model:
-        raise click.UsageError("--judge phrases uses no model: leave out --judge-model")
-    if judge_model:
-        from vlmguard_edit.judge import load_judge
-
-        opts.guard = load_judge(judge or "llamaguard", judge_model, opts.device)
+    opts.guard = _guard_judge(judge, judge_model, opts.device)
     with contextlib.ExitStack() as locks:  # held from the start: a second run fails at once
         locks.enter_context(output_lock(Path(output), "report folder"))
         if update_card:
@@ -921,6 +846,30 @@ def eval_command(
         guard = (runtime_guard, guard_mode, alpha, gate, positions, guard_layers)
         _evaluate(model, against, Path(output), opts, update_card, guard if runtime_guard else None)
     click.echo(f"wrote {output}/eval.json, report.md, refusal.png")
+
+
+def _check_image_folder(image_folder: str | None) -> None:
+    """--image-folder must hold readable images: checked before any model is loaded."""
+    if not image_folder:
+        return
+    from vlmguard_edit.images import folder_images
+
+    if not Path(image_folder).is_dir():
+        raise click.BadParameter(f"{image_folder} is not a folder", param_hint="--image-folder")
+    folder_images(Path(image_folder))
+
+
+def _guard_judge(judge: str | None, judge_model: str | None, device: str):
+    """The local guard model that judges answers beside the phrase or exact judge (or None)."""
+    if judge not in (None, "phrases") and not judge_model:
+        raise click.UsageError(f"--judge {judge} needs --judge-model FOLDER")
+    if judge == "phrases" and judge_model:
+        raise click.UsageError("--judge phrases uses no model: leave out --judge-model")
+    if not judge_model:
+        return None
+    from vlmguard_edit.judge import load_judge
+
+    return load_judge(judge or "llamaguard", judge_model, device)
 
 
 def _evaluate(model, against, output: Path, opts, update_card: bool, guard) -> None:

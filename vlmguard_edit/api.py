@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .recipe_data import SELF
 
 
 def recipe_with(recipe: Any = None, **fields: Any):
@@ -137,6 +138,69 @@ def calibrate(
         progress=progress,
     )
     return run(opts)
+
+
+def direction(
+    recipe: Any,
+    output: str | Path,
+    *,
+    vlm: str | Path | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+):
+    """Compute the recipe's base LLM's safety steering direction (``base_llm.id``; 'self':
+    the language model of ``vlm``, text only) at its layers (default: the upper half of the
+    text layers), numbered as ``vlm``'s where one is given, and save it to ``output``;
+    returns the ``Direction``."""
+    from .anchors import load_anchors
+    from .checkpoint import open_checkpoint, resolve_model
+    from .direction import compute_direction
+    from .layout import find_layout
+
+    base = recipe.base_llm
+    is_self = base.id == SELF
+    source = resolve_model(
+        vlm if is_self else base.id, None if is_self else base.revision, allow_pickle
+    )
+    layout = None
+    if vlm:
+        target = source if is_self else resolve_model(str(vlm), None, allow_pickle)
+        checkpoint = open_checkpoint(target.path)
+        layout = find_layout(checkpoint.config, checkpoint.keys)
+    layers = recipe.layers if recipe.layers is not None else _upper_half(source, layout)
+    result = compute_direction(
+        source,
+        load_anchors(recipe.anchors),
+        layers,
+        recipe.rank,
+        is_vlm=is_self,
+        template=base.template,
+        batch_size=recipe.batch_size,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+        layer_map=layout.direction_layers(layers, in_base=not is_self) if layout else None,
+    )
+    result.save(Path(output))
+    return result
+
+
+def _upper_half(source: Any, layout: Any) -> list[int]:
+    """The provisional default layers of a direction: the upper half of the text layers."""
+    import json
+
+    from .kinds.base import upper_half
+    from .layout import text_config
+
+    if layout is not None:
+        return upper_half(layout.num_layers)
+    config = json.loads((source.path / "config.json").read_text("utf-8"))
+    return upper_half(int(text_config(config)["num_hidden_layers"]))
 
 
 def evaluate(

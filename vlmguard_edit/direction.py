@@ -391,11 +391,7 @@ def compute_direction(
         "source_model": source.id,
         "base_revision": source.revision,
         "weights_sha256": weights_sha256(decoder),
-        "anchors": anchors.name,
-        "anchors_sha256": anchors.sha256,
-        "num_anchor_pairs": len(anchors),
-        "template": template if template is not None else "tokenizer chat template",
-        "example_prompt": prompts["harmful"][0],
+        **_anchor_meta(anchors, template, prompts["harmful"][0]),
         "rank": rank,
         "layers": list(layers),
         **(
@@ -407,6 +403,17 @@ def compute_direction(
         "tool_version": __version__,
     }
     return Direction(vectors, stats, meta)
+
+
+def _anchor_meta(anchors: AnchorSet, template: str | None, example: str) -> dict[str, Any]:
+    """The provenance of the prompts a direction was measured on."""
+    return {
+        "anchors": anchors.name,
+        "anchors_sha256": anchors.sha256,
+        "num_anchor_pairs": len(anchors),
+        "template": template if template is not None else "tokenizer chat template",
+        "example_prompt": example,
+    }
 
 
 def _anchor_prompts(
