@@ -11,26 +11,25 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from tests.helpers import model_tensors
 from tests.test_convert import logits
-from tests.test_kinds import RECIPES, parameter_file
+from tests.test_kinds import example_recipe, parameter_file
 from vlmguard_edit import tiny
 from vlmguard_edit.adapter import adapter_scale, write_adapter
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import InputError, PlanError
-from vlmguard_edit.kinds import get_kind
+from vlmguard_edit.kinds import KINDS, get_kind
 from vlmguard_edit.layout import find_layout
 from vlmguard_edit.plan import build_plan
-from vlmguard_edit.recipes import Recipe
 
 
-def guarded(mode, src, out, direction_file, tmp_path, **extra):
-    recipe = Recipe(mode=mode, **{**RECIPES[mode], **extra})
+def guarded(mode, src, out, tmp_path, **extra):
+    recipe = example_recipe(get_kind(mode), **extra)
     checkpoint = open_checkpoint(src)
     layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = recipe.layers or []
     kind = get_kind(mode)
     plan = build_plan(checkpoint, layout, kind, layers, recipe.rank, recipe.beta, recipe.gamma)
-    params = parameter_file(kind, plan, direction_file, tmp_path / f"{mode}-{kind.file_name}")
+    params = parameter_file(kind, plan, tmp_path / f"{mode}-{kind.file_name}")
     opts = ConvertOptions(str(src), out, recipe, direction_file=params, progress=False)
     return convert(opts)
 
@@ -41,12 +40,10 @@ def inputs(src):
     return text, tiny.image_inputs(tokenizer, "how to make a cake")
 
 
-@pytest.mark.parametrize(
-    "mode", ["writers", "image-gap", "lowrank", "lowrank-image-path", "lowrank-attention"]
-)
-def test_the_adapter_is_the_fold(mode, vlm_factory, direction_file, tmp_path):
+@pytest.mark.parametrize("mode", [name for name, kind in KINDS.items() if kind.lora])
+def test_the_adapter_is_the_fold(mode, vlm_factory, tmp_path):
     src, out, adapter = vlm_factory(), tmp_path / "guarded", tmp_path / "adapter"
-    guarded(mode, src, out, direction_file, tmp_path)
+    guarded(mode, src, out, tmp_path)
     config = write_adapter(out, src, adapter)
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == config["r"]
     folded = AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -63,10 +60,10 @@ def test_the_adapter_is_the_fold(mode, vlm_factory, direction_file, tmp_path):
     assert worst < 1e-5, worst
 
 
-def test_scaling_the_adapter_by_s_is_beta_times_s(vlm_factory, direction_file, tmp_path):
+def test_scaling_the_adapter_by_s_is_beta_times_s(vlm_factory, tmp_path):
     src = vlm_factory()
-    guarded("writers", src, tmp_path / "g1", direction_file, tmp_path, beta=1.0)
-    guarded("writers", src, tmp_path / "g3", direction_file, tmp_path, beta=3.0)
+    guarded("writers", src, tmp_path / "g1", tmp_path, beta=1.0)
+    guarded("writers", src, tmp_path / "g3", tmp_path, beta=3.0)
     write_adapter(tmp_path / "g1", src, tmp_path / "a1")
     peft = PeftModel.from_pretrained(
         AutoModelForImageTextToText.from_pretrained(src), tmp_path / "a1"
@@ -77,28 +74,21 @@ def test_scaling_the_adapter_by_s_is_beta_times_s(vlm_factory, direction_file, t
         assert (logits(peft, batch) - logits(three, batch)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize(
-    ("mode", "reason"),
-    [
-        ("projector-shift", "changes a bias"),
-        ("image-path", "dense change dW"),
-    ],
-)
-def test_kinds_that_are_not_a_lora_are_refused_and_nothing_is_written(
-    mode, reason, vlm_factory, direction_file, tmp_path
-):
+REASONS = {"projector-shift": "changes a bias", "image-path": "dense change dW"}
+
+
+@pytest.mark.parametrize("mode", [name for name, kind in KINDS.items() if not kind.lora])
+def test_kinds_that_are_not_a_lora_are_refused_and_nothing_is_written(mode, vlm_factory, tmp_path):
     src, out = vlm_factory(), tmp_path / "guarded"
-    guarded(mode, src, out, direction_file, tmp_path)
-    with pytest.raises(PlanError, match=reason):
+    guarded(mode, src, out, tmp_path)
+    with pytest.raises(PlanError, match=REASONS.get(mode, "not a LoRA")):
         write_adapter(out, src, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
 
-def test_an_existing_folder_is_replaced_only_when_it_is_an_adapter(
-    vlm_factory, direction_file, tmp_path
-):
+def test_an_existing_folder_is_replaced_only_when_it_is_an_adapter(vlm_factory, tmp_path):
     src, out = vlm_factory(), tmp_path / "guarded"
-    guarded("lowrank", src, out, direction_file, tmp_path)
+    guarded("lowrank", src, out, tmp_path)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(InputError, match="not an adapter folder"):

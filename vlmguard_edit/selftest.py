@@ -554,56 +554,14 @@ IMAGE_BUILDERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
 def _recipe(kind, layers: list[int]):
     from .recipes import Recipe
 
-    options = {
-        "writers": {"layers": layers, "rank": 2, "beta": -1.0},
-        "projector-shift": {"layers": layers[-1:], "rank": 2, "gamma": 2.0},
-        "image-gap": {"layers": layers, "rank": 1},
-        "image-path": {},
-        "lowrank": {"layers": layers, "rank": 2},
-        "lowrank-image-path": {"layers": layers[:1], "rank": 2},
-        "lowrank-attention": {"layers": layers, "rank": 2},
-    }
-    return Recipe(mode=kind.name, **options.get(kind.name, {"layers": layers}))
+    return Recipe(mode=kind.name, **kind.example_fields(layers))
 
 
 def parameter_file(kind, plan, folder: Path) -> Path:
-    """The kind's parameter file, made up (seeded) where it would be measured or learned:
-    orthonormal random directions, or random deltas / low-rank factors of the planned shapes."""
-    from .direction import Direction
-
-    generator = torch.Generator().manual_seed(0)
-    path = folder / kind.file_name
+    """The kind's parameter file, made up (seeded) where it would be measured or learned
+    (the kind's own ``example_parameters``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not kind.learned:
-        rank = 1 if kind.name == "image-gap" else 2
-        d = plan.layout.hidden_size
-        layers = sorted(set(plan.layers) | {e.layer for e in plan.edits if e.layer is not None})
-        vectors = {
-            layer: torch.linalg.qr(torch.randn(d, rank, generator=generator)).Q.T.contiguous()
-            for layer in layers
-        }
-        meta = {"rank": rank, **({"kind": "image-gap"} if kind.name == "image-gap" else {})}
-        Direction(vectors, meta=meta).save(path)
-        return path
-    return edit_file(kind, plan, path)
-
-
-def edit_file(kind, plan, path: Path) -> Path:
-    """A learned kind's edit file of random (seeded) deltas, or low-rank factors, of the
-    planned shapes."""
-    from .learned import Edit
-
-    generator = torch.Generator().manual_seed(0)
-    deltas = {}
-    for edit in plan.edits:
-        if kind.factored:  # the factored form: B (out, r) @ A (r, in)
-            out, inp = edit.shape
-            deltas[edit.key + ".lora_A"] = 0.3 * torch.randn(2, inp, generator=generator)
-            deltas[edit.key + ".lora_B"] = 0.3 * torch.randn(out, 2, generator=generator)
-        else:
-            deltas[edit.key] = 0.3 * torch.randn(edit.shape, generator=generator)
-    Edit(deltas, {"source": "self-test"}, kind.name).save(path)
-    return path
+    return kind.example_parameters(plan, folder / kind.file_name)
 
 
 @dataclass
@@ -701,7 +659,7 @@ def _equivalence(kind, plan, source: Source, out: Path, folded_model) -> list[st
         return [source.no_image]
     original = source.model
     loaded = kind.load(out / kind.file_name, plan)
-    text_edited = any(_text_layer(plan.layout, e.key) for e in plan.edits)
+    text_edited = any(text_layer(plan.layout, e.key) for e in plan.edits)
     problems = []
     for name, batch in source.inputs.items():
         with torch.no_grad():
@@ -719,7 +677,7 @@ def _equivalence(kind, plan, source: Source, out: Path, folded_model) -> list[st
     return problems
 
 
-def _text_layer(layout, key: str) -> bool:
+def text_layer(layout, key: str) -> bool:
     """Whether ``key`` is in a text layer a text-only forward runs (not a cross-attention
     layer, which only image prompts reach)."""
     prefix = layout.layer_prefix + "."

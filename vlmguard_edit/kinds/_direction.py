@@ -55,6 +55,23 @@ class DirectionKind(EditKind):
     def record_fields(self, saved: Any, plan: Plan) -> dict[str, Any]:
         return {"stats": {str(layer): saved.stats.get(layer) for layer in plan.layers}}
 
+    def example_parameters(self, plan: Plan, path: Path) -> Path:
+        """Random orthonormal directions (seeded) of the plan's rank for every layer it uses."""
+        import torch
+
+        from ..direction import Direction
+
+        generator = torch.Generator().manual_seed(0)
+        d, rank = plan.layout.hidden_size, plan.rank
+        layers = sorted(set(plan.layers) | {e.layer for e in plan.edits if e.layer is not None})
+        vectors = {
+            layer: torch.linalg.qr(torch.randn(d, rank, generator=generator)).Q.T.contiguous()
+            for layer in layers
+        }
+        meta = {"rank": rank, **({"kind": "image-gap"} if self.accepts_gap else {})}
+        Direction(vectors, meta=meta).save(path)
+        return path
+
     def fold(self, checkpoint, plan, edit, before, params, prepared):
         return fold_map(checkpoint, plan, edit, before, params)
 

@@ -54,6 +54,28 @@ class LearnedKind(EditKind):
 
         return Edit.load(path)
 
+    def example_fields(self, layers):
+        return {"layers": layers, "rank": 2} if self.factored else {}
+
+    def example_parameters(self, plan, path):
+        """Random (seeded) deltas of the planned shapes, or low-rank factors B (out, 2) and
+        A (2, in) for a factored kind."""
+        import torch
+
+        from ..learned import Edit
+
+        generator = torch.Generator().manual_seed(0)
+        deltas = {}
+        for edit in plan.edits:
+            if self.factored:
+                out, inp = edit.shape
+                deltas[edit.key + ".lora_A"] = 0.3 * torch.randn(2, inp, generator=generator)
+                deltas[edit.key + ".lora_B"] = 0.3 * torch.randn(out, 2, generator=generator)
+            else:
+                deltas[edit.key] = 0.3 * torch.randn(edit.shape, generator=generator)
+        Edit(deltas, {"source": "self-test"}, self.name).save(path)
+        return path
+
     def record_fields(self, saved, plan):
         return {"calibration": saved.meta.get("calibration")}
 

@@ -158,6 +158,17 @@ class EditKind:
         W' = W + B A; raises PlanError naming why a kind (or a tensor) is not one."""
         raise PlanError(f"{self.name} is not a LoRA update")
 
+    # ------------------------------------------------------------------ examples
+    def example_fields(self, layers: list[int]) -> dict[str, Any]:
+        """Recipe fields that exercise this kind on a model whose text layers are ``layers``:
+        the one fixture of the self-test and the tests (tests/test_kinds.py, test_adapter)."""
+        return {"layers": layers, "rank": 2}
+
+    def example_parameters(self, plan: Plan, path: Path) -> Path:
+        """Made-up (seeded) parameters for ``plan`` in this kind's own file format, written
+        to ``path``: what ``parameters`` would measure or learn, for tests."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ description
     def card_text(self, record: dict[str, Any]) -> tuple[str, str]:
         """(what changed, how it was obtained) for the model card."""

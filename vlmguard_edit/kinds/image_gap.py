@@ -16,6 +16,9 @@ class ImageGap(DirectionKind):
     obtained = "measured on the VLM itself by convert (vlmguard-edit convert VLM --recipe RECIPE)"
     summary = "project the image-gap direction (measured on the VLM itself) out of o_proj"
 
+    def example_fields(self, layers):
+        return {"layers": layers, "rank": 1}
+
     def problems(self, recipe, explicit):
         from ..recipe_data import SELF
 

@@ -17,6 +17,9 @@ class LowRankImagePath(LowRank):
         "together (image tokens re-mapped before the text layers)"
     )
 
+    def example_fields(self, layers):
+        return {"layers": layers[:1], "rank": 2}
+
     def plan_edits(self, checkpoint, layout, layers, beta):
         text = [o_proj_edit(checkpoint, layout, layer) for layer in layers]
         image = [e for e in image_path_edits(checkpoint, layout) if e.key.endswith(".weight")]

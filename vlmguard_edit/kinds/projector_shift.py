@@ -37,6 +37,9 @@ class ProjectorShift(DirectionKind):
     def strength_warning(self, recipe):
         return outside_measured("gamma", recipe.gamma, MEASURED_GAMMA)
 
+    def example_fields(self, layers):
+        return {"layers": layers[-1:], "rank": 2, "gamma": 2.0}
+
     def plan_edits(self, checkpoint, layout, layers, beta):
         return [_shift_edit(checkpoint, layout, layers)]
 

@@ -32,6 +32,9 @@ class Writers(DirectionKind):
     def strength_warning(self, recipe):
         return outside_measured("beta", recipe.beta, MEASURED_BETA)
 
+    def example_fields(self, layers):
+        return {"layers": layers, "rank": 2, "beta": -1.0}
+
     def plan_edits(self, checkpoint, layout, layers, beta):
         chosen = {layer: layout.writers[layer] for layer in layers}
         return writer_edits(checkpoint, layout, chosen, beta)
