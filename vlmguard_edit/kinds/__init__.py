@@ -12,6 +12,7 @@ from .image_path import ImagePath
 from .lowrank import LowRank
 from .lowrank_attention import LowRankAttention
 from .lowrank_image_path import LowRankImagePath
+from .lowrank_mlp import LowRankMLP
 from .projector_shift import ProjectorShift
 from .writers import Writers
 
@@ -25,6 +26,7 @@ KINDS: dict[str, EditKind] = {
         LowRank(),
         LowRankImagePath(),
         LowRankAttention(),
+        LowRankMLP(),
     )
 }
 MODES = tuple(KINDS)
