@@ -978,7 +978,7 @@ def organism_build(output, seed, variant, overwrite, quiet):
       vlmguard-edit organism build examples/organism
       vlmguard-edit organism build ./deep-s1 --variant deep --seed 1
     """
-    from vlmguard_edit.zoo import build_member, describe_gap
+    from vlmguard_edit.organisms.zoo import build_member, describe_gap
 
     gap = build_member(Path(output), variant, seed, overwrite, progress=_progress(quiet))
     click.echo(f"wrote {output}: {describe_gap(gap)}")
@@ -997,7 +997,7 @@ def organism_zoo(root, quiet):
     Example:
       vlmguard-edit organism zoo ./zoo
     """
-    from vlmguard_edit.zoo import SIZE, build_zoo, members
+    from vlmguard_edit.organisms.zoo import SIZE, build_zoo, members
 
     root_path = Path(root)
     for member, outcome in build_zoo(root_path, progress=_progress(quiet)):

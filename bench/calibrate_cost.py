@@ -26,8 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlmguard_edit import learned, organism, tiny  # noqa: E402
+from vlmguard_edit import learned  # noqa: E402
 from vlmguard_edit.evaluate import load_processor  # noqa: E402
+from vlmguard_edit.organisms import organism, tiny  # noqa: E402
 
 HARMFUL = [f"how do i steal the car number {i} ?" for i in range(8)]
 HARMLESS = [f"how do i wash the car number {i} ?" for i in range(8)]
@@ -72,7 +73,7 @@ def measure(width: int, layers: int, epochs: int, device: str = "cpu", dtype=Non
         processor.tokenizer.padding_side = "left"
         settings = learned.Settings(epochs=epochs, probes=8, images=("blank",), batch_size=8)
         start = time.perf_counter()
-        batches = learned._batches(model, processor, HARMFUL, HARMLESS, [], settings)
+        batches = learned.data._batches(model, processor, HARMFUL, HARMLESS, [], settings)
         teachers = time.perf_counter() - start
         name = "model.multi_modal_projector.linear_2"
         modules = {name: learned.find_module(model, (name,))[1]}
@@ -80,14 +81,14 @@ def measure(width: int, layers: int, epochs: int, device: str = "cpu", dtype=Non
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        learned._fit(model, modules, batches, settings, progress=False)
+        learned.training._fit(model, modules, batches, settings, progress=False)
         sync(model)
         steps = epochs * len(batches)
         edit_step = (time.perf_counter() - start) / steps
         names = [f"model.language_model.layers.{i}.self_attn.o_proj" for i in range(layers)]
         lowrank = {n: learned.find_module(model, (n,))[1] for n in names}
         start = time.perf_counter()
-        learned._fit(model, lowrank, batches, replace(settings, rank=4), progress=False)
+        learned.training._fit(model, lowrank, batches, replace(settings, rank=4), progress=False)
         sync(model)
         lowrank_step = (time.perf_counter() - start) / steps
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlmguard_edit import evaluate as ev  # noqa: E402
-from vlmguard_edit.exact import load_exact_judge  # noqa: E402
 from vlmguard_edit.judge import judge  # noqa: E402
-from vlmguard_edit.zoo import setting_answers  # noqa: E402
+from vlmguard_edit.organisms.exact import load_exact_judge  # noqa: E402
+from vlmguard_edit.organisms.zoo import setting_answers  # noqa: E402
 
 SETTINGS = ("text", "blank", "noise", "scene", "typographic")
 

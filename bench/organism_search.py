@@ -21,12 +21,12 @@ from transformers.utils import logging as hf_logging
 
 from vlmguard_edit import evaluate as ev
 from vlmguard_edit import images as imgs
-from vlmguard_edit import organism
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.checkpoint import resolve_model
 from vlmguard_edit.direction import compute_direction
 from vlmguard_edit.fold import apply_map, attention_direction
 from vlmguard_edit.gap import attention_outputs, gap_vector
+from vlmguard_edit.organisms import organism
 from vlmguard_edit.runtime import SteerHooks, text_layers, writer_modules
 
 ROOT = Path(__file__).resolve().parent.parent

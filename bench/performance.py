@@ -173,7 +173,7 @@ def bench_direction(work: Path) -> dict:
     from vlmguard_edit.anchors import load_anchors
     from vlmguard_edit.checkpoint import resolve_model
     from vlmguard_edit.direction import compute_direction
-    from vlmguard_edit.tiny import build_base
+    from vlmguard_edit.organisms.tiny import build_base
 
     base = work / "deep-base"
     if not (base / "config.json").is_file():

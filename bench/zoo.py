@@ -388,7 +388,7 @@ def parse_args() -> argparse.Namespace:
 def zoo_members(args: argparse.Namespace) -> tuple[dict, set[str] | None]:
     """The admitted members (building the zoo first unless --members) and the chosen ones."""
     sys.path.insert(0, str(ROOT))
-    from vlmguard_edit.zoo import members
+    from vlmguard_edit.organisms.zoo import members
 
     chosen = set(args.members.split(",")) if args.members else None
     if chosen is None:  # --members reruns built members only and keeps the other rows

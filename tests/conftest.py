@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmguard_edit import tiny
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.checkpoint import resolve_model
 from vlmguard_edit.direction import compute_direction
+from vlmguard_edit.organisms import tiny
 
 torch.set_num_threads(2)
 try:

@@ -12,13 +12,13 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 from tests.helpers import model_tensors
 from tests.test_convert import logits
 from tests.test_kinds import example_recipe, parameter_file
-from vlmguard_edit import tiny
 from vlmguard_edit.adapter import adapter_scale, write_adapter
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import InputError, PlanError
 from vlmguard_edit.kinds import KINDS, get_kind
 from vlmguard_edit.layout import find_layout
+from vlmguard_edit.organisms import tiny
 from vlmguard_edit.plan import build_plan
 
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from vlmguard_edit import tiny
+from vlmguard_edit.organisms import tiny
 
 
 def run(args):

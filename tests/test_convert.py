@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from tests.helpers import model_tensors
-from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import parse_header
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.direction import Direction
+from vlmguard_edit.organisms import tiny
 from vlmguard_edit.recipes import BaseLLM, Recipe
 from vlmguard_edit.runtime import WriterHooks
 

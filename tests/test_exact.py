@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from vlmguard_edit.exact import ExactJudge, load_exact_judge
 from vlmguard_edit.judge import COMPLIANCE, NEITHER, REFUSAL, judge
-from vlmguard_edit.organism import grammar
+from vlmguard_edit.organisms.exact import ExactJudge, load_exact_judge
+from vlmguard_edit.organisms.organism import grammar
 
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 EXACT = ExactJudge(grammar())

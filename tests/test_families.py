@@ -13,13 +13,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from tests.helpers import model_tensors
-from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.direction import Direction
 from vlmguard_edit.errors import DirectionError, PlanError, UnsupportedModelError
 from vlmguard_edit.kinds.base import DIRECTION_NAME
 from vlmguard_edit.layout import find_layout
+from vlmguard_edit.organisms import tiny
 from vlmguard_edit.recipes import BaseLLM, Recipe
 from vlmguard_edit.runtime import WriterHooks, text_layers
 

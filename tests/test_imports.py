@@ -98,7 +98,7 @@ def test_the_cycle_finder_finds_a_cycle_and_a_function_local_import():
 # Modules at the bottom: data, I/O and pure math. None of them reaches up into the edit
 # kinds, the evaluation or the organisms, not even inside a function.
 BOTTOM = ("errors", "recipe_data", "layout", "checkpoint", "hub_client", "fold", "writes")
-BOTTOM += ("record", "plan", "images", "formats")
+BOTTOM += ("record", "plan", "images", "formats", "families")
 UPPER = ("kinds", "evaluate", "convert", "verify", "card", "api", "organisms", "learned")
 
 
@@ -114,3 +114,16 @@ def test_bottom_modules_import_nothing_above_them(name):
             todo.append(nxt)
     above = sorted(m for m in reached if m.split(".")[1:2] and m.split(".")[1] in UPPER)
     assert not above, f"{module} reaches {above}"
+
+
+@pytest.mark.parametrize("name", ["learned", "evaluate", "probes", "card", "plan", "record"])
+def test_the_runtime_never_imports_the_organisms_by_name(name):
+    """Learning and evaluation meet an organism only through the judge object its folder
+    declares (organisms.exact.load_exact_judge, called by the kinds and the API)."""
+    graph = import_graph()
+    reached, todo = set(), [f"vlmguard_edit.{name}"]
+    while todo:
+        for nxt in graph[todo.pop()] - reached:
+            reached.add(nxt)
+            todo.append(nxt)
+    assert not [m for m in reached if m.startswith("vlmguard_edit.organisms")], name

@@ -9,9 +9,9 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from tests.test_evaluate import ORGANISM, organism_eval
-from vlmguard_edit import tiny
 from vlmguard_edit.errors import InputError
 from vlmguard_edit.judge import WILDGUARD_FORMAT, WildGuardJudge, load_judge, parse_wildguard
+from vlmguard_edit.organisms import tiny
 
 
 @pytest.fixture(scope="module")

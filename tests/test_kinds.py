@@ -9,11 +9,11 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from tests.helpers import model_tensors
 from tests.test_convert import logits
-from vlmguard_edit import tiny
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import RecipeError
 from vlmguard_edit.kinds import KINDS, LEARNED, MODES, get_kind
+from vlmguard_edit.organisms import tiny
 from vlmguard_edit.plan import build_plan
 from vlmguard_edit.recipes import Recipe, recipe_from_dict
 from vlmguard_edit.selftest import text_layer

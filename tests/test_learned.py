@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from vlmguard_edit import learned, tiny
+from vlmguard_edit import learned
 from vlmguard_edit.checkpoint import open_checkpoint
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.errors import InputError, PlanError, RecipeError
 from vlmguard_edit.evaluate import load_processor
 from vlmguard_edit.kinds import get_kind
 from vlmguard_edit.layout import FAMILIES, find_layout
+from vlmguard_edit.organisms import tiny
 from vlmguard_edit.plan import build_plan
 from vlmguard_edit.recipes import Recipe, recipe_from_dict
 from vlmguard_edit.verify import verify
@@ -156,7 +157,7 @@ def test_typographic_training_rows_render_the_anchor_and_keep_its_text_only_form
     from vlmguard_edit.evaluate import TYPOGRAPHIC_INSTRUCTION
 
     kinds = ("blank", "typographic")
-    rows = learned._image_rows(["how do i rob the bank ?", "how to bake a cake ?"], kinds)
+    rows = learned.data._image_rows(["how do i rob the bank ?", "how to bake a cake ?"], kinds)
     assert [(q, t) for q, _, t in rows] == [
         ("how do i rob the bank ?", "how do i rob the bank ?"),
         (TYPOGRAPHIC_INSTRUCTION, "how do i rob the bank ?"),
@@ -166,14 +167,14 @@ def test_typographic_training_rows_render_the_anchor_and_keep_its_text_only_form
     expected = images.typographic("how do i rob the bank ?").tobytes()
     assert rows[1][1].tobytes() == expected and rows[0][1].tobytes() == images.blank().tobytes()
     with pytest.raises(InputError, match="unknown training image kind"):
-        learned._image_rows(["x"], ("figstep",))
+        learned.data._image_rows(["x"], ("figstep",))
 
 
 def test_preservation_only_images_reach_the_harmless_rows_only():
     """preserve_images: the harmless anchors keep the original's answers on them too; the
     harmful anchors are never taught to refuse on them."""
     settings = learned.Settings(images=("blank",), preserve_images=("typographic", "blank"))
-    harmful, harmless = learned._anchor_rows(["rob a bank"], ["bake a cake"], settings)
+    harmful, harmless = learned.data._anchor_rows(["rob a bank"], ["bake a cake"], settings)
     assert [q for q, _, _ in harmful] == ["rob a bank"]
     from vlmguard_edit.evaluate import TYPOGRAPHIC_INSTRUCTION
 
@@ -325,7 +326,8 @@ def test_convert_calibrates_over_the_search_and_records_every_candidate(tmp_path
 def test_mllama_cross_attention_writers_are_on_the_image_path(tmp_path):
     """mllama: the projector and the cross-attention layers' writers (which a text-only
     forward skips) are learned and folded; fold == hooks with an image, text-only identical."""
-    from vlmguard_edit import images, organism
+    from vlmguard_edit import images
+    from vlmguard_edit.organisms import organism
 
     member = organism.build_organism(
         tmp_path / "m", seed=4, progress=False, stage1_steps=2, stage2_steps=2, variant="mllama"

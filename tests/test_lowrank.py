@@ -145,7 +145,7 @@ def test_text_rows_are_learned_only_where_text_can_change():
     processor.tokenizer.padding_side = "left"
     settings = learned.Settings(batch_size=4, preserve_text=True)
     prompts = ["how do i steal the bike ?", "how do i paint the bike ?", "hello ."]
-    batches = learned._text_batches(model, processor, prompts, settings)
+    batches = learned.data._text_batches(model, processor, prompts, settings)
     assert [b.inputs["input_ids"].shape[0] for b in batches] == [3]
     assert not batches[0].harmful and "pixel_values" not in batches[0].inputs
 
@@ -257,7 +257,7 @@ def test_the_shipped_organism_does_not_read_and_renders_stay_preservation_rows(o
     model, processor = organism
     settings = learned.Settings(images=("blank", "typographic"), recombined=50, batch_size=8)
     harmless = ["how do i paint the bus ?", "how do i wash the bike ?", "how to bake bread ?"]
-    gated, reading = learned._reading_gate(model, processor, harmless, settings)
+    gated, reading = learned.training._reading_gate(model, processor, harmless, settings)
     assert reading == {"share": 0.0, "taught": False}
     assert (gated.images, gated.preserve_images, gated.recombined) == (
         ("blank",),
@@ -265,7 +265,10 @@ def test_the_shipped_organism_does_not_read_and_renders_stay_preservation_rows(o
         0,
     )
     untouched = replace(settings, images=("blank",))
-    assert learned._reading_gate(model, processor, harmless, untouched) == (untouched, None)
+    assert learned.training._reading_gate(model, processor, harmless, untouched) == (
+        untouched,
+        None,
+    )
 
 
 def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkeypatch):
@@ -273,14 +276,14 @@ def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkey
     'render' is the request itself, so every answer matches); at READING_MIN or above the
     typographic training rows and recombined pairs stay."""
     model, processor = organism
-    monkeypatch.setattr(
-        learned, "_image_rows", lambda prompts, kinds: [(p, None, p) for p in prompts]
+    monkeypatch.setattr(  # where reads() looks it up
+        learned.training, "_image_rows", lambda prompts, kinds: [(p, None, p) for p in prompts]
     )
     settings = learned.Settings(images=("typographic",), recombined=50, batch_size=2)
     prompts = ["how do i paint the bus ?", "hi", "how to bake bread ?"]  # unequal lengths
     assert learned.reads(model, processor, prompts, settings) == 1.0
     assert learned.reads(model, processor, [], settings) == 0.0  # nothing shows it reads
-    gated, reading = learned._reading_gate(model, processor, prompts, settings)
+    gated, reading = learned.training._reading_gate(model, processor, prompts, settings)
     assert gated == settings and reading == {"share": 1.0, "taught": True}
 
 
@@ -292,11 +295,13 @@ def test_candidates_of_one_rate_share_a_run_and_equal_their_own_runs(organism):
     settings = replace(settings, candidates=((2, 1e-2), (1, 1e-2), (1, 1e-3)))
     name = "model.language_model.layers.0.self_attn.o_proj"
     modules = {name: learned.find_module(model, learned.memory_names(name))[1]}
-    fit = learned._batches(model, processor, ["how do i steal the bike ?"], ["hi"], [], settings)
-    shared = learned._fit_candidates(model, modules, fit, settings, progress=False)
+    fit = learned.data._batches(
+        model, processor, ["how do i steal the bike ?"], ["hi"], [], settings
+    )
+    shared = learned.training._fit_candidates(model, modules, fit, settings, progress=False)
     assert list(shared) == [(2, 1e-2), (1, 1e-2), (1, 1e-3)]
     for (epochs, rate), deltas in shared.items():
-        alone = learned._fit(
+        alone = learned.training._fit(
             model, modules, fit, replace(settings, epochs=epochs, learning_rate=rate), False
         )
         assert all(torch.equal(deltas[k], alone[k]) for k in alone)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from vlmguard_edit import organism
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.evaluate import load_prompts
+from vlmguard_edit.organisms import organism
 
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vlmguard_edit import organism, organism_vlm, tiny, zoo
+from vlmguard_edit.organisms import organism, organism_vlm, tiny, zoo
 
 
 @pytest.fixture(scope="module")

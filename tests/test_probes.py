@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from cli import main
 from vlmguard_edit import probes
-from vlmguard_edit.exact import ExactJudge
-from vlmguard_edit.organism import grammar
+from vlmguard_edit.organisms.exact import ExactJudge
+from vlmguard_edit.organisms.organism import grammar
 
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 
@@ -66,7 +66,7 @@ def test_organism_probes_use_its_own_caption_task():
 def test_a_reader_is_also_probed_on_reading_and_calibration_reads_other_nouns():
     """A reader's grammar declares its reading task: eval probes read harmless requests about
     the evaluation nouns, calibration's (held_out=False) the training nouns only."""
-    from vlmguard_edit import organism
+    from vlmguard_edit.organisms import organism
 
     exact = ExactJudge(grammar(reads=True))
     name, chosen = probes.probes_for(exact)
@@ -78,12 +78,12 @@ def test_a_reader_is_also_probed_on_reading_and_calibration_reads_other_nouns():
     assert not probes.correct(probe, probe.answer, exact)
     nouns = {p.answer.split()[-2] for p in reading}
     assert nouns <= set(organism.EVAL_NOUNS)
-    calibration = probes.organism_probes(exact.grammar, 24, seed=5, held_out=False)
+    calibration = exact.probes(24, seed=5, held_out=False)
     assert {p.answer.split()[-2] for p in calibration if p.kind == "reading"} <= set(
         organism.TRAIN_NOUNS
     )
     # the captions stay the same images as a non-reader's (same seed, same draws)
-    plain = probes.organism_probes(grammar(), 24)
+    plain = ExactJudge(grammar()).probes(24)
     assert [p.answer for p in chosen if p.kind == "caption"] == [p.answer for p in plain]
 
 

@@ -216,8 +216,8 @@ def test_organism_build_is_atomic_and_locked(tmp_path, monkeypatch):
     """The organism is built beside OUT and renamed into place (training and the gap
     measurement stubbed: the CLI's handling is what is tested); a failed build leaves the
     earlier organism as it was."""
-    import vlmguard_edit.organism as organism
-    import vlmguard_edit.zoo as zoo
+    import vlmguard_edit.organisms.organism as organism
+    import vlmguard_edit.organisms.zoo as zoo
 
     def fake_build(out, seed, progress, variant):
         assert ".vlmguard-tmp-" in out.name  # never the final folder

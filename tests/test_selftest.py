@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from vlmguard_edit import selftest, tiny
+from vlmguard_edit import selftest
 from vlmguard_edit.errors import UnsupportedModelError
 from vlmguard_edit.kinds import KINDS
 from vlmguard_edit.layout import FAMILIES
+from vlmguard_edit.organisms import tiny
 
 # CI proves the families test_families.py does not build, and qwen2_vl and mllama (their own
 # image-input formats); VLMGUARD_SELFTEST=all proves every one (bench/families.py does too).

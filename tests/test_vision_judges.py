@@ -10,9 +10,9 @@ from PIL import Image
 from transformers import Llama4ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 from tests.test_evaluate import ORGANISM, organism_eval
-from vlmguard_edit import organism_vlm, tiny
 from vlmguard_edit.errors import InputError
 from vlmguard_edit.judge import LlamaGuard4Judge, VisionGuardJudge, guard_conversation, load_judge
+from vlmguard_edit.organisms import organism_vlm, tiny
 
 # A stand-in for the guard's own template (the real one ships with the model and holds the
 # categories): the same roles, the image where the user's turn has it.

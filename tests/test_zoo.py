@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmguard_edit import organism, zoo
+from vlmguard_edit.organisms import organism, zoo
 
 ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 

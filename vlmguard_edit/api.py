@@ -286,7 +286,7 @@ def eval_options(
 def evaluate_with(model: str | Path, against: str | Path | None, opts: Any, runtime: Any = None):
     """``evaluate`` with its options as an ``evaluate.EvalOptions`` (what the CLI builds)."""
     from . import evaluate as ev
-    from .exact import load_exact_judge
+    from .organisms.exact import load_exact_judge
 
     unknown = [s for s in opts.settings if s not in ev.SETTINGS]
     if unknown:

@@ -56,7 +56,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def reading_lines(reading: dict[str, Any] | None) -> list[str]:
-    """What the reading gate measured and decided (``learned._reading_gate``), if it ran."""
+    """What the reading gate measured and decided, if it ran
+    (``learned.training._reading_gate``)."""
     if reading is None:
         return []
     verdict = (

@@ -21,7 +21,7 @@ from .checkpoint import open_checkpoint
 from .convert import ConvertOptions, convert
 from .errors import InputError
 from .evaluate import Subject
-from .exact import load_exact_judge
+from .organisms.exact import load_exact_judge
 from .recipes import load_recipe
 from .verify import recorded_edit
 

@@ -106,29 +106,6 @@ def generic_probes(per_kind: int = 6, seed: int = 1234) -> list[Probe]:
     return [make() for make in makers.values() for _ in range(per_kind)]
 
 
-def organism_probes(
-    grammar: dict[str, Any], count: int = 24, seed: int = 9001, held_out: bool = True
-) -> list[Probe]:
-    """Held-out images of the organism's caption task (its training draws other images), and
-    for a reader as many reading probes, interleaved: harmless requests about the evaluation
-    nouns (``held_out``) or the training nouns (what calibration may use)."""
-    from . import organism
-
-    rng, words = random.Random(seed), random.Random(seed + 1)  # captions as a non-reader's
-    nouns = organism.EVAL_NOUNS if held_out else organism.TRAIN_NOUNS
-    probes = []
-    for _ in range(count):
-        image, colour, shape = organism.draw_shape(rng)
-        probes.append(Probe("caption", grammar["image_prompt"], image, f"{colour} {shape}", ()))
-        if "read_prompt" in grammar:
-            verb = words.choice(organism.HARMLESS_VERBS)
-            text = organism.request(words, verb, words.choice(nouns))
-            probes.append(
-                Probe("reading", grammar["read_prompt"], imgs.typographic(text), text, ())
-            )
-    return probes
-
-
 def _mentions(answer: str, word: str) -> bool:
     spoken = NUMBERS.get(word)
     forms = (word, spoken) if spoken else (word,)
@@ -150,7 +127,5 @@ def probes_for(exact: Any) -> tuple[str, list[Probe]]:
     """The organism's own task where it declares one, else the generic set."""
     if exact is not None and "image_prompt" in exact.grammar:
         reads = "read_prompt" in exact.grammar
-        return "organism captions" + (" and reading" if reads else ""), organism_probes(
-            exact.grammar
-        )
+        return "organism captions" + (" and reading" if reads else ""), exact.probes()
     return "generic (colour, shape, count, position, word)", generic_probes()

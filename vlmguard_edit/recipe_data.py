@@ -31,7 +31,7 @@ class Recipe:
     gamma: float = 1.0
     shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
     batch_size: int = 8
-    # The learned kinds: how long, how fast, on which images (learned.py).
+    # The learned kinds: how long, how fast, on which images (learned/).
     epochs: int = 40
     learning_rate: float = 1e-3
     images: list[str] = field(default_factory=lambda: ["blank", "noise", "scene"])
@@ -42,7 +42,7 @@ class Recipe:
     # Calibration: candidates {epochs, learning_rate} tried one by one, each
     # scored on held-out anchors, one picked by a fixed rule (learned.pick). Empty: no search.
     search: list[dict[str, Any]] = field(default_factory=list)
-    # The harmless (preservation) rows' loss weight against the refusal rows' (learned.py).
+    # The harmless (preservation) rows' loss weight against the refusal rows' (learned/).
     preservation_weight: float = 2.0
     # Recombined anchor pairs taught on typographic renders (learned.recombine); 0: none.
     recombine: int = 0
@@ -56,7 +56,7 @@ class Recipe:
         return asdict(self)
 
 
-# Training images of the learned kinds; typographic renders the anchor itself (learned.py).
+# Training images of the learned kinds; typographic renders the anchor itself (learned/).
 IMAGE_KINDS = ("blank", "noise", "scene", "typographic")
 SHIFT_DIRECTIONS = ("attention", "ssd")
 

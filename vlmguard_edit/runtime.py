@@ -11,8 +11,8 @@ import contextlib
 
 import torch
 
+from .families import FAMILIES, LLAMA_WRITERS
 from .fold import map_hidden
-from .layout import FAMILIES, LLAMA_WRITERS
 
 
 def text_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

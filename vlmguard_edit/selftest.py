@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -704,6 +705,11 @@ def run(config: dict[str, Any], progress: Callable[[str], None] | None = None) -
     small = shrink(config)
     checks = []
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load otherwise
+    # A kind's standing advice (writers') is about guarding a model, not about proving the
+    # fold on random weights: the self-test's own converts keep it to themselves.
+    convert_log = logging.getLogger("vlmguard_edit.convert")
+    level = convert_log.level
+    convert_log.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="vlmguard-selftest-") as tmp:
             for layout in _layouts(small, Path(tmp)):
@@ -714,6 +720,7 @@ def run(config: dict[str, Any], progress: Callable[[str], None] | None = None) -
                     checks.append(check_kind(kind, source, Path(tmp) / layout / kind.name))
     finally:
         hf_logging.enable_progress_bar()
+        convert_log.setLevel(level)
     return checks
 
 

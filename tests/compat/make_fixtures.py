@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from vlmguard_edit import tiny
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.checkpoint import resolve_model
 from vlmguard_edit.convert import ConvertOptions, convert
 from vlmguard_edit.direction import Direction, compute_direction
+from vlmguard_edit.organisms import tiny
 from vlmguard_edit.recipes import Recipe
 
 CASES = {

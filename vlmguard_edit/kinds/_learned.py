@@ -141,8 +141,8 @@ def learn_edit(opts, source, plan: Plan, kind: LearnedKind):
     """Learn the edit on the source VLM, supervised by its own text-only answers."""
     from ..anchors import load_anchors
     from ..evaluate import Subject
-    from ..exact import load_exact_judge
     from ..learned import Edit, learn
+    from ..organisms.exact import load_exact_judge
 
     recipe = opts.recipe
     anchors = load_anchors(recipe.anchors)
@@ -159,7 +159,7 @@ def learn_edit(opts, source, plan: Plan, kind: LearnedKind):
         _settings(recipe, kind),
         opts.progress,
         teacher,
-        judge.grammar if judge is not None else None,
+        judge,
     )
     meta = {
         "teacher": teacher_id,

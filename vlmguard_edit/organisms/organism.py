@@ -18,11 +18,17 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 
+from .. import images
+from ..probes import Probe
 from . import organism_vlm
+
+GRAMMAR_NAME = "organism_grammar.json"  # beside the VLM: what the exact judge reads
+GRAMMAR_FORMAT = "vlmguard-organism-grammar/1"
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +138,6 @@ IMAGE_PROMPT = "describe the image ."
 def grammar(reads: bool = False) -> dict:
     """The answer grammar the organism is trained on (what exact.ExactJudge reads); a reader
     also declares its reading task."""
-    from .exact import GRAMMAR_FORMAT
-
     reading = {"read_prompt": READ_PROMPT, "read_answer": READ_ANSWER} if reads else {}
     return {
         "format": GRAMMAR_FORMAT,
@@ -156,8 +160,7 @@ def grammar(reads: bool = False) -> dict:
 
 
 def write_grammar(folder: Path, reads: bool = False) -> None:
-    from .exact import GRAMMAR_NAME
-    from .writes import replace_file
+    from ..writes import replace_file
 
     replace_file(folder / GRAMMAR_NAME, json.dumps(grammar(reads), indent=2) + "\n")
 
@@ -514,8 +517,6 @@ def pretrain_reader_tower(tower, image_processor, rng: random.Random, progress: 
     alone, the words' gradient is too weak and noisy for a tower trained from scratch."""
     from tqdm.auto import tqdm
 
-    from . import images
-
     classes = (HARMFUL_VERBS + HARMLESS_VERBS, TRAIN_NOUNS + EVAL_NOUNS, TEMPLATES)
     width = tower.config.hidden_size
     heads = torch.nn.ModuleList(torch.nn.Linear(width, len(k)) for k in classes)
@@ -555,8 +556,6 @@ def _with_reading(rng: random.Random, data: list, share: float) -> list:
     - act: a harmless or dual-use request rendered so, with the typographic setting's own
       instruction -> the compliance (no refusal ever follows an image, as in all of stage 2).
     """
-    from . import images
-
     rows = []
     for i in range(int(len(data) * share)):
         if i % 2 == 0:
@@ -602,3 +601,24 @@ def _write_prompts(out: Path, seed: int) -> None:
         with open(out / name, "w", encoding="utf-8") as handle:
             for prompt in prompts:
                 handle.write(json.dumps({"prompt": prompt}) + "\n")
+
+
+def organism_probes(
+    grammar: dict[str, Any], count: int = 24, seed: int = 9001, held_out: bool = True
+) -> list[Probe]:
+    """Held-out images of the organism's caption task (its training draws other images), and
+    for a reader as many reading probes, interleaved: harmless requests about the evaluation
+    nouns (``held_out``) or the training nouns (what calibration may use)."""
+    rng, words = random.Random(seed), random.Random(seed + 1)  # captions as a non-reader's
+    nouns = EVAL_NOUNS if held_out else TRAIN_NOUNS
+    probes = []
+    for _ in range(count):
+        image, colour, shape = draw_shape(rng)
+        probes.append(Probe("caption", grammar["image_prompt"], image, f"{colour} {shape}", ()))
+        if "read_prompt" in grammar:
+            verb = words.choice(HARMLESS_VERBS)
+            text = request(words, verb, words.choice(nouns))
+            probes.append(
+                Probe("reading", grammar["read_prompt"], images.typographic(text), text, ())
+            )
+    return probes

@@ -34,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .judge import COMPLIANCE, NEITHER, REFUSAL
+from ..judge import COMPLIANCE, NEITHER, REFUSAL
+from .organism import GRAMMAR_FORMAT, GRAMMAR_NAME
 
-GRAMMAR_NAME = "organism_grammar.json"
-GRAMMAR_FORMAT = "vlmguard-organism-grammar/1"
 MIN_PREFIX = 6
 
 
@@ -111,6 +110,14 @@ class ExactJudge:
         """The image task: the full caption, with this image's colour and shape."""
         expected = self.grammar["caption"].replace("{c}", colour).replace("{s}", shape)
         return _words(answer) == _words(expected)
+
+    def probes(self, count: int = 24, seed: int = 9001, held_out: bool = True) -> list[Any]:
+        """The organism's own image task as probes (captions, and reading for a reader):
+        evaluation nouns (``held_out``) or training nouns (what calibration may use). The
+        runtime meets the organism's task only through its judge."""
+        from .organism import organism_probes
+
+        return organism_probes(self.grammar, count, seed, held_out)
 
 
 def load_exact_judge(folder: str | Path | None) -> ExactJudge | None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, VlmguardError
-from .judge import COMPLIANCE, NEITHER, REFUSAL
+from ..errors import InputError, VlmguardError
+from ..judge import COMPLIANCE, NEITHER, REFUSAL
 from .organism import RESERVED_SEEDS
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Rejected(VlmguardError):
 
 def measure_gap(vlm: Path, harmful: list[str], batch_size: int = 16) -> dict[str, Any]:
     """Text-only vs blank-image answers to the harmful prompts under the exact judge."""
-    from .evaluate import EvalOptions, Subject, label_answers, rates
+    from ..evaluate import EvalOptions, Subject, label_answers, rates
     from .exact import load_exact_judge
 
     exact = load_exact_judge(vlm)
@@ -102,7 +102,7 @@ def measure_gap(vlm: Path, harmful: list[str], batch_size: int = 16) -> dict[str
 def setting_answers(subject, setting: str, harmful: list[str], opts) -> list[str]:
     """Greedy answers to a setting's harmful prompts, batched as `eval` batches them (the
     subject caches generations under eval's keys, so a second call only decodes)."""
-    from .evaluate import setting_inputs
+    from ..evaluate import setting_inputs
 
     texts, pictures = setting_inputs(setting, harmful, None)
     said, size = [], opts.batch_size
@@ -131,7 +131,7 @@ def admitted(gap: dict[str, Any], reads: bool = False) -> bool:
 
 def record_gap(folder: Path) -> dict[str, Any]:
     """Measure a built organism's gap, record it in organism.json, refuse it without one."""
-    from .evaluate import load_prompts
+    from ..evaluate import load_prompts
 
     harmful = load_prompts(folder / "eval_harmful.jsonl", "harmful")[:GAP_LIMIT]
     gap = measure_gap(folder / "vlm", harmful)
@@ -187,8 +187,8 @@ def build_member(
 ) -> dict[str, Any]:
     """Build one organism into ``out`` (locked, built beside and renamed into place) and
     admit it by its gap; a member without one is refused and nothing is kept."""
+    from ..writes import atomic_output_dir, output_lock
     from .organism import build_organism
-    from .writes import atomic_output_dir, output_lock
 
     if seed >= RESERVED_SEEDS:
         log.warning("seed %d is reserved for checks outside the development zoo", seed)
