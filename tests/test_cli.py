@@ -227,14 +227,14 @@ def test_quiet_is_accepted_everywhere(path, command):
 
 def test_an_explicit_training_length_replaces_the_recipes_search():
     """--epochs / --learning-rate without --search: that length is trained, not the search."""
-    import cli
+    from vlmguard_edit.commands.common import build_recipe
 
     recipe = str(Path(__file__).parent.parent / "recipes" / "organism.yaml")
 
     def build(**extra):
         kw = dict.fromkeys(("layers", "template", "base_revision", "rank", "anchors"))
         kw |= {"recipe": recipe, "batch_size": None}
-        return cli._build_recipe(kw, None, **extra)
+        return build_recipe(kw, None, **extra)
 
     assert len(build(epochs=None, learning_rate=None, search=None).search) == 2
     assert build(epochs=3, learning_rate=None, search=None).search == []
