@@ -106,3 +106,33 @@ def test_the_kinds_declare_what_sets_them_apart():
 def test_an_option_another_kind_reads_is_refused_with_who_reads_it(mode, key, value, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict({"mode": mode, key: value}, source="recipe.yaml")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_kind_owns_its_options_and_their_defaults(mode):
+    """A kind's options are its recipe keys: their defaults make its default recipe (which
+    passes the recipe checks), the loader checks a value by the option's own parse, and the
+    command line's help names each kind's default."""
+    from vlmguard_edit.kinds import OPTIONS, option_help
+    from vlmguard_edit.recipes import base_recipe, recipe_with
+
+    kind = get_kind(mode)
+    assert set(kind.default_fields()) == kind.uses and kind.uses <= set(OPTIONS)
+    recipe = base_recipe(mode)
+    assert recipe_with(recipe, {}) == recipe  # its own defaults are a valid recipe
+    for option in kind.options:
+        assert getattr(recipe, option.name) == option.default
+        assert mode in option_help(option.name)
+    if "rank" in kind.uses:
+        with pytest.raises(RecipeError, match="rank: expected an integer >= 1, got 0"):
+            recipe_with(recipe, {"rank": 0})
+
+
+def test_the_default_edit_is_its_kinds_defaults():
+    from vlmguard_edit.kinds import option_help
+    from vlmguard_edit.recipes import DEFAULT_MODE, default_recipe
+
+    recipe = default_recipe()
+    assert recipe.mode == DEFAULT_MODE and recipe.rank == 4 and recipe.preservation_weight == 4
+    assert "lowrank-attention: 4" in option_help("rank")
+    assert "writers" in option_help("beta") and "lowrank" not in option_help("beta")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,25 +63,41 @@ SHIFT_DIRECTIONS = ("attention", "ssd")
 
 
 # The one default: what `convert` and `calibrate` (and the Python API) use without a recipe
-# file or --mode, and what the real-model recipes hold. It is the edit the zoo measures as
-# best (docs/results.md; why each value, docs/method.md "The default").
+# file or --mode, and what the real-model recipes hold: the edit the zoo measures as best
+# (docs/results.md; why each value, docs/method.md "The default"). Its values are the kind's
+# own option defaults (kinds/lowrank_attention.py; recipes.default_recipe).
 DEFAULT_MODE = "lowrank-attention"
 
 
-def default_recipe() -> Recipe:
-    """The learned lowrank-attention edit: rank 4 on every text layer's o_proj and q/k/v,
-    the VLM's own text-only answers as teacher, the shipped anchors, typographic renders
-    behind the reading gate, preservation weight 4, calibrated over 10 and 20 epochs."""
-    return Recipe(
-        mode=DEFAULT_MODE,
-        rank=4,
-        images=["blank", "noise", "scene", "typographic"],
-        preservation_weight=4.0,
-        search=[{"epochs": 10, "learning_rate": 1e-3}, {"epochs": 20, "learning_rate": 1e-3}],
-    )
-
-
-def base_recipe(mode: str | None) -> Recipe:
-    """What a command starts from without a recipe file: the default edit, or, for another
-    --mode, that kind with the plain field values."""
-    return default_recipe() if mode in (None, DEFAULT_MODE) else Recipe(mode=mode)
+def parse_layers(spec: Any) -> list[int]:
+    """Parse "10,11,12", "8-15", "8-11,20" or a list of ints into a sorted, unique list."""
+    if isinstance(spec, bool):
+        raise ValueError("expected layer indices, got a boolean")
+    if isinstance(spec, int):
+        items: list[Any] = [spec]
+    elif isinstance(spec, str):
+        items = [part.strip() for part in spec.split(",") if part.strip()]
+    elif isinstance(spec, list):
+        items = spec
+    else:
+        raise ValueError(f"expected a list of layer indices or a string like '8-15', got {spec!r}")
+    layers: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"bad layer {item!r}")
+        if isinstance(item, int):
+            layers.add(item)
+            continue
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(item))
+        if not match:
+            raise ValueError(f"bad layer {item!r}: use integers and ranges like 8-15")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) else lo
+        if hi < lo:
+            raise ValueError(f"bad layer range {item!r}: the end is before the start")
+        layers.update(range(lo, hi + 1))
+    if not layers:
+        raise ValueError("no layers given")
+    if min(layers) < 0:
+        raise ValueError("layer indices must be >= 0")
+    return sorted(layers)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from ..kinds import option_help
+
 
 def quiet_option(func):
     return click.option("-q", "--quiet", is_flag=True, help="No progress bars.")(func)
@@ -47,7 +49,8 @@ def direction_options(func):
         click.option(
             "--rank",
             type=click.IntRange(min=1),
-            help="Rank of the learned B A (default edit: 4) or of a direction (default 1).",
+            help="Rank of the learned B A or of a direction. Default, by kind: "
+            + option_help("rank"),
         ),
         click.option(
             "--anchors", help="'default' or a JSONL/CSV file with harmful,harmless columns."
@@ -92,8 +95,8 @@ def learned_options(prefix: str):
         click.option(
             "--epochs",
             type=click.IntRange(min=1),
-            help=f"{prefix}Passes over the data; replaces the recipe's search (default edit: "
-            "10 and 20, calibrated).",
+            help=f"{prefix}Passes over the data; replaces the recipe's search (calibration "
+            "candidates, by kind: " + option_help("search") + ").",
         ),
         click.option(
             "--learning-rate",
@@ -103,8 +106,8 @@ def learned_options(prefix: str):
         click.option(
             "--images",
             help=f"{prefix}Training images, from blank,noise,scene,typographic (typographic: the "
-            "anchor rendered into the image, taught only to a model that reads it; default "
-            "edit: all four).",
+            "anchor rendered into the image, taught only to a model that reads it). Default, "
+            "by kind: " + option_help("images"),
         ),
         click.option(
             "--preserve-images",
@@ -114,8 +117,8 @@ def learned_options(prefix: str):
         click.option(
             "--preservation-weight",
             type=click.FloatRange(0, min_open=True),
-            help=f"{prefix}Loss weight of the preservation rows against the refusal rows "
-            "(default edit: 4).",
+            help=f"{prefix}Loss weight of the preservation rows against the refusal rows. "
+            "Default, by kind: " + option_help("preservation_weight"),
         ),
         click.option(
             "--recombine",

@@ -8,6 +8,7 @@ import click
 
 from ..formats import FORMATS
 from ..kinds import KINDS, LEARNED, MODES
+from ..recipe_data import DEFAULT_MODE
 from .common import (
     LEARNED_KEYS,
     build_recipe,
@@ -103,7 +104,8 @@ Examples:
     "--mode",
     type=click.Choice(MODES),
     help=" ".join(f"{kind.name}: {kind.summary}." for kind in KINDS.values())
-    + " Default: writers.",
+    + f" Default: {DEFAULT_MODE} (with --direction FILE: the kind the file names; a "
+    "direction: writers).",
 )
 @learned_options("The learned kinds only. ")
 @click.option(

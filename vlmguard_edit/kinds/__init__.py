@@ -31,7 +31,9 @@ KINDS: dict[str, EditKind] = {
 }
 MODES = tuple(KINDS)
 LEARNED = tuple(name for name, kind in KINDS.items() if kind.learned)
-ALL_OPTIONS = frozenset().union(*(kind.uses for kind in KINDS.values()))
+# Every kind option by name (its check and help are the same in every kind; defaults vary).
+OPTIONS = {option.name: option for kind in KINDS.values() for option in kind.options}
+ALL_OPTIONS = frozenset(OPTIONS)
 
 
 def get_kind(name: str) -> EditKind:
@@ -39,6 +41,30 @@ def get_kind(name: str) -> EditKind:
         return KINDS[name]
     except KeyError:
         raise InputError(f"unknown edit kind {name!r}; known: {', '.join(KINDS)}") from None
+
+
+def option_help(name: str) -> str:
+    """Each kind's default of the option ``name``, for the command line's help."""
+    by_default: dict[str, list[str]] = {}
+    for kind in KINDS.values():
+        for option in kind.options:
+            if option.name == name:
+                by_default.setdefault(_shown(option.default), []).append(kind.name)
+    return "; ".join(f"{', '.join(kinds)}: {value}" for value, kinds in by_default.items())
+
+
+def _shown(value) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return ",".join(f"{c['epochs']}:{c['learning_rate']:g}" for c in value)
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return (
+        "the kind's own"
+        if value is None
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
 
 
 def foreign_options(name: str, explicit: set[str]) -> list[str]:
@@ -50,5 +76,5 @@ def foreign_options(name: str, explicit: set[str]) -> list[str]:
     return problems
 
 
-__all__ = ["KINDS", "LEARNED", "MODES", "Context", "EditKind", "Parameters"]
-__all__ += ["foreign_options", "get_kind"]
+__all__ = ["KINDS", "LEARNED", "MODES", "OPTIONS", "Context", "EditKind", "Parameters"]
+__all__ += ["foreign_options", "get_kind", "option_help"]

@@ -13,16 +13,15 @@ from ..errors import InputError, PlanError
 from ..plan import Plan
 from ..public import public_name, scrub
 from .base import Context, EditKind, Parameters
+from .options import LEARNED
 
 EDIT_NAME = "vlmguard_edit.safetensors"  # a learned edit (learned.Edit)
-LEARNED_OPTIONS = frozenset({"epochs", "learning_rate", "images", "preserve_images", "search"})
-LEARNED_OPTIONS |= {"preservation_weight", "recombine"}
 
 
 class LearnedKind(EditKind):
     learned = True
     file_name = EDIT_NAME
-    uses = LEARNED_OPTIONS
+    options = LEARNED
     obtained = "learned: vlmguard-edit calibrate VLM --recipe RECIPE -o EDIT (or convert)"
     factored = False  # learns B A at the recipe's rank instead of dense deltas
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PlanError
+from .options import Option, defaults
 
 if TYPE_CHECKING:
     import torch
@@ -78,9 +79,9 @@ class EditKind:
     name: str = ""
     learned: bool = False  # parameters learned (an edit file) rather than measured (a direction)
     file_name: str = DIRECTION_NAME
-    # The recipe options this kind reads (of kinds.ALL_OPTIONS); one given explicitly for
-    # a kind that does not read it is refused (recipes.mode_problems).
-    uses: frozenset[str] = frozenset()
+    # The recipe options this kind reads, with its own defaults (kinds/options.py); one given
+    # explicitly for a kind that does not read it is refused (recipes.mode_problems).
+    options: tuple[Option, ...] = ()
     summary: str = ""  # one line: what it edits (the CLI's --mode help, the docs)
     warning: str = ""  # said whenever the kind is used (a measured reason to prefer another)
     # Whether the parameters are the base LLM's safety steering direction (the `direction`
@@ -90,6 +91,15 @@ class EditKind:
     obtained: str = ""
 
     # ------------------------------------------------------------------ recipe
+    @property
+    def uses(self) -> frozenset[str]:
+        """The names of the recipe options this kind reads."""
+        return frozenset(option.name for option in self.options)
+
+    def default_fields(self) -> dict[str, Any]:
+        """This kind's default recipe fields (its options' defaults)."""
+        return defaults(self.options)
+
     def problems(self, recipe: Recipe, explicit: set[str]) -> list[str]:
         """What this kind rules out in ``recipe`` (``explicit``: the keys the user gave)."""
         return []

@@ -7,12 +7,13 @@ from __future__ import annotations
 from ..checkpoint import import_torch
 from ..errors import PlanError
 from ._direction import DirectionKind, writer_edits, writer_hooks
+from .options import BETA, LAYERS, RANK
 
 
 class ImageGap(DirectionKind):
     name = "image-gap"
     accepts_gap = True
-    uses = frozenset({"layers", "rank", "beta"})  # checked for their only values: 1 and -1
+    options = (LAYERS, RANK, BETA)  # rank and beta checked for their only values: 1 and -1
     obtained = "measured on the VLM itself by convert (vlmguard-edit convert VLM --recipe RECIPE)"
     summary = "project the image-gap direction (measured on the VLM itself) out of o_proj"
 

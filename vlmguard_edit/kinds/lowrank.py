@@ -9,13 +9,14 @@ from __future__ import annotations
 from ..checkpoint import FLOAT_DTYPES
 from ..errors import PlanError
 from ..plan import PlannedEdit
-from ._learned import LEARNED_OPTIONS, LearnedKind
+from ._learned import LearnedKind
+from .options import LAYERS, LEARNED, RANK
 
 
 class LowRank(LearnedKind):
     name = "lowrank"
     factored = True
-    uses = frozenset({"layers", "rank"}) | LEARNED_OPTIONS
+    options = (LAYERS, RANK, *LEARNED)
     preserve_text = True
     summary = (
         "learn a rank-r (--rank) update of the text layers' attention o_proj with the same "

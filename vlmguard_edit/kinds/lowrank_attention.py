@@ -10,10 +10,13 @@ Each change is a plain Linear's weight, so the fold is exact (W + B A) behind an
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..checkpoint import FLOAT_DTYPES
 from ..plan import PlannedEdit
 from ._learned import learned_text
 from .lowrank import LowRank, delta_edit
+from .options import IMAGES, LAYERS, LEARNED, PRESERVATION_WEIGHT, RANK, SEARCH
 
 INPUTS = ("q_proj", "k_proj", "v_proj")  # an attention module's separate input projections
 
@@ -23,7 +26,17 @@ class LowRankAttention(LowRank):
     summary = (
         "lowrank plus a rank-r update of each layer's attention q/k/v projections (where "
         "separate), learned together: what the last prompt token attends to can change (the "
-        "organism default)"
+        "default edit)"
+    )
+    # The default edit's values (docs/method.md, "The default"): rank 4, typographic renders
+    # behind the reading gate, preservation weight 4, calibrated over 10 and 20 epochs.
+    options = (
+        LAYERS,
+        replace(RANK, default=4),
+        *(o for o in LEARNED if o.name not in ("images", "preservation_weight", "search")),
+        replace(IMAGES, default=["blank", "noise", "scene", "typographic"]),
+        replace(PRESERVATION_WEIGHT, default=4.0),
+        replace(SEARCH, default=[{"epochs": n, "learning_rate": 1e-3} for n in (10, 20)]),
     )
 
     def plan_edits(self, checkpoint, layout, layers, beta):

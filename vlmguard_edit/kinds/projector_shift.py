@@ -12,6 +12,7 @@ from ..errors import PlanError
 from ..plan import PlannedEdit
 from ._direction import DirectionKind
 from .base import outside_measured
+from .options import GAMMA, LAYERS, RANK, SHIFT_DIRECTION
 from .writers import steering_source
 
 MEASURED_GAMMA = (0.25, 2.0)  # docs/organism_search.md
@@ -19,7 +20,7 @@ MEASURED_GAMMA = (0.25, 2.0)  # docs/organism_search.md
 
 class ProjectorShift(DirectionKind):
     name = "projector-shift"
-    uses = frozenset({"layers", "rank", "gamma", "shift_direction"})
+    options = (LAYERS, RANK, GAMMA, SHIFT_DIRECTION)
     steered = True
     lora = False  # a bias shift
     summary = "add gamma * u to the projector's output bias (image tokens only)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._direction import DirectionKind, writer_edits, writer_hooks
 from .base import outside_measured
+from .options import BETA, LAYERS, RANK
 
 # The strengths the organism search measured (docs/organism_search.md): outside them the
 # edit is untested, so convert and validate warn and name this range.
@@ -15,7 +16,7 @@ MEASURED_BETA = (-2.0, 4.0)
 
 class Writers(DirectionKind):
     name = "writers"
-    uses = frozenset({"layers", "rank", "beta"})
+    options = (LAYERS, RANK, BETA)
     steered = True
     summary = "fold (I + beta V^T V) into o_proj/down_proj (V: the base LLM's steering direction)"
     warning = (
