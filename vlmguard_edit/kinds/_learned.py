@@ -208,15 +208,22 @@ def _teacher(opts, subject: Any, device: str) -> tuple[Any, str]:
     return Teacher(model, tokenizer, base.template), llm.id
 
 
+def factored_what(where: str, recipe: dict[str, Any]) -> str:
+    """The card's sentence for a factored edit of ``where`` that held text-only answers."""
+    return (
+        f"Only {where} changed, each by a rank-{recipe['rank']} product B A; text-only answers "
+        "were held to the original's own while it was learned (they can move slightly: see "
+        "the held-out numbers below)."
+    )
+
+
 def learned_text(record: dict[str, Any], lowrank: bool) -> tuple[str, str]:
     """(what, how) of a learned edit; ``lowrank``: B A of o_proj, else the image path."""
     recipe, direction = record["recipe"], record["direction"]
     modules = list(dict.fromkeys(edit["module"] for edit in record["edits"]))
     module = ", ".join(f"`{m}`" for m in modules)
     what = (
-        f"Only the attention output projections of {len(modules)} text layers changed, each by "
-        f"a rank-{recipe['rank']} product B A; text-only answers were held to the original's "
-        "own while it was learned (they can move slightly: see the held-out numbers below)."
+        factored_what(f"the attention output projections of {len(modules)} text layers", recipe)
         if lowrank
         else f"Only {module} changed (the image-to-language path, which a text-only prompt "
         "never reaches), so the edit acts only when an image is in the prompt: text-only "

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..checkpoint import FLOAT_DTYPES
 from ..plan import PlannedEdit
-from ._learned import learned_text
+from ._learned import factored_what, learned_text
 from .lowrank import LowRank, delta_edit
 from .options import IMAGES, LAYERS, LEARNED, PRESERVATION_WEIGHT, RANK, SEARCH
 
@@ -54,13 +54,11 @@ class LowRankAttention(LowRank):
         _, how = learned_text(record, lowrank=True)
         layers = len({e["layer"] for e in record["edits"]})
         inputs = sum(e["module"].rsplit(".", 1)[-1] in INPUTS for e in record["edits"])
-        what = (
-            f"Only the attention projections of {layers} text layers changed (the outputs, "
-            f"and {inputs} query/key/value projections), each by a rank-"
-            f"{record['recipe']['rank']} product B A; text-only answers were held to the "
-            "original's own while it was learned (they can move slightly: see the held-out "
-            "numbers below)."
+        where = (
+            f"the attention projections of {layers} text layers (the outputs, and {inputs} "
+            "query/key/value projections)"
         )
+        what = factored_what(where, record["recipe"])
         return what, how
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..checkpoint import FLOAT_DTYPES
 from ..errors import PlanError
-from ._learned import learned_text
+from ._learned import factored_what, learned_text
 from .lowrank import ATTENTION_OUTPUTS, LowRank, delta_edit
 
 
@@ -33,12 +33,8 @@ class LowRankMLP(LowRank):
     def card_text(self, record):
         _, how = learned_text(record, lowrank=True)
         layers = len({e["layer"] for e in record["edits"]})
-        what = (
-            f"Only the MLP output projections of {layers} text layers changed, each by a "
-            f"rank-{record['recipe']['rank']} product B A; text-only answers were held to the "
-            "original's own while it was learned (they can move slightly: see the held-out "
-            "numbers below)."
-        )
+        where = f"the MLP output projections of {layers} text layers"
+        what = factored_what(where, record["recipe"])
         return what, how
 
 
