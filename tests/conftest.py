@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built from configs once per session. Nothing is downloaded."""
+"""Shared fixtures: tiny models built from configs once per pytest run. Nothing is downloaded."""
 
 from __future__ import annotations
 

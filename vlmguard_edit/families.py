@@ -513,7 +513,7 @@ REFUSED: dict[str, str] = {
         "streams by learned coefficients and LAuReL adds a low-rank path beside attention, so "
         "the writers are not the only residual writes (no exact direction fold); the learned "
         "kinds' o_proj change would fold exactly, but its MobileNet-V5 vision tower needs timm "
-        "(not a dependency here), so no self-test can prove them; Gemma 4 is supported"
+        "(not a dependency of this project), so no self-test can prove them; Gemma 4 is supported"
     ),
     "phi4_multimodal": "the language model is used with LoRA adapters (vision-lora/, "
     "speech-lora/) that also write to the residual stream; folding the base weights alone "
@@ -564,7 +564,7 @@ REFUSED: dict[str, str] = {
         "modality-split MoE experts (text and vision experts in one layer); not mapped yet"
     ),
     "evolla": "a protein-language model, not an image-text one",
-    "fast_vlm": "its vision tower needs timm, not a dependency here; not proved yet",
+    "fast_vlm": "its vision tower needs timm, not a dependency of this project; not proved yet",
     "florence2": (
         "an encoder-decoder (BART-style) model: the decoder's cross-attention reads the image, "
         "no decoder-only residual stream to guard"
@@ -630,7 +630,9 @@ REFUSED: dict[str, str] = {
         "a Mamba-2 hybrid: mixer layers write through mixer.out_proj beside attention and MLP "
         "layers; not mapped yet"
     ),
-    "perception_lm": "its vision tower needs timm, not a dependency here; not proved yet",
+    "perception_lm": (
+        "its vision tower needs timm, not a dependency of this project; not proved yet"
+    ),
     "pi0": "a vision-language-action robot policy (actions, not answers, are its output)",
     "pix2struct": "an encoder-decoder over flattened image patches, not a chat VLM",
     "pp_formulanet": "an encoder-decoder formula recogniser, not a chat VLM",
