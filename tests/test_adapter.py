@@ -26,9 +26,8 @@ def guarded(mode, src, out, tmp_path, **extra):
     recipe = example_recipe(get_kind(mode), **extra)
     checkpoint = open_checkpoint(src)
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    layers = recipe.layers or []
     kind = get_kind(mode)
-    plan = build_plan(checkpoint, layout, kind, layers, recipe.rank, recipe.beta, recipe.gamma)
+    plan = build_plan(checkpoint, layout, kind, recipe)
     params = parameter_file(kind, plan, tmp_path / f"{mode}-{kind.file_name}")
     opts = ConvertOptions(str(src), out, recipe, direction_file=params, progress=False)
     return convert(opts)

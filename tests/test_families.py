@@ -502,7 +502,7 @@ def test_lowrank_fold_on_every_family(family, layout, tmp_path_factory):
     checkpoint = open_checkpoint(source)
     layout_ = find_layout(checkpoint.config, checkpoint.keys)
     layers = [i for i in range(layout_.num_layers) if i not in layout_.cross_layers]
-    plan = build_plan(checkpoint, layout_, get_kind("lowrank"), layers, 2)
+    plan = build_plan(checkpoint, layout_, get_kind("lowrank"), Recipe(layers=layers, rank=2))
     generator = torch.Generator().manual_seed(2)
     deltas = {}
     for e in plan.edits:

@@ -46,8 +46,7 @@ def test_kind_folds_exactly_what_it_plans_and_equals_its_runtime_hooks(mode, vlm
     from vlmguard_edit.layout import find_layout
 
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    args = (recipe.rank, recipe.beta, recipe.gamma)
-    plan = build_plan(checkpoint, layout, kind, recipe.layers or [], *args)
+    plan = build_plan(checkpoint, layout, kind, recipe)
     params = parameter_file(kind, plan, tmp_path / kind.file_name)
     opts = ConvertOptions(str(src), out, recipe, direction_file=params, progress=False)
     result = convert(opts)

@@ -41,7 +41,7 @@ def random_edit(folder: Path, seed: int = 0, scale: float = 0.05) -> learned.Edi
     """Random deltas for every tensor the image-path plan of ``folder`` names."""
     checkpoint = open_checkpoint(folder)
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    plan = build_plan(checkpoint, layout, get_kind("image-path"), [])
+    plan = build_plan(checkpoint, layout, get_kind("image-path"), Recipe(mode="image-path"))
     generator = torch.Generator().manual_seed(seed)
     deltas = {e.key: scale * torch.randn(*e.shape, generator=generator) for e in plan.edits}
     return learned.Edit(deltas, {"source": "test"})

@@ -33,7 +33,7 @@ def random_factors(folder: Path, seed: int = 0, scale: float = 0.3) -> learned.E
     checkpoint = open_checkpoint(folder)
     layout = find_layout(checkpoint.config, checkpoint.keys)
     layers = list(range(layout.num_layers))
-    plan = build_plan(checkpoint, layout, get_kind("lowrank"), layers, RANK)
+    plan = build_plan(checkpoint, layout, get_kind("lowrank"), Recipe(layers=layers, rank=RANK))
     generator = torch.Generator().manual_seed(seed)
     deltas = {}
     for e in plan.edits:
@@ -222,11 +222,13 @@ def test_recombined_pairs_swap_the_changed_words_and_never_repeat_an_anchor():
 def test_lowrank_attention_plans_every_layers_four_attention_projections(vlm_factory):
     checkpoint = open_checkpoint(vlm_factory())
     layout = find_layout(checkpoint.config, checkpoint.keys)
-    plan = build_plan(checkpoint, layout, get_kind("lowrank-attention"), [0, 2], 2)
+    plan = build_plan(
+        checkpoint, layout, get_kind("lowrank-attention"), Recipe(layers=[0, 2], rank=2)
+    )
     names = sorted(e.key.split("layers.")[1] for e in plan.edits)
     expected = [f"{i}.self_attn.{p}_proj.weight" for i in (0, 2) for p in "kovq"]
     assert names == sorted(expected)
-    lowrank = build_plan(checkpoint, layout, get_kind("lowrank"), [0, 2], 2)
+    lowrank = build_plan(checkpoint, layout, get_kind("lowrank"), Recipe(layers=[0, 2], rank=2))
     assert {e.key for e in lowrank.edits} < {e.key for e in plan.edits}
 
 

@@ -34,8 +34,8 @@ from .checkpoint import (
 )
 from .errors import InputError, PlanError
 from .kinds import LEARNED, Context, get_kind
-from .layout import Layout, find_layout
-from .plan import Plan, PlannedEdit, build_plan
+from .layout import find_layout
+from .plan import Plan, PlannedEdit, build_plan, resolve_layers
 from .public import public_name, runnable_path, scrub
 from .recipes import SELF, Recipe, mode_problems, strength_warnings
 from .record import CARD, write_record
@@ -75,13 +75,6 @@ class ConvertResult:
     record: dict[str, Any] | None
 
 
-def resolve_layers(recipe: Recipe, layout: Layout) -> list[int]:
-    """The recipe's layers, else its kind's default."""
-    if recipe.layers is not None:
-        return recipe.layers
-    return get_kind(recipe.mode).default_layers(layout)
-
-
 def convert(opts: ConvertOptions) -> ConvertResult:
     """Plan, then write the guarded checkpoint; the output is locked from its check to the
     final rename, so two runs for one output cannot both write it."""
@@ -107,7 +100,7 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         log.warning(
             "the recipe is for %s models, this is %s", recipe.family, layout.family.model_type
         )
-    layers = resolve_layers(recipe, layout)
+    layers = resolve_layers(get_kind(recipe.mode), recipe, layout)
     # From here on the recipe is fully resolved, so the record and card show what was used.
     recipe = replace(recipe, layers=layers)
     problems = mode_problems(recipe, explicit=set())  # API callers get the CLI's checks
@@ -116,9 +109,7 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
     for warning in strength_warnings(recipe):
         log.warning(warning)
     opts = replace(opts, recipe=recipe)
-    kind = get_kind(recipe.mode)
-    args = (recipe.rank, recipe.beta, recipe.gamma, recipe.shift_direction)
-    plan = build_plan(checkpoint, layout, kind, layers, *args)
+    plan = build_plan(checkpoint, layout, get_kind(recipe.mode), recipe)
     kind = plan.kind
     if opts.dry_run:
         kind.check_request(Context(opts, source, checkpoint, layout, plan))
@@ -172,8 +163,7 @@ def calibrate(opts: ConvertOptions) -> Any:
         kind = get_kind(recipe.mode)
         if not kind.learned:
             raise InputError(f"the mode is {recipe.mode}; calibrate learns {' or '.join(LEARNED)}")
-        layers = resolve_layers(recipe, layout)
-        plan = build_plan(checkpoint, layout, kind, layers, recipe.rank)  # refuses early
+        plan = build_plan(checkpoint, layout, kind, recipe)  # refuses early
         opts = replace(opts, direction_file=None)  # learned here, never read back
         public = kind.parameters(Context(opts, source, checkpoint, layout, plan)).saved
         public.save(output)  # written beside and renamed

@@ -16,6 +16,7 @@ from .layout import Layout
 
 if TYPE_CHECKING:
     from .kinds.base import EditKind
+    from .recipe_data import Recipe
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,17 @@ class Plan:
         return lines
 
 
-def build_plan(
-    checkpoint: Checkpoint,
-    layout: Layout,
-    kind: EditKind,
-    layers: list[int],
-    rank: int = 1,
-    beta: float = -1.0,
-    gamma: float = 1.0,
-    shift_direction: str = "attention",
-) -> Plan:
-    """The plan of the edit ``kind`` (kinds/): which tensors change, which files are
-    copied. Refuses (PlanError) anything that cannot be folded exactly."""
+def resolve_layers(kind: EditKind, recipe: Recipe, layout: Layout) -> list[int]:
+    """The recipe's layers, else the kind's default for this layout."""
+    return kind.default_layers(layout) if recipe.layers is None else list(recipe.layers)
+
+
+def build_plan(checkpoint: Checkpoint, layout: Layout, kind: EditKind, recipe: Recipe) -> Plan:
+    """The plan of the edit ``kind`` (kinds/) with the ``recipe``'s layers (None: the kind's
+    default) and strengths: which tensors change, which files are copied. Refuses
+    (PlanError) anything that cannot be folded exactly."""
+    layers = resolve_layers(kind, recipe, layout)
+    rank, beta = recipe.rank, recipe.beta
     bad = [layer for layer in layers if not 0 <= layer < layout.num_layers]
     if bad:
         raise PlanError(
@@ -93,4 +93,5 @@ def build_plan(
     edits = kind.plan_edits(checkpoint, layout, list(layers), beta)
     copied, dropped = classify_files(checkpoint.path, set(checkpoint.shards))
     planned = kind.plan_layers(layers)
-    return Plan(layout, kind, planned, rank, beta, edits, copied, dropped, gamma, shift_direction)
+    strengths = (recipe.gamma, recipe.shift_direction)
+    return Plan(layout, kind, planned, rank, beta, edits, copied, dropped, *strengths)

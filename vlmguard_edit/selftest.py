@@ -611,8 +611,7 @@ def check_kind(kind, source: Source, work: Path) -> Check:
     layers = [i for i in range(layout.num_layers) if i not in layout.cross_layers]
     recipe = _recipe(kind, layers)
     try:
-        args = (recipe.rank, recipe.beta, recipe.gamma)
-        plan = build_plan(checkpoint, layout, kind, recipe.layers or [], *args)
+        plan = build_plan(checkpoint, layout, kind, recipe)
     except (PlanError, VlmguardError) as exc:
         return Check(kind.name, source.layout, "unsupported", str(exc).splitlines()[0])
     params = parameter_file(kind, plan, work / "parameters")

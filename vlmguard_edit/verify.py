@@ -29,7 +29,11 @@ from .errors import VlmguardError
 from .kinds import get_kind
 from .layout import find_layout
 from .plan import Plan, build_plan
+from .recipe_data import Recipe
 from .record import RECORD, load_record
+
+# The recorded recipe's fields a plan depends on.
+PLAN_FIELDS = ("mode", "layers", "rank", "beta", "gamma", "shift_direction")
 
 
 @dataclass
@@ -66,16 +70,9 @@ def verify(folder: Path, source: Path | None = None, progress: bool = False) -> 
 
 def recorded_plan(checkpoint: Checkpoint, recipe: dict[str, Any]) -> Plan:
     """The plan a recorded (fully resolved) recipe implies for ``checkpoint``."""
-    return build_plan(
-        checkpoint,
-        find_layout(checkpoint.config, checkpoint.keys),
-        get_kind(recipe["mode"]),
-        recipe["layers"],
-        recipe["rank"],
-        recipe["beta"],
-        recipe["gamma"],
-        recipe["shift_direction"],
-    )
+    planned = Recipe(**{key: recipe[key] for key in PLAN_FIELDS})
+    layout = find_layout(checkpoint.config, checkpoint.keys)
+    return build_plan(checkpoint, layout, get_kind(recipe["mode"]), planned)
 
 
 def recorded_edit(folder: Path, record: dict[str, Any], source: Checkpoint) -> tuple[Plan, Any]:
