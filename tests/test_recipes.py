@@ -155,11 +155,14 @@ def test_organism_recipe_points_at_the_shipped_organism():
     assert previous.mode == "image-gap" and previous.layers == [0, 1]
 
 
-def test_one_default_everywhere(direction_file):
+def test_one_default_everywhere(direction_file, tmp_path):
     """No recipe file, a recipe without mode, and the Python API all start from the default
     edit (learned lowrank-attention); another mode starts from the plain values; a parameter
     file names its own kind; writers always says what the zoo measured of it."""
+    import torch
+
     from vlmguard_edit import api
+    from vlmguard_edit.direction import Direction
     from vlmguard_edit.recipes import default_recipe, strength_warnings
 
     default = default_recipe()
@@ -176,5 +179,8 @@ def test_one_default_everywhere(direction_file):
     assert api.file_mode(shipped / "guard-edit.safetensors") == "lowrank-attention"
     assert api.file_mode(shipped / "lowrank-edit.safetensors") == "lowrank"
     assert api.file_mode(direction_file) == "writers"
+    gap = tmp_path / "gap.safetensors"
+    Direction({0: torch.eye(1, 8)}, meta={"kind": "image-gap"}).save(gap)
+    assert api.file_mode(gap) == "image-gap"
     real = [load_recipe(p) for p in RECIPES if not p.stem.startswith("organism")]
     assert sum(r.mode == "lowrank-attention" for r in real) == len(real) - 1  # all but paligemma

@@ -16,6 +16,7 @@ DirectionError, RecipeError). The CLI is a thin layer over these.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from .recipe_data import SELF
 
 
 def recipe_with(recipe: Any = None, **fields: Any):
-    """A Recipe from a YAML path, a Recipe, or the defaults (the default edit, or the plain
-    values of another ``mode``), with ``fields`` replacing its values (None leaves a value as
+    """A Recipe from a YAML path, a Recipe, or the defaults (the default edit, or another
+    ``mode``'s own defaults), with ``fields`` replacing its values (None leaves a value as
     it is; epochs or learning_rate without search replace the recipe's search, as on the
     command line); every field is checked as a recipe file's key is (one validator)."""
     from .recipes import base_recipe, load_recipe, training_length
@@ -41,8 +42,11 @@ def recipe_with(recipe: Any = None, **fields: Any):
 
 def file_mode(path: str | Path) -> str:
     """The edit kind a parameter file is for, from its header alone: a learned edit file
-    names its kind; a direction file (or one another tool wrote) is folded as the design's
-    projection of the writers unless another --mode is given."""
+    names its kind, an image-gap direction says so; any other direction (or a file another
+    tool wrote) is folded as the design's projection of the writers unless another --mode
+    is given."""
+    import json
+
     from .checkpoint import read_provenance
     from .errors import DirectionError
     from .learned import EDIT_FORMAT, KIND
@@ -53,6 +57,9 @@ def file_mode(path: str | Path) -> str:
         return "writers"
     if metadata.get("vlmguard.format") == EDIT_FORMAT:
         return metadata.get("vlmguard.kind", KIND)
+    with contextlib.suppress(ValueError):  # a direction's metadata values are JSON
+        if json.loads(metadata.get("vlmguard.kind", "null")) == "image-gap":
+            return "image-gap"
     return "writers"
 
 
