@@ -135,3 +135,15 @@ def test_the_default_edit_is_its_kinds_defaults():
     assert recipe.mode == DEFAULT_MODE and recipe.rank == 4 and recipe.preservation_weight == 4
     assert "lowrank-attention: 4" in option_help("rank")
     assert "writers" in option_help("beta") and "lowrank" not in option_help("beta")
+
+
+def test_the_recipe_fields_default_to_the_options_plain_defaults():
+    """Recipe's field defaults and the options' plain defaults (kinds/options.py) are one set
+    of values: neither drifts from the other."""
+    from vlmguard_edit.kinds import options
+
+    plain = [v for v in vars(options).values() if isinstance(v, options.Option)]
+    assert len(plain) == 12
+    recipe = Recipe()
+    for option in plain:
+        assert getattr(recipe, option.name) == option.default, option.name

@@ -20,14 +20,19 @@ class BaseLLM:
 
 @dataclass
 class Recipe:
+    """A recipe's values: the common fields and every kind's options (flat, as recipe files
+    and vlmguard.json hold them). The field defaults are the kind options' plain defaults
+    (kinds/options.py, kept equal by a test); a command without a recipe file starts from
+    its kind's own defaults instead (recipes.base_recipe, default_recipe)."""
+
     model: str | None = None
     base_llm: BaseLLM = field(default_factory=BaseLLM)
     anchors: str = "default"
-    layers: list[int] | None = None  # None: the upper half of the text layers (provisional)
+    layers: list[int] | None = None  # None: the kind's own default layers
     rank: int = 1
     beta: float = -1.0
     # The edit kind, one module each in kinds/ (writers, projector-shift, image-gap: measured
-    # directions; image-path, lowrank: learned); each says which options below it reads.
+    # directions; the lowrank kinds and image-path: learned); each lists the options it reads.
     mode: str = "writers"
     gamma: float = 1.0
     shift_direction: str = "attention"  # "attention": attention-aware u; "ssd": u = V[0]
