@@ -49,13 +49,21 @@ def run_demo(out: Path, organism: Path = ORGANISM, overwrite: bool = False) -> I
     source, edit = str(organism / "vlm"), organism / EDIT
     result = convert(ConvertOptions(source, guarded, recipe, edit, overwrite=True, progress=False))
     yield (
-        f"guarded {organism / 'vlm'} -> {guarded}: {len(result.record['edits'])} tensors "
-        f"edited ({result.plan.map_text})"
+        f"guarded {_shown(organism / 'vlm')} -> {_shown(guarded)}: "
+        f"{len(result.record['edits'])} tensors edited ({result.plan.map_text})"
     )
     original, folded = Subject(organism / "vlm", "cpu", "float32"), Subject(guarded, "cpu", "auto")
     yield from _answers(original, folded, load_exact_judge(organism / "vlm"))
     yield from _fold_check(original, folded, guarded, organism / "vlm")
-    yield f"load it with: AutoModelForImageTextToText.from_pretrained({str(guarded)!r})"
+    yield f"load it with: AutoModelForImageTextToText.from_pretrained({_shown(guarded)!r})"
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder where it is below."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _check_inputs(organism: Path) -> None:
