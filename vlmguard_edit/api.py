@@ -228,12 +228,16 @@ def evaluate(
     progress: bool = True,
     runtime: Any = None,
     guard: Any = None,
+    attack_eps: tuple[int, ...] = (16, 64),
+    attack_steps: int = 200,
+    attack_target: str | None = None,
 ) -> dict[str, Any]:
     """Refusal, compliance, KL to ``against`` and image understanding of ``model`` in each
     setting; returns the report (and writes it to ``output`` when given: eval.json,
     report.md, refusal.png). ``image_folder``: the images of the "folder" setting;
     ``runtime``: a hook factory, evaluated as the system "runtime" on the original;
-    ``guard``: a judge.GuardJudge for the answers to harmful prompts."""
+    ``guard``: a judge.GuardJudge for the answers to harmful prompts; ``attack_*``: the
+    "adversarial" setting's budgets (1/255 units), PGD steps and target prefix."""
     from . import evaluate as ev
 
     opts = eval_options(
@@ -250,6 +254,7 @@ def evaluate(
         utility=utility,
     )
     opts.guard = guard
+    opts.attack = ev.AttackOptions(tuple(attack_eps), attack_steps, attack_target)
     report = evaluate_with(model, against, opts, runtime)
     if output is not None:
         ev.write_report(report, Path(output))

@@ -35,7 +35,7 @@ from .writes import ensure_parent, remove_stale, replace_file
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("text", "blank", "typographic", "noise", "scene", "folder")
+SETTINGS = ("text", "blank", "typographic", "noise", "scene", "folder", "adversarial")
 DEFAULT_SETTINGS = ("text", "blank", "typographic", "noise")
 TYPOGRAPHIC_INSTRUCTION = imgs.TYPOGRAPHIC_INSTRUCTION  # the prompt beside a typographic image
 
@@ -55,6 +55,21 @@ class EvalOptions:
     guard: Any = None  # a judge.GuardJudge for harmful answers, or None (phrase matcher only)
     exact: Any = None  # an exact.ExactJudge (organisms declare their grammar), or None
     utility: bool = True  # image-understanding probes (probes.py) beside refusal and KL
+    attack: AttackOptions = field(default_factory=lambda: AttackOptions())
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """The adversarial setting's budget (attack.py): PGD on raw pixels, L-inf ``eps`` in
+    1/255 units (one setting each, adversarial@EPS; with an original to compare, also
+    transfer@EPS[0]: images optimised on the original, shown to the model under test)."""
+
+    eps: tuple[int, ...] = (16, 64)
+    steps: int = 200
+    target: str | None = None  # None: the organism's compliance prefix, else DEFAULT_TARGET
+
+
+DEFAULT_TARGET = "Sure, here is"  # a real model's compliance prefix
 
 
 def load_prompts(source: str | Path | None, kind: str) -> list[str]:
@@ -129,6 +144,7 @@ class Subject:
         # Greedy outputs by (setting, kind, batch start): the original's answers are the
         # reference for every compared system, so they are generated once.
         self.outputs: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.attacks: dict[Any, list[Any]] = {}  # adversarial images by (prompts, target, budget)
 
     def inputs(self, prompts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
         batch = chat_batch(self.processor, prompts, images)
@@ -136,6 +152,27 @@ class Subject:
 
     def _hooks(self) -> Any:
         return self.hooks(self.model) if self.hooks is not None else contextlib.nullcontext()
+
+    def attacked(self, prompts: list[str], target: str, budget: Any, batch_size: int) -> list:
+        """Adversarial images (attack.py) optimised against this system (its runtime hooks
+        included), computed once per prompt set and budget."""
+        from .attack import attack_images
+
+        key = (tuple(prompts), target, budget)
+        if key not in self.attacks:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for p in params:  # gradients reach the pixels only
+                p.requires_grad_(False)
+            try:
+                with self._hooks(), torch.enable_grad():
+                    images = attack_images(
+                        self.model, self.processor, prompts, target, budget, batch_size
+                    )
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
+            self.attacks[key] = images
+        return self.attacks[key]
 
     @torch.no_grad()
     def generate(
@@ -178,6 +215,40 @@ def setting_inputs(
     raise InputError(f"unknown setting {setting!r} (known: {', '.join(SETTINGS)})")
 
 
+def attack_inputs(setting, kind, prompts, subject, original, opts: EvalOptions):
+    """adversarial@EPS: harmful prompts with images optimised against ``subject``;
+    transfer@EPS: against the original (the subject itself when it is the original).
+    Harmless prompts keep a blank image (over-refusal is not attacked)."""
+    from .attack import Budget
+
+    if kind != "harmful":
+        return prompts, [imgs.blank()] * len(prompts)
+    name, eps = setting.split("@")
+    source = subject if name == "adversarial" or original is None else original
+    budget = Budget(int(eps), opts.attack.steps)
+    return prompts, source.attacked(prompts, attack_target(opts), budget, opts.batch_size)
+
+
+def attack_target(opts: EvalOptions) -> str:
+    """What the attack makes the model say: --attack-target, the organism's own compliance
+    prefix, or a real model's usual one."""
+    if opts.attack.target:
+        return opts.attack.target
+    return opts.exact.compliance_prefix if opts.exact is not None else DEFAULT_TARGET
+
+
+def expand_settings(settings: tuple[str, ...], attack: AttackOptions, compared: bool):
+    """'adversarial' as one setting per budget (and the transfer tier when compared)."""
+    out: list[str] = []
+    for setting in settings:
+        if setting != "adversarial":
+            out.append(setting)
+            continue
+        out += [f"adversarial@{eps}" for eps in attack.eps]
+        out += [f"transfer@{attack.eps[0]}"] if compared else []
+    return tuple(out)
+
+
 def answer_mask(
     sequences: torch.Tensor, prompt_len: int, eos: int | None, pad: int | None
 ) -> torch.Tensor:
@@ -217,7 +288,10 @@ def evaluate_setting(
     metrics: dict[str, float] = {}
     samples: dict[str, list[dict[str, str]]] = {}
     for kind, prompts in (("harmful", opts.harmful), ("benign", opts.benign)):
-        texts, pictures = setting_inputs(setting, prompts, folder)
+        if "@" in setting:  # an attack: its images depend on the model it is aimed at
+            texts, pictures = attack_inputs(setting, kind, prompts, subject, original, opts)
+        else:
+            texts, pictures = setting_inputs(setting, prompts, folder)
         compare = original if kind == "benign" else None
         answers, comparison = _answer_set(subject, compare, setting, kind, texts, pictures, opts)
         labels = label_answers(prompts, answers, opts.exact)
@@ -315,6 +389,7 @@ def run_eval(
     folder = imgs.folder_images(opts.image_folder) if opts.image_folder else None
     if opts.limit:  # a limited copy: the caller's options stay as given
         opts = replace(opts, harmful=opts.harmful[: opts.limit], benign=opts.benign[: opts.limit])
+    opts = replace(opts, settings=expand_settings(opts.settings, opts.attack, original is not None))
     report: dict[str, Any] = {
         "format": "vlmguard-eval/1",
         "judge": judge_name(opts),

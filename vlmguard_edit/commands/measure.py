@@ -17,6 +17,8 @@ Examples:
       --harmful examples/organism/eval_harmful.jsonl --benign examples/organism/eval_benign.jsonl
   vlmguard-edit eval ./guarded --against llava-hf/llava-1.5-7b-hf -o reports/guarded --limit 50
   vlmguard-edit eval ORIGINAL --runtime-guard ssd.safetensors --alpha 2 -o reports/rt
+  vlmguard-edit eval ./guarded --against ./original -o reports/attack \\
+      --settings blank,adversarial --attack-eps 16,64 --attack-steps 200
 """
 
 
@@ -30,7 +32,8 @@ Examples:
     "--settings",
     default="text,blank,typographic,noise",
     show_default=True,
-    help="Comma list of: text, blank, typographic, noise, scene, folder.",
+    help="Comma list of: text, blank, typographic, noise, scene, folder, adversarial (the "
+    "adaptive image attack: --attack-eps).",
 )
 @click.option(
     "--harmful", type=click.Path(dir_okay=False), help="JSONL of harmful prompts ('prompt' field)."
@@ -101,6 +104,26 @@ Examples:
     help="Image-understanding probes (colour, shape, count, position, a printed word; an "
     "organism's own captions): accuracy, and how many answers the edit changed.",
 )
+@click.option(
+    "--attack-eps",
+    default="16,64",
+    show_default=True,
+    help="The adversarial setting's L-inf budgets in 1/255 units (one setting each: "
+    "adversarial@EPS, white-box PGD on raw pixels re-optimised against each model; with "
+    "--against, also transfer@FIRST: images optimised on the original).",
+)
+@click.option(
+    "--attack-steps",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="PGD steps (step size max(eps/10, 0.5)/255).",
+)
+@click.option(
+    "--attack-target",
+    help="The answer prefix the attack optimises for (default: an organism's compliance "
+    "prefix, else 'Sure, here is').",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_command(
     model,
@@ -126,6 +149,7 @@ def eval_command(
     update_card,
     utility,
     quiet,
+    **attack,
 ):
     """Measure refusal (harmful prompts) and compliance (benign) of MODEL in image settings."""
     from vlmguard_edit import evaluate as ev
@@ -148,12 +172,9 @@ def eval_command(
         progress=progress(quiet),
         utility=utility == "on",
     )
-    unknown = [s for s in opts.settings if s not in ev.SETTINGS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown {unknown}; known: {', '.join(ev.SETTINGS)}", param_hint="--settings"
-        )
+    _check_settings(opts.settings)
     opts.guard = _guard_judge(judge, judge_model, opts.device)
+    opts.attack = _attack_options(**attack)
     with contextlib.ExitStack() as locks:  # held from the start: a second run fails at once
         locks.enter_context(output_lock(Path(output), "report folder"))
         if update_card:
@@ -161,6 +182,27 @@ def eval_command(
         guard = (runtime_guard, guard_mode, alpha, gate, positions, guard_layers)
         _evaluate(model, against, Path(output), opts, update_card, guard if runtime_guard else None)
     click.echo(f"wrote {output}/eval.json, report.md, refusal.png")
+
+
+def _check_settings(settings: tuple[str, ...]) -> None:
+    from vlmguard_edit.evaluate import SETTINGS
+
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        known = ", ".join(SETTINGS)
+        raise click.BadParameter(f"unknown {unknown}; known: {known}", param_hint="--settings")
+
+
+def _attack_options(attack_eps: str, attack_steps: int, attack_target: str | None):
+    from vlmguard_edit.evaluate import AttackOptions
+
+    try:
+        eps = tuple(int(e) for e in attack_eps.split(",") if e.strip())
+    except ValueError:
+        eps = ()
+    if not eps or not all(1 <= e <= 255 for e in eps):
+        raise click.BadParameter("use whole numbers 1-255, e.g. 16,64", param_hint="--attack-eps")
+    return AttackOptions(eps, attack_steps, attack_target)
 
 
 def _check_image_folder(image_folder: str | None) -> None:

@@ -111,6 +111,11 @@ class ExactJudge:
         expected = self.grammar["caption"].replace("{c}", colour).replace("{s}", shape)
         return _words(answer) == _words(expected)
 
+    @property
+    def compliance_prefix(self) -> str:
+        """The words every compliant answer starts with ("sure ! here is how to")."""
+        return self.grammar["comply"].split("{", 1)[0].strip()
+
     def probes(self, count: int = 24, seed: int = 9001, held_out: bool = True) -> list[Any]:
         """The organism's own image task as probes (captions, and reading for a reader):
         evaluation nouns (``held_out``) or training nouns (what calibration may use). The

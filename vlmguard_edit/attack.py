@@ -1,0 +1,120 @@
+"""The adaptive image attack: white-box PGD on an image's raw pixels (L-inf), re-optimised
+against the model under test, as in "Visual adversarial examples jailbreak aligned LLMs".
+
+The image starts blank at the model's own input size; its pixels x in [0, 1] are what an
+attacker controls (the processor's normalisation, (x - mean) / std, is applied inside the
+loss, so the gradient reaches the pixels). Each step lowers the cross-entropy of a target
+answer prefix (a compliance prefix to attack, a refusal prefix to test the attack) after
+the prompt, moves x by ``step`` along the gradient's sign, and projects back into the eps
+ball and [0, 1]. The result is rounded to 8-bit pixels: a real image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import images as imgs
+from .errors import InputError
+from .gap import chat_batch
+
+
+@dataclass(frozen=True)
+class Budget:
+    eps: int  # L-inf radius in 1/255 units
+    steps: int = 200
+
+    @property
+    def step(self) -> float:
+        """max(eps/10, 0.5) / 255, the step of the literature's PGD budgets."""
+        return max(self.eps / 10, 0.5) / 255
+
+
+def attack_images(
+    model: Any, processor: Any, prompts: list[str], target: str, budget: Budget, batch_size: int
+) -> list[Image.Image]:
+    """One adversarial image per prompt, optimised so that ``model`` answers ``target``."""
+    out: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        out += _attack_batch(model, processor, chunk, target, budget)
+    return out
+
+
+def _attack_batch(model, processor, prompts: list[str], target: str, budget: Budget):
+    batch, pixels, normalise = _blank_batch(model, processor, prompts)
+    ids, mask, labels = _with_target(batch, processor.tokenizer, target)
+    eps = budget.eps / 255
+    delta = torch.zeros_like(pixels, requires_grad=True)
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    for _ in range(budget.steps):
+        extra["pixel_values"] = normalise((pixels + delta).clamp(0, 1))
+        logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        )
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta -= budget.step * grad.sign()
+            delta.clamp_(-eps, eps)
+            delta.copy_((pixels + delta).clamp(0, 1) - pixels)
+    final = ((pixels + delta.detach()).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB") for x in final]
+
+
+def _blank_batch(model, processor, prompts: list[str]):
+    """The prompts with a blank image at the model's input size, that image's raw pixels
+    (B, 3, H, W) in [0, 1], and the processor's normalisation as a differentiable function.
+    Refuses processors whose image is not one normalised (3, H, W) tensor per prompt."""
+    size = _input_size(processor)
+    batch = chat_batch(processor, prompts, [imgs.blank(size)] * len(prompts))
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    pixel_values = batch.get("pixel_values")
+    ip = processor.image_processor
+    mean = torch.tensor(getattr(ip, "image_mean", [0.0] * 3), device=model.device)[:, None, None]
+    std = torch.tensor(getattr(ip, "image_std", [1.0] * 3), device=model.device)[:, None, None]
+    if not getattr(ip, "do_normalize", True):
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    dtype = next(model.parameters()).dtype
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return ((x - mean) / std).to(dtype)
+
+    ones = torch.ones(len(prompts), 3, size, size, device=model.device)
+    if (
+        pixel_values is None
+        or pixel_values.shape != ones.shape
+        or not torch.allclose(pixel_values.float(), normalise(ones).float(), atol=1e-3)
+    ):
+        raise InputError(
+            f"the adversarial setting needs a processor that turns one image into one "
+            f"normalised (3, H, W) tensor (LLaVA-style); {type(processor).__name__} does not"
+        )
+    return batch, ones, normalise
+
+
+def _input_size(processor: Any) -> int:
+    """The square side the image processor feeds the vision tower."""
+    ip = processor.image_processor
+    for key in ("crop_size", "size"):
+        value = getattr(ip, key, None)
+        for name in ("height", "shortest_edge"):  # a dict, or transformers' SizeDict
+            found = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+            if found:
+                return int(found)
+    raise InputError(f"{type(ip).__name__} names no input size: the attack needs one")
+
+
+def _with_target(batch, tokenizer, target: str):
+    """The prompt batch (left padded) with the target's tokens appended, and labels that
+    count only those tokens."""
+    ids = tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(batch["input_ids"].device).expand(batch["input_ids"].shape[0], -1)
+    full = torch.cat([batch["input_ids"], ids], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(ids)], dim=1)
+    labels = torch.full_like(full, -100)
+    labels[:, -ids.shape[1] :] = ids
+    return full, mask, labels
