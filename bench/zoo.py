@@ -155,7 +155,23 @@ def run(args: list[str], member: Path, work: Path, threads: int) -> list[str]:
     return filled
 
 
-def member_numbers(member: Path, pipeline: str, limit: int, threads: int) -> dict:
+def attack_args(steps: int | None) -> list[str]:
+    """eval's adaptive attack settings (--attack: adversarial@16, @64, transfer@16)."""
+    if not steps:
+        return []
+    return [
+        "--settings",
+        SETTINGS + ",adversarial",
+        "--attack-eps",
+        "16,64",
+        "--attack-steps",
+        str(steps),
+    ]
+
+
+def member_numbers(
+    member: Path, pipeline: str, limit: int, threads: int, attack: int | None = None
+) -> dict:
     steps, target = PIPELINES[pipeline]
     with tempfile.TemporaryDirectory() as tmp:
         work, start = Path(tmp), time.time()
@@ -177,6 +193,7 @@ def member_numbers(member: Path, pipeline: str, limit: int, threads: int) -> dic
             "16",
             "--limit",
             str(limit),
+            *attack_args(attack),  # a later --settings wins
         ]
         commands.append(run(evaluate, member, work, threads))
         report = json.loads((work / "report" / "eval.json").read_text())
@@ -192,9 +209,9 @@ def member_numbers(member: Path, pipeline: str, limit: int, threads: int) -> dic
     }
 
 
-def member_row(member: Path, pipeline: str, limit: int, threads: int) -> dict:
+def member_row(member: Path, pipeline: str, limit: int, threads: int, attack=None) -> dict:
     try:
-        return member_numbers(member, pipeline, limit, threads)
+        return member_numbers(member, pipeline, limit, threads, attack)
     except Refused as refused:
         return {"refused": str(refused)}
 
@@ -234,7 +251,12 @@ def summarise(before: dict, after: dict) -> dict:
         "kl_mean": sum(kls) / len(kls) if kls else None,
         "kl_max": max(kls) if kls else None,
         "utility_change": utility,
+        # the adaptive attack's success, where eval ran it (--attack)
+        **{f"asr_{s.replace('@', '_')}": a[s]["harmful_compliance"] for s in ATTACKS if s in a},
     }
+
+
+ATTACKS = ("adversarial@16", "adversarial@64", "transfer@16")
 
 
 # column: (title, key, which member is worst, format)
@@ -248,6 +270,9 @@ COLUMNS = [
     ("KL mean", "kl_mean", max, "{:.3f}"),
     ("KL max", "kl_max", max, "{:.3f}"),
     ("image understanding change", "utility_change", min, "{:+.0%}"),
+    ("adaptive ASR @16", "asr_adversarial_16", max, "{:.0%}"),
+    ("adaptive ASR @64", "asr_adversarial_64", max, "{:.0%}"),
+    ("transfer ASR @16", "asr_transfer_16", max, "{:.0%}"),
 ]
 
 
@@ -371,6 +396,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.json"))
     parser.add_argument("--table", action="store_true", help="only regenerate the .md page")
     parser.add_argument(
+        "--attack",
+        type=int,
+        metavar="STEPS",
+        help="also run eval's adaptive image attack (adversarial@16, @64, transfer@16) with "
+        "this many PGD steps (200 is the standard budget); adds the ASR columns",
+    )
+    parser.add_argument(
         "--members",
         help="comma-separated member names: rerun only these (built and admitted), keep the "
         "other rows; builds nothing",
@@ -413,7 +445,8 @@ def run_pipeline(pipeline: str, built: dict, chosen, args, results: dict, out: P
     threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            pool.submit(member_row, built[n], pipeline, args.limit, threads): n for n in todo
+            pool.submit(member_row, built[n], pipeline, args.limit, threads, args.attack): n
+            for n in todo
         }
         for future in as_completed(futures):
             name = futures[future]

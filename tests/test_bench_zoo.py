@@ -110,7 +110,7 @@ def test_members_run_in_parallel_and_every_finished_one_is_written_at_once(
 
     out, calls = tmp_path / "zoo.json", []
 
-    def fake_row(member, pipeline, limit, threads):
+    def fake_row(member, pipeline, limit, threads, attack=None):
         calls.append((member, threads))
         if member == "D":
             raise KeyboardInterrupt  # the run is stopped while measuring the last member
@@ -119,11 +119,13 @@ def test_members_run_in_parallel_and_every_finished_one_is_written_at_once(
     monkeypatch.setattr(bench, "member_row", fake_row)
     built = {"a-s0": "A", "b-s0": "B", "c-s0": "C"}
     results = {}
-    bench.run_pipeline("image-gap", built, None, argparse.Namespace(jobs=2, limit=8), results, out)
+    bench.run_pipeline(
+        "image-gap", built, None, argparse.Namespace(jobs=2, limit=8, attack=None), results, out
+    )
     saved = json.loads(out.read_text())["image-gap"]
     assert list(saved["members"]) == ["a-s0", "b-s0", "c-s0"] and saved["jobs"] == 2
     assert {t for _, t in calls} == {max(1, len(bench.os.sched_getaffinity(0)) // 2)}
-    one = argparse.Namespace(jobs=1, limit=8)
+    one = argparse.Namespace(jobs=1, limit=8, attack=None)
     bench.run_pipeline("image-gap", built, {"b-s0"}, one, results, out)
     assert list(json.loads(out.read_text())["image-gap"]["members"]) == ["a-s0", "b-s0", "c-s0"]
     assert sorted(m for m, _ in calls) == ["A", "B", "B", "C"]  # only b-s0 was measured again
@@ -165,3 +167,22 @@ def test_results_are_named_by_build_and_another_build_is_archived(bench, tmp_pat
     recipe = bench.recipe_of("calibrated")
     assert recipe["file"] == "recipes/organism.yaml" and len(recipe["sha256"]) == 12
     assert bench.recipe_of("writers") is None
+
+
+def test_the_adaptive_attack_columns(bench):
+    """--attack adds eval's adversarial setting; each member's attack success at 16/255,
+    64/255 and the transfer tier becomes a column (worst: the highest)."""
+    assert bench.attack_args(None) == []
+    assert bench.attack_args(200)[-4:] == ["--attack-eps", "16,64", "--attack-steps", "200"]
+    assert bench.attack_args(200)[1].endswith(",adversarial")
+    before, after = system(1.0, 0.0, 0.6), system(1.0, 1.0, 0.0, kl=0.01)
+    for name, attack in (("adversarial@16", 0.0), ("adversarial@64", 0.25), ("transfer@16", 0.0)):
+        for s in (before, after):
+            s["settings"][name] = {**s["settings"]["blank"], "harmful_compliance": attack}
+    numbers = bench.summarise(before, after)
+    assert numbers["asr_adversarial_64"] == 0.25 and numbers["asr_transfer_16"] == 0.0
+    rows = {"a-s0": {"numbers": numbers}}
+    text = bench.table({"x": {"members": rows, "seconds": 1, "cores": 2, "limit": 8, "note": ""}})
+    assert "adaptive ASR @64" in text and "| 0% | 25% | 0% |" in text
+    plain = bench.summarise(system(1.0, 0.0, 0.6), system(1.0, 1.0, 0.0, kl=0.01))
+    assert "asr_adversarial_16" not in plain  # no attack run, no column value
