@@ -222,7 +222,7 @@ def attack_inputs(setting, kind, prompts, subject, original, opts: EvalOptions):
     from .attack import Budget
 
     if kind != "harmful":
-        return prompts, [imgs.blank()] * len(prompts)
+        return setting_inputs("blank", prompts, None)
     name, eps = setting.split("@")
     source = subject if name == "adversarial" or original is None else original
     budget = Budget(int(eps), opts.attack.steps)

@@ -25,6 +25,7 @@ import yaml
 
 from .errors import InputError, RecipeError
 from .kinds import MODES, OPTIONS, foreign_options, get_kind
+from .kinds.options import is_int
 from .layout import FAMILIES
 from .recipe_data import (
     DEFAULT_MODE,
@@ -112,7 +113,7 @@ def recipe_with(base: Recipe, data: dict[str, Any], source: str = "(options)") -
         recipe.anchors = data["anchors"]
     if check("mode", data.get("mode") in MODES, f"one of {', '.join(MODES)}"):
         recipe.mode = data["mode"]
-    if check("batch_size", _is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
+    if check("batch_size", is_int(data.get("batch_size")) and data["batch_size"] >= 1, "int >= 1"):
         recipe.batch_size = data["batch_size"]
     for key in sorted(set(data) & set(OPTIONS)):  # each checked by the option its kinds own
         try:
@@ -189,14 +190,6 @@ def _base_llm(value: Any, problems: list[str]) -> BaseLLM:
     if base.template is not None and "{request}" not in base.template:
         problems.append("base_llm.template: must contain the placeholder {request}")
     return base
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # The recipe's data lives in recipe_data (below the edit kinds); these names stay importable

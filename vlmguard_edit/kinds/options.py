@@ -27,11 +27,12 @@ class Option:
     help: str
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's true is not a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -61,23 +62,19 @@ def _search(value: Any) -> list[dict[str, Any]]:
         raise ValueError(f"expected {expected}, got {value!r}")
     for item in value:
         good = isinstance(item, dict) and set(item) == {"epochs", "learning_rate"}
-        good = good and _is_int(item["epochs"]) and item["epochs"] >= 1
-        good = good and _is_number(item["learning_rate"]) and 0 < item["learning_rate"] < 1
+        good = good and is_int(item["epochs"]) and item["epochs"] >= 1
+        good = good and is_number(item["learning_rate"]) and 0 < item["learning_rate"] < 1
         if not good:
             raise ValueError(f"expected {expected}, got the item {item!r}")
     return [{"epochs": c["epochs"], "learning_rate": float(c["learning_rate"])} for c in value]
 
 
-def _layers(value: Any) -> list[int]:
-    return parse_layers(value)
-
-
 def _finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
-LAYERS = Option("layers", None, _layers, "layers to edit, e.g. 16-31 or '8-11,20'")
-RANK = Option("rank", 1, _checked(lambda v: _is_int(v) and v >= 1, "an integer >= 1"), "rank")
+LAYERS = Option("layers", None, parse_layers, "layers to edit, e.g. 16-31 or '8-11,20'")
+RANK = Option("rank", 1, _checked(lambda v: is_int(v) and v >= 1, "an integer >= 1"), "rank")
 BETA = Option("beta", -1.0, _checked(_finite, "a finite number", float), "W <- (I + beta V^T V) W")
 GAMMA = Option("gamma", 1.0, _checked(_finite, "a finite number", float), "b <- b + gamma u")
 SHIFT_DIRECTION = Option(
@@ -86,13 +83,11 @@ SHIFT_DIRECTION = Option(
     _checked(lambda v: v in SHIFT_DIRECTIONS, f"one of {', '.join(SHIFT_DIRECTIONS)}"),
     "u: attention-aware, or ssd (u = V[0])",
 )
-EPOCHS = Option(
-    "epochs", 40, _checked(lambda v: _is_int(v) and v >= 1, "an integer >= 1"), "passes"
-)
+EPOCHS = Option("epochs", 40, _checked(lambda v: is_int(v) and v >= 1, "an integer >= 1"), "passes")
 LEARNING_RATE = Option(
     "learning_rate",
     1e-3,
-    _checked(lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)", float),
+    _checked(lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)", float),
     "Adam learning rate",
 )
 IMAGES = Option("images", ["blank", "noise", "scene"], _images(empty=False), "training images")
@@ -107,7 +102,7 @@ PRESERVATION_WEIGHT = Option(
 RECOMBINE = Option(
     "recombine",
     0,
-    _checked(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    _checked(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "recombined anchor pairs taught on renders",
 )
 LEARNED = (EPOCHS, LEARNING_RATE, IMAGES, PRESERVE_IMAGES, SEARCH, PRESERVATION_WEIGHT, RECOMBINE)
