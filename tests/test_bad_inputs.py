@@ -35,6 +35,11 @@ def out(tmp_path):
     return tmp_path / "out" / "guarded"
 
 
+def writers_args(src, out, base_llm, *extra):
+    """convert with the design's projection measured on ``base_llm`` (layer 1)."""
+    return ["convert", src, "-o", out, "--mode", "writers", "--base-llm", base_llm, *extra]
+
+
 def convert_args(src, out, direction_file, *extra):
     return [
         "convert",
@@ -94,19 +99,7 @@ def test_corrupt_header(vlm_copy, out, direction_file):
 
 def test_hidden_size_mismatch(tmp_path, vlm_factory, out, direction_file):
     small = tiny.build_base(tmp_path / "small-base", hidden=32)
-    args = [
-        "convert",
-        vlm_factory(),
-        "-o",
-        out,
-        "--mode",
-        "writers",
-        "--base-llm",
-        small,
-        "--layers",
-        "1",
-        "-q",
-    ]
+    args = writers_args(vlm_factory(), out, small, "--layers", "1", "-q")
     assert_refused(run(args), out, "hidden size of the base LLM")
     other = tmp_path / "small.safetensors"
     from vlmguard_edit.direction import Direction
@@ -120,19 +113,7 @@ def test_base_llm_without_tokenizer(tmp_path, vlm_factory, base_llm, out):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(base_llm / name, bare)
-    args = [
-        "convert",
-        vlm_factory(),
-        "-o",
-        out,
-        "--mode",
-        "writers",
-        "--base-llm",
-        bare,
-        "--layers",
-        "1",
-        "-q",
-    ]
+    args = writers_args(vlm_factory(), out, bare, "--layers", "1", "-q")
     assert_refused(run(args), out, "cannot load the tokenizer")
 
 
@@ -151,22 +132,8 @@ def test_rank_larger_than_anchors(tmp_path, vlm_factory, base_llm, out):
             for i in range(3)
         )
     )
-    args = [
-        "convert",
-        vlm_factory(),
-        "-o",
-        out,
-        "--mode",
-        "writers",
-        "--base-llm",
-        base_llm,
-        "--anchors",
-        anchors,
-        "--rank",
-        "5",
-        "--layers",
-        "1",
-    ]
+    args = writers_args(vlm_factory(), out, base_llm, "--anchors", anchors, "--rank", "5")
+    args += ["--layers", "1"]
     assert_refused(run(args), out, "rank 5 needs at least 5 anchor pairs")
 
 
@@ -185,19 +152,7 @@ def test_pickle_only_base_llm_needs_flag(tmp_path, vlm_factory, base_llm, out):
 
     torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
     (base / "model.safetensors").unlink()
-    args = [
-        "convert",
-        vlm_factory(),
-        "-o",
-        out,
-        "--mode",
-        "writers",
-        "--base-llm",
-        base,
-        "--layers",
-        "1",
-        "-q",
-    ]
+    args = writers_args(vlm_factory(), out, base, "--layers", "1", "-q")
     assert_refused(run(args), out, "--allow-pickle")
     result = run([*args, "--allow-pickle"])
     assert result.exit_code == 0, result.output
