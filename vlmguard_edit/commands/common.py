@@ -154,7 +154,14 @@ def push_folder(folder: Path, repo_id: str, private: bool, revision, commit_mess
 def build_recipe(kw: dict, base_llm: str | None, default: bool = True, **extra):
     """Recipe values, overridden by the command-line options that were given; without a
     recipe file, the default edit's (``default``) or the plain values."""
-    from vlmguard_edit.recipes import BaseLLM, Recipe, base_recipe, load_recipe, parse_layers
+    from vlmguard_edit.recipes import (
+        BaseLLM,
+        Recipe,
+        base_recipe,
+        load_recipe,
+        parse_layers,
+        training_length,
+    )
 
     recipe_path = kw.pop("recipe")
     if recipe_path:
@@ -187,14 +194,10 @@ def build_recipe(kw: dict, base_llm: str | None, default: bool = True, **extra):
         **extra,
     }
     return dataclasses.replace(
-        recipe, base_llm=base, **{k: v for k, v in _training(changes).items() if v is not None}
+        recipe,
+        base_llm=base,
+        **{k: v for k, v in training_length(changes).items() if v is not None},
     )
-
-
-def _training(changes: dict) -> dict:
-    from vlmguard_edit.recipes import training_length
-
-    return training_length(changes)
 
 
 def hub_id(value: str | None, option: str) -> str | None:
