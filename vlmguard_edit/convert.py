@@ -100,17 +100,16 @@ def _convert(opts: ConvertOptions) -> ConvertResult:
         log.warning(
             "the recipe is for %s models, this is %s", recipe.family, layout.family.model_type
         )
-    layers = resolve_layers(get_kind(recipe.mode), recipe, layout)
+    kind = get_kind(recipe.mode)
     # From here on the recipe is fully resolved, so the record and card show what was used.
-    recipe = replace(recipe, layers=layers)
+    recipe = replace(recipe, layers=resolve_layers(kind, recipe, layout))
     problems = mode_problems(recipe, explicit=set())  # API callers get the CLI's checks
     if problems:
         raise InputError("; ".join(problems))
     for warning in strength_warnings(recipe):
         log.warning(warning)
     opts = replace(opts, recipe=recipe)
-    plan = build_plan(checkpoint, layout, get_kind(recipe.mode), recipe)
-    kind = plan.kind
+    plan = build_plan(checkpoint, layout, kind, recipe)
     if opts.dry_run:
         kind.check_request(Context(opts, source, checkpoint, layout, plan))
         return ConvertResult(plan, None, None)
