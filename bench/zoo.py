@@ -37,16 +37,14 @@ def file_hash(path: Path) -> str:
 
 
 def build_of(built: dict) -> dict:
-    """The zoo build: the date its newest member was built and a hash over every member's
-    name and organism.json (the builder's record of its seed, variant and admission)."""
-    digest = hashlib.sha256()
-    newest = 0.0
-    for name in sorted(built):
-        record = Path(built[name]) / "organism.json"
-        digest.update(name.encode() + b"\0" + record.read_bytes() + b"\0")
-        newest = max(newest, record.stat().st_mtime)
+    """The zoo build: the date its newest member was built and the zoo's hash (sha256 of
+    its members' names and weights hashes, organisms.zoo.zoo_hash)."""
+    from vlmguard_edit.organisms.zoo import zoo_hash
+
+    folders = [Path(built[name]) for name in sorted(built)]
+    newest = max((f / "organism.json").stat().st_mtime for f in folders)
     date = time.strftime("%Y-%m-%d", time.gmtime(newest))
-    return {"date": date, "hash": digest.hexdigest()[:12], "members": sorted(built)}
+    return {"date": date, "hash": zoo_hash(folders)[:12], "members": sorted(built)}
 
 
 def build_name(build: dict | None) -> str:

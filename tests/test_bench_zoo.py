@@ -136,7 +136,7 @@ def test_members_run_in_parallel_and_every_finished_one_is_written_at_once(
 
 
 def test_results_are_named_by_build_and_another_build_is_archived(bench, tmp_path):
-    """The results page names the zoo build (date, hash of the members' organism.json);
+    """The results page names the zoo build (date, hash of the members' weights hashes);
     results of another build move to results/archive/DATE-HASH before new rows are written;
     a recipe pipeline records its recipe file and hash."""
     import json
@@ -144,7 +144,8 @@ def test_results_are_named_by_build_and_another_build_is_archived(bench, tmp_pat
     built = {}
     for name in ("a-s0", "b-s0"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "organism.json").write_text(json.dumps({"seed": name}))
+        record = {"seed": name, "weights_sha256": name * 8}
+        (tmp_path / name / "organism.json").write_text(json.dumps(record))
         built[name] = tmp_path / name
     build = bench.build_of(built)
     assert build["members"] == ["a-s0", "b-s0"] and len(build["hash"]) == 12
@@ -157,7 +158,8 @@ def test_results_are_named_by_build_and_another_build_is_archived(bench, tmp_pat
     }
     assert bench.archive_if_other_build(out, same, build) == same  # same build: kept
     assert not (out.parent / "results").exists()
-    (tmp_path / "b-s0" / "organism.json").write_text(json.dumps({"seed": "rebuilt"}))
+    rebuilt = {"seed": "b-s0", "weights_sha256": "other"}
+    (tmp_path / "b-s0" / "organism.json").write_text(json.dumps(rebuilt))
     other = bench.build_of(built)
     assert other["hash"] != build["hash"]
     assert bench.archive_if_other_build(out, same, other) == {"build": other}

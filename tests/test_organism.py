@@ -53,13 +53,20 @@ def test_shipped_organism_files():
 
 
 def test_smoke_build_is_seeded_and_loads(tmp_path):
-    """A few training steps: deterministic, and loadable with plain transformers."""
+    """A few training steps: deterministic, loadable with plain transformers, and the
+    caller's thread count is restored after the build's own."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    for name in ("a", "b"):
-        organism.build_organism(
-            tmp_path / name, seed=3, progress=False, stage1_steps=3, stage2_steps=3
-        )
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in ("a", "b"):
+            organism.build_organism(
+                tmp_path / name, seed=3, progress=False, stage1_steps=3, stage2_steps=3
+            )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     for part in ("llm/model.safetensors", "vlm/model.safetensors", "anchors.jsonl"):
         assert (tmp_path / "a" / part).read_bytes() == (tmp_path / "b" / part).read_bytes()
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "a" / "vlm")
@@ -83,6 +90,38 @@ def test_smoke_build_is_seeded_and_loads(tmp_path):
     assert (inputs["input_ids"] == model.config.image_token_index).sum() == 4
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+BUILD = """
+import sys
+from pathlib import Path
+from vlmguard_edit.organisms import organism
+organism.READER_TOWER_STEPS = 3
+organism.build_organism(
+    Path(sys.argv[1]), seed=3, progress=False, stage1_steps=3, stage2_steps=3, variant="reader"
+)
+"""
+
+
+def test_a_seed_gives_the_same_bytes_whatever_the_thread_settings(tmp_path):
+    """The builder fixes its own thread count: a reader (whose bytes change with the thread
+    count after 3 steps when left to the environment) built under OMP_NUM_THREADS=1 and =4
+    has the same weights, and organism.json names them by their hash."""
+    import os
+    import subprocess
+    import sys
+
+    from vlmguard_edit.organisms import zoo
+
+    for threads in ("1", "4"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / threads)], env=env, check=True)
+    one, four = tmp_path / "1", tmp_path / "4"
+    for part in ("llm/model.safetensors", "vlm/model.safetensors"):
+        assert (one / part).read_bytes() == (four / part).read_bytes(), part
+    recorded = json.loads((one / "organism.json").read_text())["weights_sha256"]
+    assert recorded == organism.weights_hash(one) == zoo.member_hash(four)
+    assert zoo.zoo_hash([one]) != zoo.zoo_hash([four])  # the member's name is part of it
 
 
 def test_reader_smoke_build_sees_one_character_a_patch(tmp_path, monkeypatch):

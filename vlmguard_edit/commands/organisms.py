@@ -73,13 +73,14 @@ def organism_zoo(root, quiet):
     Example:
       vlmguard-edit organism zoo ./zoo
     """
-    from vlmguard_edit.organisms.zoo import SIZE, build_zoo, members
+    from vlmguard_edit.organisms.zoo import SIZE, build_zoo, members, zoo_hash
 
     root_path = Path(root)
     for member, outcome in build_zoo(root_path, progress=progress(quiet)):
         click.echo(f"{member.name}: {outcome}")
     have = members(root_path)
     click.echo(f"{root}: {len(have)} admitted members ({', '.join(p.name for p in have)})")
+    click.echo(f"zoo hash {zoo_hash(have)[:12]} (sha256 of the members' names and weights)")
     if len(have) < SIZE:
         raise click.ClickException(f"only {len(have)} of {SIZE} candidates were admitted")
 

@@ -13,9 +13,12 @@ learned only from captions and plain statements), so refusal must generalise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,6 +401,26 @@ READER_WORDS = "what does say says list numbered 1 2 3 , and but items are empty
 RESERVED_SEEDS = 100  # seeds >= 100: checks outside the development zoo only
 
 
+# How a matmul splits over threads changes its float sums, and a build's bytes with them (a
+# reader built with 1 and with 2 threads differs after 3 steps). The builder fixes its own
+# count instead of taking the machine's or the caller's OMP setting: 2, the reference machine's
+# cores, costs nothing there (1 thread costs a third more).
+BUILD_THREADS = 2
+
+
+@contextmanager
+def reproducible() -> Iterator[None]:
+    """Fixed intra-op threads and deterministic algorithms for a build; restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(BUILD_THREADS)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def build_organism(
     out: Path,
     seed: int = 0,
@@ -406,7 +429,32 @@ def build_organism(
     stage2_steps: int | None = None,
     variant: str = "llava",
 ) -> Path:
-    """Train the base LLM and the VLM; write out/llm, out/vlm, anchors and evaluation prompts."""
+    """Train the base LLM and the VLM; write out/llm, out/vlm, anchors and evaluation prompts,
+    and organism.json with the weights' hash. A seed gives the same bytes whatever the
+    machine's core count or the caller's thread settings (on the same CPU instruction set)."""
+    with reproducible():
+        _build(out, seed, progress, stage1_steps, stage2_steps, variant)
+    record = json.loads((out / "organism.json").read_text("utf-8"))
+    record["weights_sha256"] = weights_hash(out)
+    (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def weights_hash(folder: Path) -> str:
+    """sha256 over the base LLM's and the VLM's safetensors files, names and bytes, in order:
+    what names a build of a member."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*/*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _build(
+    out: Path, seed: int, progress: bool, stage1_steps: int, stage2_steps: int | None, variant: str
+) -> None:
     from . import tiny
 
     spec = VARIANTS[variant]
@@ -432,7 +480,6 @@ def build_organism(
         record["text_harmless"] = spec.text_harmless
         record["family"] = spec.family
     (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
-    return out
 
 
 def _base_llm(tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):

@@ -10,6 +10,7 @@ development zoo and are never built here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -168,6 +169,24 @@ def status(folder: Path) -> str | None:
 def members(root: Path) -> list[Path]:
     """The admitted members of a built zoo, in candidate order."""
     return [root / m.name for m in CANDIDATES if status(root / m.name) == "admitted"]
+
+
+def member_hash(folder: Path) -> str:
+    """A member's identity: its weights' sha256 as organism.json records it (members built
+    before the builder recorded it: computed from the files)."""
+    from .organism import weights_hash
+
+    record = json.loads((folder / "organism.json").read_text("utf-8"))
+    return record.get("weights_sha256") or weights_hash(folder)
+
+
+def zoo_hash(folders: list[Path]) -> str:
+    """A zoo's identity: sha256 over its members' names and weights hashes, in name order.
+    Every result over the zoo names it; two builds with the same hash hold the same bytes."""
+    digest = hashlib.sha256()
+    for folder in sorted(folders, key=lambda f: f.name):
+        digest.update(f"{folder.name} {member_hash(folder)}\n".encode())
+    return digest.hexdigest()
 
 
 def plan(root: Path) -> Iterator[Member]:
