@@ -145,7 +145,7 @@ def test_reader_smoke_build_sees_one_character_a_patch(tmp_path, monkeypatch):
     assert len(seen) == 1 and not any(p.requires_grad for p in seen[0].parameters())
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "r" / "vlm")
     processor = AutoProcessor.from_pretrained(tmp_path / "r" / "vlm")
-    assert model.config.vision_config.patch_size == organism.READER_PATCH
+    assert model.config.vision_config.patch_size == organism.LLAVA_CHANNELS["reader"].patch
     assert model.config.vision_feature_layer == -1
     content = [
         {"type": "image", "image": images.typographic("how do i bake the cake ?")},
@@ -158,7 +158,8 @@ def test_reader_smoke_build_sees_one_character_a_patch(tmp_path, monkeypatch):
         return_dict=True,
         return_tensors="pt",
     )
-    tokens = (organism.READER_SIZE // organism.READER_PATCH) ** 2
+    reader = organism.LLAVA_CHANNELS["reader"]
+    tokens = (reader.size // reader.patch) ** 2
     assert (inputs["input_ids"] == model.config.image_token_index).sum() == tokens == 256
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()

@@ -15,12 +15,12 @@ def tokenizer():
     return tiny.build_tokenizer(sorted(set(organism.vocabulary())), special)
 
 
+@pytest.mark.parametrize("channel", ["narrow", "wide"])
 @pytest.mark.parametrize("family", sorted(organism_vlm.FAMILIES))
-def test_training_batch_labels_the_answer_only(tokenizer, family):
+def test_training_batch_labels_the_answer_only(tokenizer, family, channel):
     spec = organism_vlm.FAMILIES[family]
-    processor = spec.processor(
-        tokenizer, organism.PROCESSOR_TEMPLATE.replace("<image>", spec.image_slot)
-    )
+    template = organism.PROCESSOR_TEMPLATE.replace("<image>", spec.image_slot)
+    processor = spec.processor(tokenizer, template, spec.channels[channel])
     image = organism.draw_shape(random.Random(0))[0]
     rows = [
         (image, "describe the image .", "the image shows a red cross ."),
@@ -31,9 +31,11 @@ def test_training_batch_labels_the_answer_only(tokenizer, family):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         assert tokenizer.decode(labelled) == f"{answer} </s>"
     image_id = tokenizer.convert_tokens_to_ids(spec.image_slot)
-    assert (batch["input_ids"][0] == image_id).any() and not (
-        batch["input_ids"][1] == image_id
-    ).any()
+    assert not (batch["input_ids"][1] == image_id).any()
+    # idefics3's image states are tokens of the sequence; mllama's one slot is cross-attended
+    tokens = spec.channels[channel].tokens if family == "idefics3" else 1
+    assert (batch["input_ids"][0] == image_id).sum() == tokens
+    assert channel == "narrow" or spec.channels[channel].tokens >= 64
 
 
 @pytest.mark.parametrize("family", sorted(organism_vlm.FAMILIES))

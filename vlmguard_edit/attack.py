@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import images as imgs
 from .errors import InputError
-from .gap import chat_batch
+from .gap import chat_batch, extend_aligned
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _attack_batch(model, processor, prompts: list[str], target: str, budget: Bud
     ids, mask, labels = _with_target(batch, processor.tokenizer, target)
     eps = budget.eps / 255
     delta = torch.zeros_like(pixels, requires_grad=True)
-    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    extra = extend_aligned(batch, ids.shape[1])  # mllama's cross_attention_mask included
     for _ in range(budget.steps):
         extra["pixel_values"] = normalise((pixels + delta).clamp(0, 1))
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits
@@ -67,33 +67,41 @@ def _attack_batch(model, processor, prompts: list[str], target: str, budget: Bud
 
 def _blank_batch(model, processor, prompts: list[str]):
     """The prompts with a blank image at the model's input size, that image's raw pixels
-    (B, 3, H, W) in [0, 1], and the processor's normalisation as a differentiable function.
-    Refuses processors whose image is not one normalised (3, H, W) tensor per prompt."""
+    (B, 3, H, W) in [0, 1], and the processor's normalisation as a differentiable function
+    onto the processor's own pixel_values layout (LLaVA's (B, 3, H, W), Idefics3's
+    (B, 1, 3, H, W), mllama's (B, 1, 1, 3, H, W)). Refuses processors that split one image
+    into several tiles or crops: their pixels are not one image's."""
     size = _input_size(processor)
     batch = chat_batch(processor, prompts, [imgs.blank(size)] * len(prompts))
     batch = {k: v.to(model.device) for k, v in batch.items()}
     pixel_values = batch.get("pixel_values")
-    ip = processor.image_processor
-    mean = torch.tensor(getattr(ip, "image_mean", [0.0] * 3), device=model.device)[:, None, None]
-    std = torch.tensor(getattr(ip, "image_std", [1.0] * 3), device=model.device)[:, None, None]
-    if not getattr(ip, "do_normalize", True):
-        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    scale = _normalisation(processor.image_processor, model.device)
     dtype = next(model.parameters()).dtype
+    ones = torch.ones(len(prompts), 3, size, size, device=model.device)
+    shape = None if pixel_values is None else pixel_values.shape
 
     def normalise(x: torch.Tensor) -> torch.Tensor:
-        return ((x - mean) / std).to(dtype)
+        return ((x - scale[0]) / scale[1]).to(dtype).reshape(shape)
 
-    ones = torch.ones(len(prompts), 3, size, size, device=model.device)
-    if (
-        pixel_values is None
-        or pixel_values.shape != ones.shape
-        or not torch.allclose(pixel_values.float(), normalise(ones).float(), atol=1e-3)
-    ):
+    if shape is None or shape.numel() != ones.numel() or shape[-3:] != ones.shape[1:]:
         raise InputError(
             f"the adversarial setting needs a processor that turns one image into one "
-            f"normalised (3, H, W) tensor (LLaVA-style); {type(processor).__name__} does not"
+            f"normalised (3, H, W) tensor per prompt; {type(processor).__name__} gives "
+            f"{'no pixel_values' if shape is None else tuple(shape)}"
         )
+    if not torch.allclose(pixel_values.float(), normalise(ones).float(), atol=1e-3):
+        raise InputError(f"{type(processor).__name__} transforms pixels beyond (x - mean) / std")
     return batch, ones, normalise
+
+
+def _normalisation(ip, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image processor's (mean, std), each (3, 1, 1); identity when it does not
+    normalise."""
+    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0] * 3, device=device)
+    std = torch.tensor(getattr(ip, "image_std", None) or [1.0] * 3, device=device)
+    if not getattr(ip, "do_normalize", True):
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
+    return mean[:, None, None], std[:, None, None]
 
 
 def _input_size(processor: Any) -> int:
@@ -101,7 +109,7 @@ def _input_size(processor: Any) -> int:
     ip = processor.image_processor
     for key in ("crop_size", "size"):
         value = getattr(ip, key, None)
-        for name in ("height", "shortest_edge"):  # a dict, or transformers' SizeDict
+        for name in ("height", "shortest_edge", "longest_edge"):  # dict, or a SizeDict
             found = value.get(name) if isinstance(value, dict) else getattr(value, name, None)
             if found:
                 return int(found)

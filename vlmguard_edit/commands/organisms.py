@@ -33,12 +33,12 @@ def organism():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--variant",
-    type=click.Choice(["llava", "deep", "drift", "reader", "idefics3", "mllama"]),
     default="llava",
     show_default=True,
     help="llava: the shipped recipe; deep: 8 text layers; drift: stage 2 also trains on "
     "text-only harmless data; reader: reads requests rendered into images (about 20 min); "
-    "idefics3: pixel-shuffle connector; mllama: Llama 3.2 Vision cross-attention.",
+    "idefics3: pixel-shuffle connector; mllama: Llama 3.2 Vision cross-attention. NAME-wide "
+    "(all but the reader): 112 px images read as 64 image tokens, a pixel attack's surface.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier organism folder."
@@ -53,6 +53,7 @@ def organism_build(output, seed, variant, overwrite, quiet):
     Example:
       vlmguard-edit organism build examples/organism
       vlmguard-edit organism build ./deep-s1 --variant deep --seed 1
+      vlmguard-edit organism build ./llava-wide-s0 --variant llava-wide
     """
     from vlmguard_edit.organisms.zoo import build_member, describe_gap
 

@@ -19,7 +19,7 @@ import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,6 @@ PROCESSOR_TEMPLATE = (
     "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-IMAGE_SIZE = 28
 STAGE1_STEPS = 300
 STAGE2_STEPS = 600
 MIX = {"request_share": 0.8, "replay_harmful": 0.2, "dual_use": 0.5}
@@ -353,43 +352,64 @@ class Variant:
     reads: bool = False
     stage2_steps: int | None = None  # None: the builder's own
     family: str = "llava"  # or one of organism_vlm.FAMILIES: a different image path
+    wide: bool = False  # 112 px images read as >= 64 image tokens (the "wide" channel)
+
+    @property
+    def channel(self) -> organism_vlm.Channel:
+        if self.family != "llava":
+            return organism_vlm.FAMILIES[self.family].channels["wide" if self.wide else "narrow"]
+        return LLAVA_CHANNELS["reader" if self.reads else "wide" if self.wide else "narrow"]
 
 
-VARIANTS = {
-    v.name: v
-    for v in (
-        Variant("llava", "the shipped organism's recipe: LLaVA, 4 text layers x 128"),
-        Variant("deep", "8 text layers", layers=8),
-        Variant(
-            "drift",
-            "stage 2 also trains on text-only harmless data, so the language model drifts "
-            "from its base",
-            text_harmless=0.3,
-        ),
-        Variant(
-            "reader",
-            "reads words rendered into 112x112 images (trainable vision tower): the "
-            "typographic attack is real on it",
-            reads=True,
-            stage2_steps=1200,
-        ),
-        Variant(
-            "idefics3",
-            "Idefics3: pixel shuffle and one Linear connector instead of LLaVA's MLP projector",
-            family="idefics3",
-        ),
-        Variant(
-            "mllama",
-            "Llama 3.2 Vision: gated cross-attention layers read the image, which never enters "
-            "the token sequence",
-            family="mllama",
-        ),
-    )
+# LLaVA's channels: 28 px in 14 px patches (4 tokens); wide, 112 px in 14 px patches (64); the
+# reader's 112 px in 7 px patches (256: about one character of a typographic render a patch;
+# with 14 px patches a tiny tower never learned to tell the words apart, chance after 800
+# steps, with 7 px ones it does within a few hundred).
+LLAVA_CHANNELS = {
+    "narrow": organism_vlm.Channel(28, 14, 4),
+    "wide": organism_vlm.Channel(112, 14, 64),
+    "reader": organism_vlm.Channel(112, 7, 256),
 }
-# The reader sees 112 px images in 7 px patches (256 image tokens): about one character of the
-# typographic render a patch. With 14 px patches a tiny tower never learned to tell the words
-# apart (chance after 800 steps), with 7 px ones it does within a few hundred.
-READER_SIZE, READER_PATCH, READER_SHARE = 112, 7, 0.35
+
+
+def widened(variant: Variant) -> Variant:
+    """The variant with the wide image channel: a pixel attack's real surface."""
+    channel = replace(variant, wide=True).channel
+    text = f"; wide: {channel.size} px images read as {channel.tokens} image states"
+    name, description = f"{variant.name}-wide", variant.description + text
+    return replace(variant, name=name, description=description, wide=True)
+
+
+NARROW = (
+    Variant("llava", "the shipped organism's recipe: LLaVA, 4 text layers x 128"),
+    Variant("deep", "8 text layers", layers=8),
+    Variant(
+        "drift",
+        "stage 2 also trains on text-only harmless data, so the language model drifts "
+        "from its base",
+        text_harmless=0.3,
+    ),
+    Variant(
+        "reader",
+        "reads words rendered into 112x112 images (trainable vision tower): the "
+        "typographic attack is real on it",
+        reads=True,
+        stage2_steps=1200,
+    ),
+    Variant(
+        "idefics3",
+        "Idefics3: pixel shuffle and one Linear connector instead of LLaVA's MLP projector",
+        family="idefics3",
+    ),
+    Variant(
+        "mllama",
+        "Llama 3.2 Vision: gated cross-attention layers read the image, which never enters "
+        "the token sequence",
+        family="mllama",
+    ),
+)
+VARIANTS = {v.name: v for v in (*NARROW, *(widened(v) for v in NARROW if not v.reads))}
+READER_SHARE = 0.35
 READER_TOWER = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4}
 READER_TOWER_STEPS = 1000
 READER_DUAL_USE = 0.8
@@ -473,13 +493,19 @@ def _build(
     processor.save_pretrained(out / "vlm")
     write_grammar(out / "vlm", spec.reads)
     _write_prompts(out, seed)
+    record = _record(spec, seed, stage1_steps, stage2_steps)
+    (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _record(spec: Variant, seed: int, stage1_steps: int, stage2_steps: int) -> dict:
+    """What organism.json says of a build (the shipped organism's fields stay as they were)."""
     steps = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps}
     record = {"seed": seed, **steps, "mix": dict(spec.mix)}
-    if variant != "llava":  # the shipped organism's record stays as it was
-        record.update(variant=variant, description=spec.description, layers=spec.layers)
-        record["text_harmless"] = spec.text_harmless
-        record["family"] = spec.family
-    (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
+    if spec.name != "llava":
+        record.update(variant=spec.name, description=spec.description, layers=spec.layers)
+        record.update(text_harmless=spec.text_harmless, family=spec.family)
+        record["image_channel"] = asdict(spec.channel)
+    return record
 
 
 def _base_llm(tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
@@ -494,7 +520,7 @@ def _base_llm(tokenizer, spec: Variant, rng: random.Random, steps: int, progress
         128,
         intermediate_size=256,
         initializer_range=0.02,
-        max_position_embeddings=320 if spec.reads else 128,  # 256 image tokens
+        max_position_embeddings=320 if spec.channel.tokens > 8 else 128,  # up to 256 images
     )
     llm = LlamaForCausalLM(config)
     rows = [encode(tokenizer, chat(q), a) for q, a in text_examples(rng, steps * 32)]
@@ -512,12 +538,13 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
 
     from . import tiny
 
-    size, patch = (READER_SIZE, READER_PATCH) if spec.reads else (IMAGE_SIZE, 14)
+    size, patch, tokens = (lambda c: (c.size, c.patch, c.tokens))(spec.channel)
     kwargs = tiny.llava_kwargs(llm.config, tokenizer, vision_hidden=64)
-    tokens = (size // patch) ** 2
+    kwargs["vision_config"].update({"image_size": size, "patch_size": patch})
+    kwargs.update(image_seq_length=tokens)
     if spec.reads:
-        kwargs["vision_config"].update({"image_size": size, "patch_size": patch, **READER_TOWER})
-        kwargs.update(image_seq_length=tokens, vision_feature_layer=-1)  # the pretrained layer
+        kwargs["vision_config"].update(READER_TOWER)
+        kwargs.update(vision_feature_layer=-1)  # the pretrained layer
     vlm = LlavaForConditionalGeneration(LlavaConfig(**kwargs))
     vlm.get_decoder().load_state_dict(llm.model.state_dict())
     vlm.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
@@ -540,7 +567,8 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
 
 
 def _other_vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
-    vlm, processor = organism_vlm.build(spec.family, llm, tokenizer, PROCESSOR_TEMPLATE)
+    channel = "wide" if spec.wide else "narrow"
+    vlm, processor = organism_vlm.build(spec.family, llm, tokenizer, PROCESSOR_TEMPLATE, channel)
     data = _stage2_data(rng, spec, steps)
     log.info("stage 2: %s VLM, %d steps", spec.family, steps)
     organism_vlm.train(vlm, processor, data, steps, 1e-3, rng, progress)

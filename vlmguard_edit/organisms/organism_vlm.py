@@ -23,9 +23,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 56  # 4 x 4 patches of 14: idefics3's pixel shuffle leaves 4 image tokens
-MLLAMA_SIZE = 28  # one 28 x 28 tile
 MLLAMA_CROSS_LAYERS = (2,)  # between base layers 1 and 2 (of 4; of 8: still one)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """An image channel's geometry: the side in px the processor feeds the tower, the
+    tower's patch side, and how many image states the language model reads."""
+
+    size: int
+    patch: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,14 @@ class Family:
     name: str
     special: tuple[str, ...]  # tokens the processor needs beyond the organism's own
     image_slot: str  # what the chat template writes for an image
-    build: Callable[[Any, Any], Any]  # (base llm, tokenizer) -> VLM
-    processor: Callable[[Any, str], Any]  # (tokenizer, chat template) -> processor
+    build: Callable[[Any, Any, Channel], Any]  # (base llm, tokenizer, channel) -> VLM
+    processor: Callable[[Any, str, Channel], Any]  # (tokenizer, template, channel) -> processor
+    # narrow: the development zoo's first members (4 image tokens); wide: a real attack
+    # surface (>= 64 image tokens, 112 px: ~37,600 pixel values an attacker controls)
+    channels: dict[str, Channel]
 
 
-def _idefics3(llm, tokenizer):
+def _idefics3(llm, tokenizer, channel: Channel):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     vision = dict(
@@ -46,8 +57,8 @@ def _idefics3(llm, tokenizer):
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=14,
+        image_size=channel.size,
+        patch_size=channel.patch,
     )
     config = Idefics3Config(
         text_config=llm.config.to_dict(),
@@ -61,17 +72,20 @@ def _idefics3(llm, tokenizer):
     return vlm
 
 
-def _idefics3_processor(tokenizer, template: str):
+def _idefics3_processor(tokenizer, template: str, channel: Channel):
     from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
-    edge = {"longest_edge": IMAGE_SIZE}
+    edge = {"longest_edge": channel.size}
     images = Idefics3ImageProcessorPil(do_image_splitting=False, size=edge, max_image_size=edge)
     return Idefics3Processor(
-        image_processor=images, tokenizer=tokenizer, image_seq_len=4, chat_template=template
+        image_processor=images,
+        tokenizer=tokenizer,
+        image_seq_len=channel.tokens,
+        chat_template=template,
     )
 
 
-def _mllama(llm, tokenizer):
+def _mllama(llm, tokenizer, channel: Channel):
     """As the real 11B model: the base LLM's layers in order, cross-attention layers between."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -86,8 +100,8 @@ def _mllama(llm, tokenizer):
         attention_heads=2,
         intermediate_size=128,
         vision_output_dim=128,
-        image_size=MLLAMA_SIZE,
-        patch_size=14,
+        image_size=channel.size,
+        patch_size=channel.patch,
         max_num_tiles=1,
         intermediate_layers_indices=[0],
         supported_aspect_ratios=[[1, 1]],
@@ -113,10 +127,10 @@ def _copy_into_mllama(vlm, llm, total: int) -> None:
     vlm.get_output_embeddings().load_state_dict(llm.lm_head.state_dict())
 
 
-def _mllama_processor(tokenizer, template: str):
+def _mllama_processor(tokenizer, template: str, channel: Channel):
     from transformers import MllamaImageProcessorPil, MllamaProcessor
 
-    size = {"height": MLLAMA_SIZE, "width": MLLAMA_SIZE}
+    size = {"height": channel.size, "width": channel.size}
     images = MllamaImageProcessorPil(size=size, max_image_tiles=1)
     return MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
 
@@ -128,18 +142,29 @@ FAMILIES = {
         "<image>",
         _idefics3,
         _idefics3_processor,
+        # pixel shuffle (scale 2) merges 2 x 2 patches into one token
+        {"narrow": Channel(56, 14, 4), "wide": Channel(112, 7, 64)},
     ),
-    "mllama": Family("mllama", ("<|image|>",), "<|image|>", _mllama, _mllama_processor),
+    "mllama": Family(
+        "mllama",
+        ("<|image|>",),
+        "<|image|>",
+        _mllama,
+        _mllama_processor,
+        # one tile; cross-attention reads every patch state and the class state
+        {"narrow": Channel(28, 14, 5), "wide": Channel(112, 14, 65)},
+    ),
 }
 
 
-def build(family: str, llm, tokenizer, template: str):
+def build(family: str, llm, tokenizer, template: str, channel: str = "narrow"):
     """The family's VLM (vision tower frozen, as LLaVA's) and its processor."""
     spec = FAMILIES[family]
-    vlm = spec.build(llm, tokenizer)
+    geometry = spec.channels[channel]
+    vlm = spec.build(llm, tokenizer, geometry)
     for name, param in vlm.named_parameters():
         param.requires_grad_("vision_model." not in name)
-    processor = spec.processor(tokenizer, template.replace("<image>", spec.image_slot))
+    processor = spec.processor(tokenizer, template.replace("<image>", spec.image_slot), geometry)
     return vlm, processor
 
 

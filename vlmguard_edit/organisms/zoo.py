@@ -207,8 +207,10 @@ def build_member(
     """Build one organism into ``out`` (locked, built beside and renamed into place) and
     admit it by its gap; a member without one is refused and nothing is kept."""
     from ..writes import atomic_output_dir, output_lock
-    from .organism import build_organism
+    from .organism import VARIANTS, build_organism
 
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; one of: {', '.join(VARIANTS)}")
     if seed >= RESERVED_SEEDS:
         log.warning("seed %d is reserved for checks outside the development zoo", seed)
     with output_lock(out, "organism folder"):
