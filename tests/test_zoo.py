@@ -47,19 +47,22 @@ def test_plan_is_cached_resumable_and_stops_at_the_zoo_size(tmp_path):
     assert [m.name for m in list(zoo.plan(tmp_path))[:3]] == ["llava-s0", "llava-s1", "llava-s2"]
     assert all(m.seed < organism.RESERVED_SEEDS for m in candidates)
     assert {m.variant for m in candidates} == set(organism.VARIANTS)
+    assert len({m.name for m in candidates}) == len(candidates)
     for member in candidates[:6]:
-        fake_member(tmp_path, member, admitted=member.seed != 1)  # llava-s1 rejected
+        fake_member(tmp_path, member, admitted=member.seed != 1)  # llava-s1, drift-s1 rejected
     todo = [m.name for m in zoo.plan(tmp_path)]
     assert todo[0] == candidates[6].name and "llava-s1" not in todo  # not retried
     assert todo[: len(zoo.CORE) - 6] == [m.name for m in zoo.CORE[6:]]  # every core one
-    rejected = len(zoo.CORE) - zoo.SIZE  # with llava-s1: one spare short of SIZE
-    for i, member in enumerate(zoo.CORE[6:]):
-        fake_member(tmp_path, member, admitted=i >= rejected)
-    assert len(zoo.members(tmp_path)) == zoo.SIZE - 1
-    todo = [m.name for m in zoo.plan(tmp_path)]
-    assert todo[0] == zoo.SPARES[0].name
-    fake_member(tmp_path, zoo.SPARES[0], admitted=True)
-    assert len(zoo.members(tmp_path)) == zoo.SIZE and list(zoo.plan(tmp_path)) == []
+    for member in zoo.CORE[6:]:  # all admitted but reader-s2 and mllama-wide-s0
+        fake_member(tmp_path, member, admitted=member.name not in ("reader-s2", "mllama-wide-s0"))
+    assert len(zoo.members(tmp_path)) == len(zoo.CORE) - 4 == zoo.SIZE
+    assert zoo.shortfall(tmp_path) == ["reader: 2 of 3", "mllama-wide: 0 of 1"]
+    todo = [m.name for m in zoo.plan(tmp_path)]  # only the short variants' spares: the size is met
+    assert todo[:2] == ["mllama-wide-s3", "reader-s3"]
+    assert {n.rsplit("-s", 1)[0] for n in todo} == {"reader", "mllama-wide"}
+    fake_member(tmp_path, zoo.Member("mllama-wide", 3), admitted=True)
+    fake_member(tmp_path, zoo.Member("reader", 3), admitted=True)
+    assert zoo.shortfall(tmp_path) == [] and list(zoo.plan(tmp_path)) == []
 
 
 def test_variants_differ_only_where_they_say(tmp_path):

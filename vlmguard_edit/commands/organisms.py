@@ -65,16 +65,18 @@ def organism_build(output, seed, variant, overwrite, quiet):
 @click.argument("root", type=click.Path(file_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def organism_zoo(root, quiet):
-    """Build the development zoo in ROOT: seeds 0-4 of the shipped recipe, deeper (8-layer)
-    and drifted language models, a reader, then spares until at least 10 are admitted (about
-    1.5 minutes a member on 2 CPU cores, 20 for the reader). Cached and resumable: built
-    members are kept, rejected ones are not retried.
+    """Build the development zoo in ROOT: seeds of the shipped recipe, deeper (8-layer) and
+    drifted language models, Idefics3 and mllama image paths, the wide-channel version of
+    each (112 px, 64 image tokens), three readers; then spares until every quota (3
+    readers, one wide member of each family) is met and at least 15 are admitted. About 2
+    minutes a member on 2 CPU cores, 20 a reader. Cached and resumable: built members are
+    kept, rejected ones are not retried; prints the zoo's hash.
 
     \b
     Example:
       vlmguard-edit organism zoo ./zoo
     """
-    from vlmguard_edit.organisms.zoo import SIZE, build_zoo, members, zoo_hash
+    from vlmguard_edit.organisms.zoo import build_zoo, members, shortfall, zoo_hash
 
     root_path = Path(root)
     for member, outcome in build_zoo(root_path, progress=progress(quiet)):
@@ -82,8 +84,8 @@ def organism_zoo(root, quiet):
     have = members(root_path)
     click.echo(f"{root}: {len(have)} admitted members ({', '.join(p.name for p in have)})")
     click.echo(f"zoo hash {zoo_hash(have)[:12]} (sha256 of the members' names and weights)")
-    if len(have) < SIZE:
-        raise click.ClickException(f"only {len(have)} of {SIZE} candidates were admitted")
+    if shortfall(root_path):
+        raise click.ClickException(f"the zoo is short: {'; '.join(shortfall(root_path))}")
 
 
 @click.command(epilog=EXAMPLES_DEMO)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 TEXT_REFUSAL_MIN, BLANK_COMPLIANCE_MIN = 0.9, 0.3
 GAP_TOKENS = 24  # as the README's organism numbers: long enough for every answer form
 GAP_LIMIT: int | None = None  # all 240 held-out prompts (tests use a few)
-SIZE = 10  # the fewest admitted members a zoo may have
+SIZE = 15  # the fewest admitted members a zoo may have
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,26 @@ class Member:
         return f"{self.variant}-s{self.seed}"
 
 
-# Every core candidate is built: seeds 0-4 of the shipped recipe, the deeper and the drifted
-# language models, the reader, two other image paths (idefics3's connector, mllama's
-# cross-attention). Spares follow, in order, while fewer than SIZE are admitted.
+# Every core candidate is built: seeds of the shipped recipe, the deeper and the drifted
+# language models, three readers, the two other image paths (idefics3's connector, mllama's
+# cross-attention), and the wide-channel version of each family (112 px, >= 64 image states:
+# a pixel attack's real surface). Spares follow, in order, while a variant is short of its
+# quota or (for variants without one) the zoo is short of SIZE admitted members.
+WIDE = tuple(f"{v}-wide" for v in ("llava", "deep", "drift", "idefics3", "mllama"))
+QUOTAS = {"reader": 3, **{v: 1 for v in WIDE}}
 CORE = (
-    *(Member("llava", s) for s in range(5)),
-    *(Member("deep", s) for s in range(2)),
-    *(Member("drift", s) for s in range(3)),
-    Member("reader", 0),
+    *(Member("llava", s) for s in range(3)),
+    Member("deep", 0),
+    *(Member("drift", s) for s in range(2)),
     *(Member(v, s) for v in ("idefics3", "mllama") for s in range(2)),
+    *(Member(v, 0) for v in WIDE),
+    Member("llava-wide", 1),
+    *(Member("reader", s) for s in range(3)),
 )
 SPARES = tuple(
-    Member(v, s) for s in range(5, 10) for v in ("llava", "deep", "drift", "idefics3", "mllama")
+    Member(v, s)
+    for s in range(3, 10)
+    for v in ("llava", "deep", "drift", "idefics3", "mllama", *WIDE, "reader")
 )
 CANDIDATES = CORE + SPARES
 
@@ -190,15 +198,28 @@ def zoo_hash(folders: list[Path]) -> str:
 
 
 def plan(root: Path) -> Iterator[Member]:
-    """The candidates still to build: every core one, then spares until SIZE are admitted."""
+    """The candidates still to build: every core one, then spares of a variant short of its
+    quota, or of a variant without one while the zoo is short of SIZE."""
     for member in CORE:
         if status(root / member.name) is None:
             yield member
     for member in SPARES:
-        if len(members(root)) >= SIZE:
-            return
-        if status(root / member.name) is None:
+        if status(root / member.name) is None and wanted(root, member.variant):
             yield member
+
+
+def wanted(root: Path, variant: str) -> bool:
+    have = [p.name.rsplit("-s", 1)[0] for p in members(root)]
+    if variant in QUOTAS:
+        return have.count(variant) < QUOTAS[variant]
+    return len(have) < SIZE
+
+
+def shortfall(root: Path) -> list[str]:
+    """What the built zoo still lacks: admitted members, or a variant's quota."""
+    have = [p.name.rsplit("-s", 1)[0] for p in members(root)]
+    short = [f"{v}: {have.count(v)} of {n}" for v, n in QUOTAS.items() if have.count(v) < n]
+    return short + ([f"members: {len(have)} of {SIZE}"] if len(have) < SIZE else [])
 
 
 def build_member(
