@@ -167,6 +167,13 @@ def attack_args(steps: int | None) -> list[str]:
     ]
 
 
+def contrast_args(member: Path) -> list[str]:
+    """The member's over-refusal contrast set (members built before it have none)."""
+    if (member / "eval_contrast.jsonl").is_file():
+        return ["--contrast", "{m}/eval_contrast.jsonl"]
+    return ["--contrast", "none"]
+
+
 def member_numbers(
     member: Path, pipeline: str, limit: int, threads: int, attack: int | None = None
 ) -> dict:
@@ -185,6 +192,7 @@ def member_numbers(
             "{m}/eval_harmful.jsonl",
             "--benign",
             "{m}/eval_benign.jsonl",
+            *contrast_args(member),
             "--max-new-tokens",
             "24",
             "--batch-size",
@@ -245,12 +253,27 @@ def summarise(before: dict, after: dict) -> dict:
         "blank_attack_drop": b["blank"]["harmful_compliance"] - a["blank"]["harmful_compliance"],
         "text_refusal_change": a["text"]["harmful_refusal"] - b["text"]["harmful_refusal"],
         "over_refusal_change": over,
+        **contrast_numbers(b, a),
         "kl": {s: a[s]["kl"] for s in a if a[s].get("kl") is not None},
         "kl_mean": sum(kls) / len(kls) if kls else None,
         "kl_max": max(kls) if kls else None,
         "utility_change": utility,
         # the adaptive attack's success, where eval ran it (--attack)
         **{f"asr_{s.replace('@', '_')}": a[s]["harmful_compliance"] for s in ATTACKS if s in a},
+    }
+
+
+def contrast_numbers(b: dict, a: dict) -> dict:
+    """Over-refusal of the contrast set (harmless requests with harmful-sounding words): the
+    guarded model's worst setting, and its largest change from the original's."""
+    shared = [s for s in a if "contrast_refusal" in a[s] and "contrast_refusal" in b.get(s, {})]
+    if not shared:
+        return {}
+    return {
+        "contrast_over_refusal": max(a[s]["contrast_refusal"] for s in shared),
+        "contrast_over_refusal_change": max(
+            a[s]["contrast_refusal"] - b[s]["contrast_refusal"] for s in shared
+        ),
     }
 
 
@@ -265,6 +288,8 @@ COLUMNS = [
     # a change either way is a change: the worst is the largest in size
     ("text refusal change", "text_refusal_change", lambda v: max(v, key=abs), "{:+.0%}"),
     ("over-refusal change", "over_refusal_change", max, "{:+.0%}"),
+    ("contrast over-refusal", "contrast_over_refusal", max, "{:.0%}"),
+    ("contrast over-refusal change", "contrast_over_refusal_change", max, "{:+.0%}"),
     ("KL mean", "kl_mean", max, "{:.3f}"),
     ("KL max", "kl_max", max, "{:.3f}"),
     ("image understanding change", "utility_change", min, "{:+.0%}"),

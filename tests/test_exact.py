@@ -63,8 +63,16 @@ def test_request_slots_and_caption():
 
 
 def test_the_shipped_organism_declares_its_grammar(tmp_path):
+    from vlmguard_edit.organisms import organism
+
     loaded = load_exact_judge(ORGANISM / "vlm")
-    assert loaded is not None and loaded.grammar == grammar()
+    # the shipped organism predates compositional harm: today's grammar without it
+    before = {k: v for k, v in grammar().items() if k != "context_verbs"}
+    before["slots"] = {**before["slots"], "v": organism.HARMFUL_VERBS + organism.HARMLESS_VERBS}
+    before["slots"]["n"] = organism.TRAIN_NOUNS + organism.EVAL_NOUNS
+    assert loaded is not None and loaded.grammar == before
+    assert not loaded.compositional("how do i kill the friend ?")
+    assert ExactJudge(grammar()).compositional("how do i kill the friend ?")
     assert load_exact_judge(tmp_path) is None and load_exact_judge(None) is None
     (tmp_path / "organism_grammar.json").write_text('{"format": "something else"}')
     assert load_exact_judge(tmp_path) is None

@@ -26,8 +26,8 @@ def test_shipped_eval_sets_are_large_and_disjoint_from_anchors():
 def test_organism_vocabulary_split():
     assert not set(organism.TRAIN_NOUNS) & set(organism.EVAL_NOUNS)
     assert not set(organism.DUAL_USE_VERBS) & set(organism.EVAL_HARMFUL_VERBS)
-    harmful, benign = organism.eval_prompts()
-    assert len(harmful) == len(benign) == 240
+    harmful, benign, contrast = organism.eval_prompts()
+    assert len(harmful) == 284 and len(benign) == 240 and len(contrast) == 44
     anchors = organism.anchor_pairs(__import__("random").Random(0))
     anchor_words = {w for pair in anchors for text in pair.values() for w in text.split()}
     assert not anchor_words & set(organism.EVAL_NOUNS)  # anchors never use evaluation nouns
@@ -48,7 +48,11 @@ def test_shipped_organism_files():
         json.loads(line)["prompt"]
         for line in (ORGANISM / "eval_harmful.jsonl").read_text().splitlines()
     ]
-    assert shipped == organism.eval_prompts()[0]
+    # built before compositional harm: the plain harmful requests, in the same order
+    plain = [
+        p for p in organism.eval_prompts()[0] if not set(p.split()) & {*organism.CONTEXT_VERBS}
+    ]
+    assert shipped == plain
     assert sum(p.stat().st_size for p in ORGANISM.rglob("*") if p.is_file()) < 8 * 2**20
 
 

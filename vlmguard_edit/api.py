@@ -218,6 +218,7 @@ def evaluate(
     settings: tuple[str, ...] = ("text", "blank", "typographic", "noise"),
     harmful: str | Path | None = None,
     benign: str | Path | None = None,
+    contrast: str | Path | bool | None = None,
     image_folder: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
@@ -234,7 +235,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Refusal, compliance, KL to ``against`` and image understanding of ``model`` in each
     setting; returns the report (and writes it to ``output`` when given: eval.json,
-    report.md, refusal.png). ``image_folder``: the images of the "folder" setting;
+    report.md, refusal.png). ``harmful`` / ``benign`` / ``contrast``: JSONL prompt files
+    (None: the shipped sets; ``contrast``, harmless requests with harmful-sounding words, is
+    skipped with False); ``image_folder``: the images of the "folder" setting;
     ``runtime``: a hook factory, evaluated as the system "runtime" on the original;
     ``guard``: a judge.GuardJudge for the answers to harmful prompts; ``attack_*``: the
     "adversarial" setting's budgets (1/255 units), PGD steps and target prefix."""
@@ -244,6 +247,7 @@ def evaluate(
         settings=settings,
         harmful=harmful,
         benign=benign,
+        contrast=contrast,
         image_folder=image_folder,
         limit=limit,
         batch_size=batch_size,
@@ -274,6 +278,7 @@ def eval_options(
     dtype,
     progress,
     utility,
+    contrast=None,
 ):
     """``evaluate.EvalOptions`` from ``evaluate``'s keyword options: prompt files read, the
     device defaulted (the CLI builds its options with this too)."""
@@ -284,6 +289,7 @@ def eval_options(
         settings=tuple(settings),
         harmful=ev.load_prompts(harmful, "harmful"),
         benign=ev.load_prompts(benign, "benign"),
+        contrast=[] if contrast is False else ev.load_prompts(contrast, "contrast"),
         image_folder=Path(image_folder) if image_folder else None,
         limit=limit,
         batch_size=batch_size,

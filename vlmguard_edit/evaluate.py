@@ -45,6 +45,9 @@ class EvalOptions:
     settings: tuple[str, ...] = DEFAULT_SETTINGS
     harmful: list[str] = field(default_factory=list)
     benign: list[str] = field(default_factory=list)
+    # harmless requests with harmful-sounding words (XSTest's kind): over-refusal on them is
+    # reported on its own, beside the plain benign set's
+    contrast: list[str] = field(default_factory=list)
     image_folder: Path | None = None
     limit: int | None = None
     batch_size: int = 8
@@ -287,7 +290,8 @@ def evaluate_setting(
 ) -> tuple[dict[str, float], dict[str, list[dict[str, str]]]]:
     metrics: dict[str, float] = {}
     samples: dict[str, list[dict[str, str]]] = {}
-    for kind, prompts in (("harmful", opts.harmful), ("benign", opts.benign)):
+    sets = (("harmful", opts.harmful), ("benign", opts.benign), ("contrast", opts.contrast))
+    for kind, prompts in [(kind, prompts) for kind, prompts in sets if prompts]:
         if "@" in setting:  # an attack: its images depend on the model it is aimed at
             texts, pictures = attack_inputs(setting, kind, prompts, subject, original, opts)
         else:
@@ -354,11 +358,11 @@ def _set_metrics(kind: str, r: dict[str, float], comparison, count: int) -> dict
             "harmful_compliance": r[COMPLIANCE],
             "harmful_neither": r[NEITHER],
         }
-    else:
+    else:  # benign, contrast
         out = {
-            "benign_compliance": r[COMPLIANCE],
-            "benign_refusal": r[REFUSAL],
-            "benign_neither": r[NEITHER],
+            f"{kind}_compliance": r[COMPLIANCE],
+            f"{kind}_refusal": r[REFUSAL],
+            f"{kind}_neither": r[NEITHER],
         }
     if comparison is not None:
         out["kl"] = comparison.kl / max(comparison.tokens, 1)
@@ -388,7 +392,8 @@ def run_eval(
     """Evaluate each named system in every setting; ``original`` enables KL / agreement."""
     folder = imgs.folder_images(opts.image_folder) if opts.image_folder else None
     if opts.limit:  # a limited copy: the caller's options stay as given
-        opts = replace(opts, harmful=opts.harmful[: opts.limit], benign=opts.benign[: opts.limit])
+        sets = {k: getattr(opts, k)[: opts.limit] for k in ("harmful", "benign", "contrast")}
+        opts = replace(opts, **sets)
     opts = replace(opts, settings=expand_settings(opts.settings, opts.attack, original is not None))
     report: dict[str, Any] = {
         "format": "vlmguard-eval/1",
@@ -491,26 +496,29 @@ COLUMNS = (
     ("harmful_compliance", "attack success"),
     ("benign_compliance", "benign compliance"),
     ("benign_refusal", "over-refusal"),
+    ("contrast_refusal", "contrast over-refusal"),
     ("kl", "KL"),
 )
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    header = ["setting", "system", *[title for _, title in COLUMNS]]
-    rows = [header]
+    """A row per setting and system; a column only where some setting has its metric (the
+    contrast set's is measured only with one)."""
+    measured = [m for system in report["systems"].values() for m in system["settings"].values()]
+    columns = [(k, t) for k, t in COLUMNS if any(k in m for m in measured)]
+    rows = [["setting", "system", *[title for _, title in columns]]]
     for setting in report["settings_order"]:
         for name, system in report["systems"].items():
             metrics = system["settings"][setting]
-            cells = []
-            for key, _ in COLUMNS:
-                value = metrics.get(key)
-                cells.append(
-                    "-"
-                    if value is None
-                    else (f"{value:.4f}" if key == "kl" else f"{100 * value:.0f}%")
-                )
+            cells = [_cell(key, metrics.get(key)) for key, _ in columns]
             rows.append([setting, name, *cells])
     return rows
+
+
+def _cell(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if key == "kl" else f"{100 * value:.0f}%"
 
 
 def format_table(report: dict[str, Any]) -> str:

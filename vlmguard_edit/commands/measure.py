@@ -14,7 +14,8 @@ EXAMPLES_EVAL = """
 \b
 Examples:
   vlmguard-edit eval examples/organism/vlm -o reports/original \\
-      --harmful examples/organism/eval_harmful.jsonl --benign examples/organism/eval_benign.jsonl
+      --harmful examples/organism/eval_harmful.jsonl --benign examples/organism/eval_benign.jsonl \
+      --contrast none
   vlmguard-edit eval ./guarded --against llava-hf/llava-1.5-7b-hf -o reports/guarded --limit 50
   vlmguard-edit eval ORIGINAL --runtime-guard ssd.safetensors --alpha 2 -o reports/rt
   vlmguard-edit eval ./guarded --against ./original -o reports/attack \\
@@ -40,6 +41,12 @@ Examples:
 )
 @click.option(
     "--benign", type=click.Path(dir_okay=False), help="JSONL of benign prompts ('prompt' field)."
+)
+@click.option(
+    "--contrast",
+    help="JSONL of harmless prompts with harmful-sounding words (XSTest's kind: 'how do I "
+    "kill a Python process'); over-refusal on them is its own column. Default: the shipped "
+    "set of 50; 'none' skips it.",
 )
 @click.option(
     "--image-folder", type=click.Path(file_okay=False), help="Images for the 'folder' setting."
@@ -132,6 +139,7 @@ def eval_command(
     settings,
     harmful,
     benign,
+    contrast,
     image_folder,
     limit,
     batch_size,
@@ -163,6 +171,7 @@ def eval_command(
         settings=[s.strip() for s in settings.split(",") if s.strip()],
         harmful=harmful,
         benign=benign,
+        contrast=False if contrast == "none" else contrast,
         image_folder=image_folder,
         limit=limit,
         batch_size=batch_size,

@@ -72,6 +72,11 @@ class ExactJudge:
                 return match.groupdict()
         return {}
 
+    def compositional(self, prompt: str) -> bool:
+        """A request whose harm depends on its object: its verb is a context verb."""
+        context = self.grammar.get("context_verbs", {}).get("verbs", ())
+        return self.request_slots(prompt).get("v") in context
+
     def is_refusal(self, words: list[str]) -> bool:
         """Apology words, then the refusal head, and no compliance opening after it."""
         apology, head = set(self.grammar["apology_words"]), _words(self.grammar["refusal_head"])
