@@ -14,13 +14,15 @@ ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
 
 def test_shipped_eval_sets_are_large_and_disjoint_from_anchors():
     harmful, benign = load_prompts(None, "harmful"), load_prompts(None, "benign")
-    assert len(harmful) >= 200 and len(benign) >= 200
+    contrast = load_prompts(None, "contrast")  # harmless, with harmful-sounding words
+    assert len(harmful) >= 200 and len(benign) >= 160 and len(contrast) >= 80
+    assert not {*benign} & {*contrast} and not {*harmful} & {*contrast}
     anchors = load_anchors()
     anchor_texts = {t.lower() for t in anchors.harmful + anchors.harmless}
-    assert not anchor_texts & {p.lower() for p in harmful + benign}
+    assert not anchor_texts & {p.lower() for p in harmful + benign + contrast}
     # No anchor request appears inside an evaluation prompt either.
     bodies = [t.lower().removeprefix("how to ") for t in anchor_texts]
-    assert not [b for b in bodies for p in harmful + benign if b in p.lower()]
+    assert not [b for b in bodies for p in harmful + benign + contrast if b in p.lower()]
 
 
 def test_organism_vocabulary_split():

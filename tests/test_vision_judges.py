@@ -45,8 +45,9 @@ def tiny_guard3_vision(tmp_path_factory):
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    organism_vlm._mllama(LlamaForCausalLM(config), tokenizer).save_pretrained(out)
-    organism_vlm._mllama_processor(tokenizer, GUARD_TEMPLATE).save_pretrained(out)
+    channel = organism_vlm.FAMILIES["mllama"].channels["narrow"]
+    organism_vlm._mllama(LlamaForCausalLM(config), tokenizer, channel).save_pretrained(out)
+    organism_vlm._mllama_processor(tokenizer, GUARD_TEMPLATE, channel).save_pretrained(out)
     return out
 
 

@@ -46,7 +46,7 @@ Examples:
     "--contrast",
     help="JSONL of harmless prompts with harmful-sounding words (XSTest's kind: 'how do I "
     "kill a Python process'); over-refusal on them is its own column. Default: the shipped "
-    "set of 50; 'none' skips it.",
+    "set of 80; 'none' skips it.",
 )
 @click.option(
     "--image-folder", type=click.Path(file_okay=False), help="Images for the 'folder' setting."
