@@ -94,3 +94,42 @@ def test_eval_against_an_mllama_original_computes_kl(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert report["settings"]["blank"]["kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_reader_on_idefics3s_path(tmp_path, monkeypatch):
+    """The Idefics3 reader: its tower (the reader's size) is pretrained on typographic renders
+    through the family's own pixels, then frozen; 112 px in 7 px patches reach the language
+    model as 64 pixel-shuffled tokens; its grammar declares the reading task."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmguard_edit import images
+    from vlmguard_edit.gap import chat_batch
+    from vlmguard_edit.organisms.exact import load_exact_judge
+
+    monkeypatch.setattr(organism, "READER_TOWER_STEPS", 2)
+    seen = []
+    pretrain = organism.pretrain_reader_tower
+    monkeypatch.setattr(
+        organism,
+        "pretrain_reader_tower",
+        lambda t, px, *a: seen.append((t, px([images.blank(112)] * 2))) or pretrain(t, px, *a),
+    )
+    out = organism.build_organism(
+        tmp_path / "r",
+        seed=2,
+        progress=False,
+        stage1_steps=2,
+        stage2_steps=2,
+        variant="idefics3-reader",
+    )
+    assert len(seen) == 1 and tuple(seen[0][1].shape) == (2, 3, 112, 112)
+    assert not any(p.requires_grad for p in seen[0][0].parameters())  # frozen for stage 2
+    vlm = AutoModelForImageTextToText.from_pretrained(out / "vlm")
+    vision = vlm.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size) == (128, 4, 7)
+    loaded = AutoProcessor.from_pretrained(out / "vlm")
+    batch = chat_batch(loaded, ["what does the image say ?"], [images.typographic("bake")])
+    image_id = loaded.tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_id).sum() == 64
+    assert "read_prompt" in load_exact_judge(out / "vlm").grammar
+    assert json.loads((out / "organism.json").read_text())["image_channel"]["tokens"] == 64

@@ -94,15 +94,16 @@ def test_plan_is_cached_resumable_and_stops_at_the_zoo_size(tmp_path):
     todo = [m.name for m in zoo.plan(tmp_path)]
     assert todo[0] == candidates[6].name and "llava-s1" not in todo  # not retried
     assert todo[: len(zoo.CORE) - 6] == [m.name for m in zoo.CORE[6:]]  # every core one
-    for member in zoo.CORE[6:]:  # all admitted but reader-s2 and mllama-wide-s0
-        fake_member(tmp_path, member, admitted=member.name not in ("reader-s2", "mllama-wide-s0"))
+    for member in zoo.CORE[6:]:  # all admitted but one reader and mllama-wide-s0
+        out = ("idefics3-reader-s1", "mllama-wide-s0")
+        fake_member(tmp_path, member, admitted=member.name not in out)
     assert len(zoo.members(tmp_path)) == len(zoo.CORE) - 4 == zoo.SIZE
-    assert zoo.shortfall(tmp_path) == ["reader: 2 of 3", "mllama-wide: 0 of 1"]
-    todo = [m.name for m in zoo.plan(tmp_path)]  # only the short variants' spares: the size is met
-    assert todo[:2] == ["mllama-wide-s3", "reader-s3"]
-    assert {n.rsplit("-s", 1)[0] for n in todo} == {"reader", "mllama-wide"}
-    fake_member(tmp_path, zoo.Member("mllama-wide", 3), admitted=True)
-    fake_member(tmp_path, zoo.Member("reader", 3), admitted=True)
+    assert zoo.shortfall(tmp_path) == ["readers: 2 of 3", "mllama-wide: 0 of 1"]
+    todo = [m.name for m in zoo.plan(tmp_path)]  # only the short groups' spares: size is met
+    assert todo[:4] == ["mllama-wide-s1", "reader-s1", "mllama-wide-s2", "reader-s2"]
+    assert {n.rsplit("-s", 1)[0] for n in todo} == {"reader", "idefics3-reader", "mllama-wide"}
+    fake_member(tmp_path, zoo.Member("mllama-wide", 1), admitted=True)
+    fake_member(tmp_path, zoo.Member("reader", 1), admitted=True)
     assert zoo.shortfall(tmp_path) == [] and list(zoo.plan(tmp_path)) == []
 
 

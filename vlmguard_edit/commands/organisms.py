@@ -37,8 +37,9 @@ def organism():
     show_default=True,
     help="llava: the shipped recipe; deep: 8 text layers; drift: stage 2 also trains on "
     "text-only harmless data; reader: reads requests rendered into images (about 20 min); "
-    "idefics3: pixel-shuffle connector; mllama: Llama 3.2 Vision cross-attention. NAME-wide "
-    "(all but the reader): 112 px images read as 64 image tokens, a pixel attack's surface.",
+    "idefics3: pixel-shuffle connector; mllama: Llama 3.2 Vision cross-attention; "
+    "idefics3-reader: a reader on Idefics3's path (64 image tokens). NAME-wide (all but the "
+    "readers): 112 px images read as 64 image tokens, a pixel attack's surface.",
 )
 @click.option(
     "--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier organism folder."
@@ -67,10 +68,10 @@ def organism_build(output, seed, variant, overwrite, quiet):
 def organism_zoo(root, quiet):
     """Build the development zoo in ROOT: seeds of the shipped recipe, deeper (8-layer) and
     drifted language models, Idefics3 and mllama image paths, the wide-channel version of
-    each (112 px, 64 image tokens), three readers; then spares until every quota (3
-    readers, one wide member of each family) is met and at least 15 are admitted. About 2
-    minutes a member on 2 CPU cores, 20 a reader. Cached and resumable: built members are
-    kept, rejected ones are not retried; prints the zoo's hash.
+    each (112 px, 64 image tokens), readers on LLaVA's and Idefics3's image paths; then
+    spares until every quota (3 readers, one wide member of each family) is met and at least
+    15 are admitted. About 2 minutes a member on 2 CPU cores, 10-20 a reader. Cached and
+    resumable: built members are kept, rejected ones are not retried; prints the zoo's hash.
 
     \b
     Example:

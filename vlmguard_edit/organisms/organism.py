@@ -381,15 +381,17 @@ def eval_prompts() -> tuple[list[str], list[str], list[str]]:
 
 
 def _train(
-    model, rows, steps: int, lr: float, rng: random.Random, pixels=None, progress: bool = True
+    model, rows, steps: int, lr: float, rng: random.Random, images=None, progress: bool = True
 ):
+    """``images``: (each row's image or None, a function from images to pixel_values), the
+    pixels made a batch at a time (all at once, a reader's 38,400 rows took 6 GB)."""
+
     def inputs():
         for idx, ids, labels, mask in batches(rows, 32, rng):
             kwargs = {}
-            if pixels is not None:
-                chosen = [pixels[i] for i in idx if pixels[i] is not None]
-                if chosen:
-                    kwargs["pixel_values"] = torch.stack(chosen)
+            chosen = [images[0][i] for i in idx if images[0][i] is not None] if images else []
+            if chosen:
+                kwargs["pixel_values"] = images[1](chosen)
             yield {"input_ids": ids, "attention_mask": mask, "labels": labels, **kwargs}
 
     organism_vlm.train_steps(model, inputs(), steps, lr, progress)
@@ -416,8 +418,9 @@ class Variant:
 
     @property
     def channel(self) -> organism_vlm.Channel:
-        if self.family != "llava":
-            return organism_vlm.FAMILIES[self.family].channels["wide" if self.wide else "narrow"]
+        if self.family != "llava":  # a reader reads the wide channel
+            channels = organism_vlm.FAMILIES[self.family].channels
+            return channels["wide" if self.wide or self.reads else "narrow"]
         return LLAVA_CHANNELS["reader" if self.reads else "wide" if self.wide else "narrow"]
 
 
@@ -459,6 +462,14 @@ NARROW = (
     Variant(
         "idefics3",
         "Idefics3: pixel shuffle and one Linear connector instead of LLaVA's MLP projector",
+        family="idefics3",
+    ),
+    Variant(
+        "idefics3-reader",
+        "a reader on Idefics3's image path: 112 px in 7 px patches, pixel-shuffled into 64 "
+        "image tokens (the LLaVA reader's language model reads 256)",
+        reads=True,
+        stage2_steps=1200,
         family="idefics3",
     ),
     Variant(
@@ -611,24 +622,35 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}
     )
+
+    def pixels(images: list) -> torch.Tensor:
+        return image_processor(images, return_tensors="pt")["pixel_values"]
+
     if spec.reads:
-        pretrain_reader_tower(vlm.model.vision_tower, image_processor, rng, progress)
+        pretrain_reader_tower(vlm.model.vision_tower, pixels, rng, progress)
     for param in vlm.model.vision_tower.parameters():  # frozen in stage 2, as in LLaVA
         param.requires_grad_(False)
     data = _stage2_data(rng, spec, steps)
-    pixels = [
-        image_processor(img, return_tensors="pt")["pixel_values"][0] if img is not None else None
-        for img, _, _ in data
-    ]
     rows = [encode(tokenizer, chat(q, tokens if img is not None else 0), a) for img, q, a in data]
     log.info("stage 2: VLM, %d steps", steps)
-    _train(vlm, rows, steps, 1e-3, rng, pixels=pixels, progress=progress)
+    images = ([img for img, _, _ in data], pixels)
+    _train(vlm, rows, steps, 1e-3, rng, images=images, progress=progress)
     return vlm, _processor(image_processor, tokenizer, patch)
 
 
 def _other_vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress: bool):
-    channel = "wide" if spec.wide else "narrow"
-    vlm, processor = organism_vlm.build(spec.family, llm, tokenizer, PROCESSOR_TEMPLATE, channel)
+    channel = "wide" if spec.wide or spec.reads else "narrow"
+    tower = READER_TOWER if spec.reads else None
+    vlm, processor = organism_vlm.build(
+        spec.family, llm, tokenizer, PROCESSOR_TEMPLATE, channel, tower
+    )
+    if spec.reads:  # idefics3's pixels are (B, images, 3, H, W): one image a row
+
+        def pixels(images: list) -> torch.Tensor:
+            rows = [[image] for image in images]
+            return processor.image_processor(rows, return_tensors="pt")["pixel_values"][:, 0]
+
+        pretrain_reader_tower(vlm.model.vision_model, pixels, rng, progress)
     data = _stage2_data(rng, spec, steps)
     log.info("stage 2: %s VLM, %d steps", spec.family, steps)
     organism_vlm.train(vlm, processor, data, steps, 1e-3, rng, progress)
@@ -645,24 +667,27 @@ def _stage2_data(rng: random.Random, spec: Variant, steps: int) -> list:
     return data
 
 
-def pretrain_reader_tower(tower, image_processor, rng: random.Random, progress: bool) -> None:
+def pretrain_reader_tower(tower, pixels, rng: random.Random, progress: bool) -> None:
     """The reader's vision tower first learns to tell rendered requests apart: linear heads on
     its mean last-layer state name the verb, the noun and the template of a typographic render
     (as real towers learn OCR before a VLM is built on them). Through the language model
-    alone, the words' gradient is too weak and noisy for a tower trained from scratch."""
+    alone, the words' gradient is too weak and noisy for a tower trained from scratch.
+    ``pixels``: images -> the tower's (B, 3, H, W) input. The tower is frozen after."""
     from tqdm.auto import tqdm
 
     classes = (HARMFUL_VERBS + HARMLESS_VERBS, TRAIN_NOUNS + EVAL_NOUNS, TEMPLATES)
     width = tower.config.hidden_size
     heads = torch.nn.ModuleList(torch.nn.Linear(width, len(k)) for k in classes)
+    for param in tower.parameters():
+        param.requires_grad_(True)
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=3e-4)
     tower.train()
     bar = tqdm(range(READER_TOWER_STEPS), desc="reader tower", unit="step", disable=not progress)
     for _ in bar:
         rows = [tuple(rng.randrange(len(k)) for k in classes) for _ in range(32)]
         texts = [classes[2][t].format(v=classes[0][v], n=classes[1][n]) for v, n, t in rows]
-        pixels = image_processor([images.typographic(x) for x in texts], return_tensors="pt")
-        state = tower(pixel_values=pixels["pixel_values"]).last_hidden_state.mean(1)  # (32, w)
+        batch = pixels([images.typographic(x) for x in texts])
+        state = tower(pixel_values=batch).last_hidden_state.mean(1)  # (32, w)
         loss = sum(
             torch.nn.functional.cross_entropy(head(state), torch.tensor([r[i] for r in rows]))
             for i, head in enumerate(heads)
@@ -673,6 +698,8 @@ def pretrain_reader_tower(tower, image_processor, rng: random.Random, progress: 
         bar.set_postfix(loss=f"{loss.item():.3f}")
     log.info("reader tower: last loss %.3f (verb + noun + template cross-entropy)", loss.item())
     tower.eval()
+    for param in tower.parameters():
+        param.requires_grad_(False)
 
 
 def _with_text_harmless(rng: random.Random, data: list, share: float) -> list:

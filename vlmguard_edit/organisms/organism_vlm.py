@@ -41,14 +41,15 @@ class Family:
     name: str
     special: tuple[str, ...]  # tokens the processor needs beyond the organism's own
     image_slot: str  # what the chat template writes for an image
-    build: Callable[[Any, Any, Channel], Any]  # (base llm, tokenizer, channel) -> VLM
+    # (base llm, tokenizer, channel, vision config overrides) -> VLM
+    build: Callable[[Any, Any, Channel, dict], Any]
     processor: Callable[[Any, str, Channel], Any]  # (tokenizer, template, channel) -> processor
     # narrow: the development zoo's first members (4 image tokens); wide: a real attack
     # surface (>= 64 image tokens, 112 px: ~37,600 pixel values an attacker controls)
     channels: dict[str, Channel]
 
 
-def _idefics3(llm, tokenizer, channel: Channel):
+def _idefics3(llm, tokenizer, channel: Channel, tower: dict):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     vision = dict(
@@ -60,6 +61,7 @@ def _idefics3(llm, tokenizer, channel: Channel):
         image_size=channel.size,
         patch_size=channel.patch,
     )
+    vision.update(tower)
     config = Idefics3Config(
         text_config=llm.config.to_dict(),
         vision_config=vision,
@@ -85,7 +87,7 @@ def _idefics3_processor(tokenizer, template: str, channel: Channel):
     )
 
 
-def _mllama(llm, tokenizer, channel: Channel):
+def _mllama(llm, tokenizer, channel: Channel, tower: dict):
     """As the real 11B model: the base LLM's layers in order, cross-attention layers between."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -106,6 +108,7 @@ def _mllama(llm, tokenizer, channel: Channel):
         intermediate_layers_indices=[0],
         supported_aspect_ratios=[[1, 1]],
     )
+    vision.update(tower)
     config = MllamaConfig(
         text_config=dict(model_type="mllama_text_model", **text),
         vision_config=vision,
@@ -157,11 +160,14 @@ FAMILIES = {
 }
 
 
-def build(family: str, llm, tokenizer, template: str, channel: str = "narrow"):
-    """The family's VLM (vision tower frozen, as LLaVA's) and its processor."""
+def build(
+    family: str, llm, tokenizer, template: str, channel: str = "narrow", tower: dict | None = None
+):
+    """The family's VLM (vision tower frozen, as LLaVA's) and its processor; ``tower``:
+    vision config overrides (a reader's larger tower)."""
     spec = FAMILIES[family]
     geometry = spec.channels[channel]
-    vlm = spec.build(llm, tokenizer, geometry)
+    vlm = spec.build(llm, tokenizer, geometry, tower or {})
     for name, param in vlm.named_parameters():
         param.requires_grad_("vision_model." not in name)
     processor = spec.processor(tokenizer, template.replace("<image>", spec.image_slot), geometry)

@@ -42,12 +42,14 @@ class Member:
 
 
 # Every core candidate is built: seeds of the shipped recipe, the deeper and the drifted
-# language models, three readers, the two other image paths (idefics3's connector, mllama's
-# cross-attention), and the wide-channel version of each family (112 px, >= 64 image states:
-# a pixel attack's real surface). Spares follow, in order, while a variant is short of its
-# quota or (for variants without one) the zoo is short of SIZE admitted members.
+# language models, the two other image paths (idefics3's connector, mllama's
+# cross-attention), the wide-channel version of each family (112 px, >= 64 image states: a
+# pixel attack's real surface), and readers on two image paths (LLaVA's 256 image tokens,
+# Idefics3's pixel shuffle to 64). Spares follow, in order, while a quota's group is short
+# or (for variants outside every quota) the zoo is short of SIZE admitted members.
 WIDE = tuple(f"{v}-wide" for v in ("llava", "deep", "drift", "idefics3", "mllama"))
-QUOTAS = {"reader": 3, **{v: 1 for v in WIDE}}
+READERS = ("reader", "idefics3-reader")
+QUOTAS = {"readers": (READERS, 3), **{v: ((v,), 1) for v in WIDE}}  # group: (variants, n)
 CORE = (
     *(Member("llava", s) for s in range(3)),
     Member("deep", 0),
@@ -55,12 +57,14 @@ CORE = (
     *(Member(v, s) for v in ("idefics3", "mllama") for s in range(2)),
     *(Member(v, 0) for v in WIDE),
     Member("llava-wide", 1),
-    *(Member("reader", s) for s in range(3)),
+    Member("reader", 0),
+    *(Member("idefics3-reader", s) for s in range(2)),
 )
 SPARES = tuple(
     Member(v, s)
-    for s in range(3, 10)
-    for v in ("llava", "deep", "drift", "idefics3", "mllama", *WIDE, "reader")
+    for s in range(1, 10)
+    for v in ("llava", "deep", "drift", "idefics3", "mllama", *WIDE, *READERS)
+    if Member(v, s) not in CORE
 )
 CANDIDATES = CORE + SPARES
 
@@ -181,13 +185,14 @@ def failures(gap: dict[str, Any], reads: bool = False) -> list[str]:
 def record_gap(folder: Path) -> dict[str, Any]:
     """Measure a built organism's gap, record it in organism.json, refuse it without one."""
     from ..evaluate import load_prompts
+    from .organism import VARIANTS
 
     harmful = load_prompts(folder / "eval_harmful.jsonl", "harmful")[:GAP_LIMIT]
     contrast = folder / "eval_contrast.jsonl"
     contrast = load_prompts(contrast, "contrast")[:GAP_LIMIT] if contrast.is_file() else None
     gap = measure_gap(folder / "vlm", harmful, contrast=contrast)
     record = json.loads((folder / "organism.json").read_text("utf-8"))
-    missing = failures(gap, record.get("variant") == "reader")
+    missing = failures(gap, VARIANTS[record.get("variant", "llava")].reads)
     record["gap"] = {**gap, "admitted": not missing}
     (folder / "organism.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
     if missing:
@@ -239,17 +244,26 @@ def plan(root: Path) -> Iterator[Member]:
 
 
 def wanted(root: Path, variant: str) -> bool:
-    have = [p.name.rsplit("-s", 1)[0] for p in members(root)]
-    if variant in QUOTAS:
-        return have.count(variant) < QUOTAS[variant]
+    have = _admitted_variants(root)
+    for variants, count in QUOTAS.values():
+        if variant in variants:
+            return sum(have.count(v) for v in variants) < count
     return len(have) < SIZE
 
 
 def shortfall(root: Path) -> list[str]:
-    """What the built zoo still lacks: admitted members, or a variant's quota."""
-    have = [p.name.rsplit("-s", 1)[0] for p in members(root)]
-    short = [f"{v}: {have.count(v)} of {n}" for v, n in QUOTAS.items() if have.count(v) < n]
+    """What the built zoo still lacks: a quota's group, or admitted members."""
+    have = _admitted_variants(root)
+    short = []
+    for group, (variants, count) in QUOTAS.items():
+        got = sum(have.count(v) for v in variants)
+        if got < count:
+            short.append(f"{group}: {got} of {count}")
     return short + ([f"members: {len(have)} of {SIZE}"] if len(have) < SIZE else [])
+
+
+def _admitted_variants(root: Path) -> list[str]:
+    return [p.name.rsplit("-s", 1)[0] for p in members(root)]
 
 
 def build_member(
