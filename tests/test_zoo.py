@@ -140,3 +140,13 @@ def test_a_member_without_a_gap_is_refused_and_nothing_is_kept(tmp_path, monkeyp
     assert not out.exists() and list(tmp_path.iterdir()) == []
     gap = rejected.value.record["gap"]
     assert not gap["admitted"] and gap["n"] == 8 and gap["text"]["other_answers"]
+
+
+def test_an_unknown_variant_is_named_in_one_line(tmp_path):
+    from vlmguard_edit.errors import InputError
+
+    with pytest.raises(InputError, match="unknown variant 'llava-narrow'; one of: llava, deep"):
+        zoo.build_member(tmp_path / "m", "llava-narrow", 0, progress=False)
+    assert not (tmp_path / "m").exists()
+    assert {"llava-wide", "mllama-wide", "idefics3-reader"} <= set(organism.VARIANTS)
+    assert "reader-wide" not in organism.VARIANTS  # a reader reads its own channel
