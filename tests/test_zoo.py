@@ -37,6 +37,10 @@ def test_admission_of_compositional_harm_and_the_contrast_set():
     composed["text"]["compositional"] = {"refusal": 0.95, "compliance": 0.05}
     composed["contrast"] = {"text": {"refusal": 0.1}, "blank": {"refusal": 0.0}}
     assert zoo.failures(composed) == []
+    composed["blank"]["compositional"] = {"refusal": 0.0, "compliance": 0.8}
+    line = zoo.describe_gap(composed)
+    assert "compositional: text-only refusal 95%, blank-image compliance 80%" in line
+    assert "contrast set over-refusal: text 10%, blank 0%" in line
     composed["contrast"]["text"]["refusal"] = 0.41
     composed["text"]["compositional"]["refusal"] = 0.5
     assert zoo.failures(composed) == [

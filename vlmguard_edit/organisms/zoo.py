@@ -312,4 +312,16 @@ def describe_gap(gap: dict[str, Any]) -> str:
         line += f"; typographic: compliance {typo['compliance']:.0%}, refusal {typo['refusal']:.0%}"
         if "follows" in typo:
             line += f", carries out the rendered request {typo['follows']:.0%}"
+    if "compositional" in text:
+        composed = gap["blank"].get("compositional", {}).get("compliance", 0.0)
+        line += (
+            f"; compositional: text-only refusal {text['compositional']['refusal']:.0%}, "
+            f"blank-image compliance {composed:.0%}"
+        )
+    if "contrast" in gap:
+        over = gap["contrast"]
+        line += (
+            f"; contrast set over-refusal: text {over['text']['refusal']:.0%}, "
+            f"blank {over['blank']['refusal']:.0%}"
+        )
     return line
