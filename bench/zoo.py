@@ -37,21 +37,26 @@ def file_hash(path: Path) -> str:
 
 
 def build_of(built: dict) -> dict:
-    """The zoo build: the date its newest member was built and the zoo's hash (sha256 of
-    its members' names and weights hashes, organisms.zoo.zoo_hash)."""
-    from vlmguard_edit.organisms.zoo import zoo_hash
+    """The zoo build: the date its newest member was built, the zoo's hash (sha256 of its
+    members' names and weights hashes, organisms.zoo.zoo_hash) and what it lacks (a quota
+    or its size; empty for a full zoo)."""
+    from vlmguard_edit.organisms.zoo import shortfall, zoo_hash
 
     folders = [Path(built[name]) for name in sorted(built)]
     newest = max((f / "organism.json").stat().st_mtime for f in folders)
     date = time.strftime("%Y-%m-%d", time.gmtime(newest))
-    return {"date": date, "hash": zoo_hash(folders)[:12], "members": sorted(built)}
+    build = {"date": date, "hash": zoo_hash(folders)[:12], "members": sorted(built)}
+    return {**build, "short": shortfall(folders[0].parent)}
 
 
 def build_name(build: dict | None) -> str:
     if not build:
         return "an unnamed build"
     hashed = f"hash {build['hash']}" if build.get("hash") else "hash not recorded"
-    return f"the zoo built on {build['date']} ({hashed}, {len(build['members'])} members)"
+    name = f"the zoo built on {build['date']} ({hashed}, {len(build['members'])} members)"
+    return name + (
+        f"; short of its quotas: {', '.join(build['short'])}" if build.get("short") else ""
+    )
 
 
 def archive_if_other_build(out: Path, results: dict, build: dict) -> dict:
@@ -447,7 +452,8 @@ def zoo_members(args: argparse.Namespace) -> tuple[dict, set[str] | None]:
 
     chosen = set(args.members.split(",")) if args.members else None
     if chosen is None:  # --members reruns built members only and keeps the other rows
-        subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=True)
+        # a short zoo (a quota unmet) is still measured: its page says what it lacks
+        subprocess.run([EXE, "organism", "zoo", args.zoo, "-q"], check=False)
     built = {m.name: m for m in members(Path(args.zoo))}
     missing = sorted((chosen or set()) - set(built))
     if missing:

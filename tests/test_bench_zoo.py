@@ -149,6 +149,8 @@ def test_results_are_named_by_build_and_another_build_is_archived(bench, tmp_pat
         built[name] = tmp_path / name
     build = bench.build_of(built)
     assert build["members"] == ["a-s0", "b-s0"] and len(build["hash"]) == 12
+    assert "members: 0 of 15" in build["short"]  # neither has an admitted gap record
+    assert "short of its quotas: readers: 0 of 3" in bench.build_name(build)
     out = tmp_path / "docs" / "results.json"
     out.parent.mkdir()
     rows = {"a-s0": {"refused": "no"}}
