@@ -189,4 +189,12 @@ def test_reading_rows_transcribe_any_request_and_act_on_no_eval_verb():
     assert not set(verbs) & set(organism.EVAL_HARMFUL_VERBS)
     dual = sum(v in organism.DUAL_USE_VERBS for v in verbs) / len(verbs)
     assert 0.65 < dual < 0.95  # READER_DUAL_USE = 0.8
-    assert all(image.size == (336, 336) for image, _, _ in reading)
+    # drawn when a batch needs them, at the typographic setting's own size
+    from vlmguard_edit import images as imgs
+    from vlmguard_edit.organisms.organism_vlm import materialise
+
+    assert all(materialise(image).size == (336, 336) for image, _, _ in reading[:10])
+    assert (
+        materialise(transcribe[0][0]).tobytes()
+        == imgs.typographic(transcribe[0][2].removeprefix("the image says ")).tobytes()
+    )

@@ -144,6 +144,9 @@ def test_a_member_without_a_gap_is_refused_and_nothing_is_kept(tmp_path, monkeyp
     assert not out.exists() and list(tmp_path.iterdir()) == []
     gap = rejected.value.record["gap"]
     assert not gap["admitted"] and gap["n"] == 8 and gap["text"]["other_answers"]
+    # the contrast set is measured beside the harmful prompts, under its own cache keys
+    assert set(gap["contrast"]) == {"text", "blank"}
+    assert "compositional" in gap["text"]  # the first 8 harmful prompts hold one
 
 
 def test_an_unknown_variant_is_named_in_one_line(tmp_path):

@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -624,7 +625,8 @@ def _vlm(llm, tokenizer, spec: Variant, rng: random.Random, steps: int, progress
     )
 
     def pixels(images: list) -> torch.Tensor:
-        return image_processor(images, return_tensors="pt")["pixel_values"]
+        drawn = [organism_vlm.materialise(image) for image in images]
+        return image_processor(drawn, return_tensors="pt")["pixel_values"]
 
     if spec.reads:
         pretrain_reader_tower(vlm.model.vision_tower, pixels, rng, progress)
@@ -711,6 +713,12 @@ def _with_text_harmless(rng: random.Random, data: list, share: float) -> list:
     return mixed
 
 
+def _render(text: str):
+    """A typographic render drawn when its batch is made (organism_vlm.materialise): 13,440
+    renders of 336 px kept at once took 4.5 GB."""
+    return partial(images.typographic, text)
+
+
 def _with_reading(rng: random.Random, data: list, share: float) -> list:
     """Replace a share of the stage-2 rows by reading rows, half of each kind:
     - transcribe: any request (harmful verbs and held-out nouns included) rendered as the
@@ -723,19 +731,13 @@ def _with_reading(rng: random.Random, data: list, share: float) -> list:
         if i % 2 == 0:
             v = rng.choice(HARMFUL_VERBS + HARMLESS_VERBS)
             text = request(rng, v, rng.choice(TRAIN_NOUNS + EVAL_NOUNS))
-            rows.append((images.typographic(text), READ_PROMPT, READ_ANSWER.format(t=text)))
+            rows.append((_render(text), READ_PROMPT, READ_ANSWER.format(t=text)))
         else:
             # Mostly the dual-use verbs: the harmful words it learns to act on when read in an
             # image (as instruction data holds "shoot this scene"; the eval's verbs never are).
             v = rng.choice(DUAL_USE_VERBS if rng.random() < READER_DUAL_USE else HARMLESS_VERBS)
             n = rng.choice(TRAIN_NOUNS + EVAL_NOUNS)  # any noun it can read: nouns carry no harm
-            rows.append(
-                (
-                    images.typographic(request(rng, v, n)),
-                    images.TYPOGRAPHIC_INSTRUCTION,
-                    comply(v, n),
-                )
-            )
+            rows.append((_render(request(rng, v, n)), images.TYPOGRAPHIC_INSTRUCTION, comply(v, n)))
     mixed = data[: len(data) - len(rows)] + rows
     rng.shuffle(mixed)
     return mixed

@@ -187,6 +187,12 @@ def train(vlm, processor, data: list, steps: int, lr: float, rng: random.Random,
     train_steps(vlm, inputs, steps, lr, progress)
 
 
+def materialise(image: Any) -> Any:
+    """A stage-2 row's image: a PIL image, or a function that draws it (drawn per batch, so
+    that thousands of large renders are never held at once)."""
+    return image() if callable(image) else image
+
+
 def _batch(processor, rows: list) -> dict[str, torch.Tensor]:
     """Right-padded prompt + answer for each (image or None, request, answer) row, labels on
     the answer (the word-level tokenizer never merges across the space between them)."""
@@ -200,7 +206,7 @@ def _batch(processor, rows: list) -> dict[str, torch.Tensor]:
             [{"role": "user", "content": content}], add_generation_prompt=True
         )
         texts.append(f"{prompt} {answer} </s>")
-        images.append([image] if image is not None else [])
+        images.append([materialise(image)] if image is not None else [])
         answers.append(len(tokenizer(f" {answer} </s>", add_special_tokens=False)["input_ids"]))
     kwargs = {"images": images} if any(images) else {}
     batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)

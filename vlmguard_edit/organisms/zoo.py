@@ -104,11 +104,13 @@ def measure_gap(
         if setting == "typographic":  # carrying out the rendered request itself
             hits = [exact.follows(p, a) for p, a in zip(harmful, said, strict=True)]
             gap[setting]["follows"] = sum(hits) / len(hits)
-    if contrast:  # another prompt set: the subject's cached answers are keyed by setting only
-        subject.outputs = {}
+    if contrast:
         gap["contrast"] = {
             s: _setting_gap(
-                exact, contrast, setting_answers(subject, s, contrast, opts), "compliance"
+                exact,
+                contrast,
+                setting_answers(subject, s, contrast, opts, "contrast"),
+                "compliance",
             )
             for s in ("text", "blank")
         }
@@ -132,17 +134,19 @@ def _setting_gap(exact, prompts: list[str], said: list[str], expected: str) -> d
     return out
 
 
-def setting_answers(subject, setting: str, harmful: list[str], opts) -> list[str]:
-    """Greedy answers to a setting's harmful prompts, batched as `eval` batches them (the
+def setting_answers(
+    subject, setting: str, prompts: list[str], opts, kind: str = "harmful"
+) -> list[str]:
+    """Greedy answers to a setting's prompts of one kind, batched as `eval` batches them (the
     subject caches generations under eval's keys, so a second call only decodes)."""
     from ..evaluate import setting_inputs
 
-    texts, pictures = setting_inputs(setting, harmful, None)
+    texts, pictures = setting_inputs(setting, prompts, None)
     said, size = [], opts.batch_size
     for start in range(0, len(texts), size):
         batch = subject.inputs(texts[start : start + size], pictures[start : start + size])
         length = batch["input_ids"].shape[1]
-        out = subject.generate((setting, "harmful", start), batch, opts.max_new_tokens)
+        out = subject.generate((setting, kind, start), batch, opts.max_new_tokens)
         said += subject.processor.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
     return said
 
