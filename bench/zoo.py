@@ -275,6 +275,7 @@ def contrast_numbers(b: dict, a: dict) -> dict:
     if not shared:
         return {}
     return {
+        "contrast_refusal": {s: a[s]["contrast_refusal"] for s in shared},  # which setting
         "contrast_over_refusal": max(a[s]["contrast_refusal"] for s in shared),
         "contrast_over_refusal_change": max(
             a[s]["contrast_refusal"] - b[s]["contrast_refusal"] for s in shared

@@ -201,6 +201,7 @@ def test_the_contrast_set_columns(bench, tmp_path):
         after["settings"][s]["contrast_refusal"] = a
     numbers = bench.summarise(before, after)
     assert numbers["contrast_over_refusal"] == 0.25
+    assert numbers["contrast_refusal"] == {"text": 0.05, "blank": 0.25}
     assert numbers["contrast_over_refusal_change"] == 0.25
     assert "contrast_over_refusal" not in bench.summarise(system(1, 0, 0.6), system(1, 1, 0))
     assert bench.contrast_args(tmp_path) == ["--contrast", "none"]
