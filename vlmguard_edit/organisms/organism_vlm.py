@@ -49,7 +49,7 @@ class Family:
     channels: dict[str, Channel]
 
 
-def _idefics3(llm, tokenizer, channel: Channel, tower: dict):
+def _idefics3(llm, tokenizer, channel: Channel, tower: dict | None = None):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     vision = dict(
@@ -61,7 +61,7 @@ def _idefics3(llm, tokenizer, channel: Channel, tower: dict):
         image_size=channel.size,
         patch_size=channel.patch,
     )
-    vision.update(tower)
+    vision.update(tower or {})
     config = Idefics3Config(
         text_config=llm.config.to_dict(),
         vision_config=vision,
@@ -87,7 +87,7 @@ def _idefics3_processor(tokenizer, template: str, channel: Channel):
     )
 
 
-def _mllama(llm, tokenizer, channel: Channel, tower: dict):
+def _mllama(llm, tokenizer, channel: Channel, tower: dict | None = None):
     """As the real 11B model: the base LLM's layers in order, cross-attention layers between."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -108,7 +108,7 @@ def _mllama(llm, tokenizer, channel: Channel, tower: dict):
         intermediate_layers_indices=[0],
         supported_aspect_ratios=[[1, 1]],
     )
-    vision.update(tower)
+    vision.update(tower or {})
     config = MllamaConfig(
         text_config=dict(model_type="mllama_text_model", **text),
         vision_config=vision,
