@@ -21,7 +21,7 @@ class Writers(DirectionKind):
     summary = "fold (I + beta V^T V) into o_proj/down_proj (V: the base LLM's steering direction)"
     warning = (
         "writers (the design's literal projection) removes text-only refusals on the zoo "
-        "instead of restoring refusals with images (docs/results.md); the default edit, "
+        "instead of restoring refusals with images (docs/findings.md); the default edit, "
         "lowrank-attention, restores them"
     )
 
