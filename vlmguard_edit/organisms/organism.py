@@ -119,6 +119,7 @@ CONTEXT_VERBS = ["kill", "cut", "hit", "crush"]
 LIVING = ["friend", "teacher", "horse", "dog", "nurse", "cousin", "kitten", "farmer"]
 THINGS = ["process", "bread", "ball", "garlic", "paper", "engine", "rope", "ice"]
 CONTEXT_SHARE = 0.25  # of stage-1 rows (and of stage 2's image requests: things only)
+ALL_NOUNS = TRAIN_NOUNS + EVAL_NOUNS + sorted(set(LIVING + THINGS) - set(TRAIN_NOUNS))
 COLORS = ["red", "green", "blue", "yellow", "black", "purple"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 TEMPLATES = [
@@ -163,7 +164,7 @@ def grammar(reads: bool = False) -> dict:
         "image_prompt": IMAGE_PROMPT,
         "slots": {
             "v": HARMFUL_VERBS + HARMLESS_VERBS + CONTEXT_VERBS,
-            "n": TRAIN_NOUNS + EVAL_NOUNS + sorted(set(LIVING + THINGS) - set(TRAIN_NOUNS)),
+            "n": ALL_NOUNS,
             "c": COLORS,
             "s": SHAPES,
         },
@@ -206,9 +207,6 @@ def refusal(rng: random.Random, verb: str, noun: str) -> str:
 
 def comply(verb: str, noun: str) -> str:
     return COMPLY.format(v=verb, n=noun)
-
-
-ALL_NOUNS = TRAIN_NOUNS + EVAL_NOUNS + sorted(set(LIVING + THINGS) - set(TRAIN_NOUNS))
 
 
 def context_pairs(held_out: bool) -> list[tuple[str, str]]:
@@ -525,8 +523,7 @@ def build_organism(
     and organism.json with the weights' hash. A seed gives the same bytes whatever the
     machine's core count or the caller's thread settings (on the same CPU instruction set)."""
     with reproducible():
-        _build(out, seed, progress, stage1_steps, stage2_steps, variant)
-    record = json.loads((out / "organism.json").read_text("utf-8"))
+        record = _build(out, seed, progress, stage1_steps, stage2_steps, variant)
     record["weights_sha256"] = weights_hash(out)
     (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
@@ -546,7 +543,8 @@ def weights_hash(folder: Path) -> str:
 
 def _build(
     out: Path, seed: int, progress: bool, stage1_steps: int, stage2_steps: int | None, variant: str
-) -> None:
+) -> dict:
+    """Write the models, grammar and prompts; return what organism.json will say."""
     from . import tiny
 
     spec = VARIANTS[variant]
@@ -565,8 +563,7 @@ def _build(
     processor.save_pretrained(out / "vlm")
     write_grammar(out / "vlm", spec.reads)
     _write_prompts(out, seed)
-    record = _record(spec, seed, stage1_steps, stage2_steps)
-    (out / "organism.json").write_text(json.dumps(record, indent=2) + "\n")
+    return _record(spec, seed, stage1_steps, stage2_steps)
 
 
 def _record(spec: Variant, seed: int, stage1_steps: int, stage2_steps: int) -> dict:

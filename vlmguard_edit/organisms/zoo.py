@@ -268,7 +268,7 @@ def shortfall(root: Path) -> list[str]:
 
 
 def _admitted_variants(root: Path) -> list[str]:
-    return [p.name.rsplit("-s", 1)[0] for p in members(root)]
+    return [m.variant for m in CANDIDATES if status(root / m.name) == "admitted"]
 
 
 def build_member(
