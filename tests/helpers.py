@@ -18,3 +18,18 @@ def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
             for key in handle.keys():  # noqa: SIM118
                 out[key] = handle.get_tensor(key)
     return out
+
+
+def spy_on_reader_tower(monkeypatch, organism) -> list:
+    """Two tower-pretraining steps, and each pretrain_reader_tower call's (tower, pixels
+    function) recorded, for tests of how a reader's tower is trained."""
+    monkeypatch.setattr(organism, "READER_TOWER_STEPS", 2)
+    seen = []
+    real = organism.pretrain_reader_tower
+
+    def spy(tower, pixels, *rest):
+        seen.append((tower, pixels))
+        return real(tower, pixels, *rest)
+
+    monkeypatch.setattr(organism, "pretrain_reader_tower", spy)
+    return seen

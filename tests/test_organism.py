@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers import spy_on_reader_tower
 from vlmguard_edit.anchors import load_anchors
 from vlmguard_edit.evaluate import load_prompts
 from vlmguard_edit.organisms import organism
@@ -137,18 +138,11 @@ def test_reader_smoke_build_sees_one_character_a_patch(tmp_path, monkeypatch):
 
     from vlmguard_edit import images
 
-    monkeypatch.setattr(organism, "READER_TOWER_STEPS", 2)
-    seen = []
-    pretrain = organism.pretrain_reader_tower
-    monkeypatch.setattr(
-        organism,
-        "pretrain_reader_tower",
-        lambda tower, *a: seen.append(tower) or pretrain(tower, *a),
-    )
+    seen = spy_on_reader_tower(monkeypatch, organism)
     organism.build_organism(
         tmp_path / "r", seed=3, progress=False, stage1_steps=2, stage2_steps=2, variant="reader"
     )
-    assert len(seen) == 1 and not any(p.requires_grad for p in seen[0].parameters())
+    assert len(seen) == 1 and not any(p.requires_grad for p in seen[0][0].parameters())
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "r" / "vlm")
     processor = AutoProcessor.from_pretrained(tmp_path / "r" / "vlm")
     assert model.config.vision_config.patch_size == organism.LLAVA_CHANNELS["reader"].patch

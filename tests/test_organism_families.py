@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from tests.helpers import spy_on_reader_tower
 from vlmguard_edit.organisms import organism, organism_vlm, tiny, zoo
 
 
@@ -106,14 +107,7 @@ def test_a_reader_on_idefics3s_path(tmp_path, monkeypatch):
     from vlmguard_edit.gap import chat_batch
     from vlmguard_edit.organisms.exact import load_exact_judge
 
-    monkeypatch.setattr(organism, "READER_TOWER_STEPS", 2)
-    seen = []
-    pretrain = organism.pretrain_reader_tower
-    monkeypatch.setattr(
-        organism,
-        "pretrain_reader_tower",
-        lambda t, px, *a: seen.append((t, px([images.blank(112)] * 2))) or pretrain(t, px, *a),
-    )
+    seen = spy_on_reader_tower(monkeypatch, organism)
     out = organism.build_organism(
         tmp_path / "r",
         seed=2,
@@ -122,7 +116,7 @@ def test_a_reader_on_idefics3s_path(tmp_path, monkeypatch):
         stage2_steps=2,
         variant="idefics3-reader",
     )
-    assert len(seen) == 1 and tuple(seen[0][1].shape) == (2, 3, 112, 112)
+    assert len(seen) == 1 and tuple(seen[0][1]([images.blank(112)] * 2).shape) == (2, 3, 112, 112)
     assert not any(p.requires_grad for p in seen[0][0].parameters())  # frozen for stage 2
     vlm = AutoModelForImageTextToText.from_pretrained(out / "vlm")
     vision = vlm.config.vision_config
