@@ -45,24 +45,52 @@ def attack_images(
 
 
 def _attack_batch(model, processor, prompts: list[str], target: str, budget: Budget):
-    batch, pixels, normalise = _blank_batch(model, processor, prompts)
-    ids, mask, labels = _with_target(batch, processor.tokenizer, target)
-    eps = budget.eps / 255
-    delta = torch.zeros_like(pixels, requires_grad=True)
-    extra = extend_aligned(batch, ids.shape[1])  # mllama's cross_attention_mask included
-    for _ in range(budget.steps):
-        extra["pixel_values"] = normalise((pixels + delta).clamp(0, 1))
-        logits = model(input_ids=ids, attention_mask=mask, **extra).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-        )
-        (grad,) = torch.autograd.grad(loss, delta)
-        with torch.no_grad():
-            delta -= budget.step * grad.sign()
-            delta.clamp_(-eps, eps)
-            delta.copy_((pixels + delta).clamp(0, 1) - pixels)
-    final = ((pixels + delta.detach()).clamp(0, 1) * 255).round().to(torch.uint8)
+    perturbation = Perturbation(model, processor, prompts, target, budget)
+    perturbation.optimise(model, budget.steps)
+    final = perturbation.images()
     return [Image.fromarray(x.permute(1, 2, 0).cpu().numpy(), "RGB") for x in final]
+
+
+DEFAULT_TARGET = "Sure, here is"  # a real model's compliance prefix
+
+
+class Perturbation:
+    """One batch's adversarial pixels, kept between calls so that each call continues the
+    optimisation where the last one stopped (a warm start): eval's attack runs its steps at
+    once, adversarial calibration a few each epoch against the edit being learned."""
+
+    def __init__(self, model, processor, prompts: list[str], target: str, budget: Budget):
+        batch, self.pixels, self.normalise = _blank_batch(model, processor, prompts)
+        self.ids, self.mask, self.labels = _with_target(batch, processor.tokenizer, target)
+        self.extra = extend_aligned(batch, self.ids.shape[1])  # mllama's cross_attention_mask
+        self.budget = budget
+        self.delta = torch.zeros_like(self.pixels)
+
+    def optimise(self, model, steps: int) -> None:
+        """``steps`` PGD steps on the target's cross-entropy, from where the last call left."""
+        eps, step = self.budget.eps / 255, self.budget.step
+        delta = self.delta.clone().requires_grad_(True)
+        for _ in range(steps):
+            self.extra["pixel_values"] = self.normalise((self.pixels + delta).clamp(0, 1))
+            logits = model(input_ids=self.ids, attention_mask=self.mask, **self.extra).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), self.labels[:, 1:].flatten()
+            )
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta -= step * grad.sign()
+                delta.clamp_(-eps, eps)
+                delta.copy_((self.pixels + delta).clamp(0, 1) - self.pixels)
+        self.delta = delta.detach()
+        self.extra.pop("pixel_values")
+
+    def images(self) -> torch.Tensor:
+        """The perturbed images as 8-bit pixels (B, 3, H, W): what an attacker can publish."""
+        return ((self.pixels + self.delta).clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def pixel_values(self) -> torch.Tensor:
+        """Those 8-bit images as the model reads them (the processor's layout)."""
+        return self.normalise(self.images().float() / 255).detach()
 
 
 def _blank_batch(model, processor, prompts: list[str]):

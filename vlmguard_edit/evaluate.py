@@ -69,10 +69,7 @@ class AttackOptions:
 
     eps: tuple[int, ...] = (16, 64)
     steps: int = 200
-    target: str | None = None  # None: the organism's compliance prefix, else DEFAULT_TARGET
-
-
-DEFAULT_TARGET = "Sure, here is"  # a real model's compliance prefix
+    target: str | None = None  # None: the organism's compliance prefix, else attack's default
 
 
 def load_prompts(source: str | Path | None, kind: str) -> list[str]:
@@ -235,6 +232,8 @@ def attack_inputs(setting, kind, prompts, subject, original, opts: EvalOptions):
 def attack_target(opts: EvalOptions) -> str:
     """What the attack makes the model say: --attack-target, the organism's own compliance
     prefix, or a real model's usual one."""
+    from .attack import DEFAULT_TARGET
+
     if opts.attack.target:
         return opts.attack.target
     return opts.exact.compliance_prefix if opts.exact is not None else DEFAULT_TARGET

@@ -52,6 +52,9 @@ class Recipe:
     preservation_weight: float = 2.0
     # Recombined anchor pairs taught on typographic renders (learned.recombine); 0: none.
     recombine: int = 0
+    # Adversarial calibration (learned.adversarial): {eps: in 1/255, steps: PGD steps per
+    # epoch} for images crafted against the edit as it learns; None: off.
+    adversarial: dict[str, int] | None = None
     notes: str | None = None
     # The layout family (model type) the recipe was written for: convert warns when the model
     # is of another one, and the generated family table lists the recipe. None: any family

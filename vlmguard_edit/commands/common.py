@@ -86,7 +86,7 @@ def direction_options(func):
 
 
 # learned_options' recipe keys that convert and calibrate pass through as they are.
-LEARNED_KEYS = ("preservation_weight", "recombine")
+LEARNED_KEYS = ("preservation_weight", "recombine", "adversarial")
 
 
 def learned_options(prefix: str):
@@ -126,8 +126,34 @@ def learned_options(prefix: str):
             help=f"{prefix}Also teach N recombined anchor pairs (one pair's changed words in "
             "another's sentence) on typographic renders (default 0).",
         ),
+        click.option(
+            "--adversarial",
+            callback=_adversarial,
+            metavar="EPS:STEPS|off",
+            help=f"{prefix}Also train on images crafted against the edit as it learns: PGD on "
+            "a blank image's pixels, L-inf EPS/255, STEPS more steps each epoch (e.g. 64:10); "
+            "off: none (default: off).",
+        ),
     ]
     return _stacked(options)
+
+
+def _adversarial(ctx, param, value: str | None):
+    """'64:10' -> {eps: 64, steps: 10}; 'off' -> OFF (no adversarial rows); None: not given."""
+    if value is None:
+        return None
+    if value == "off":
+        return OFF
+    try:
+        eps, steps = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use EPS:STEPS or off", param=param) from None
+    if not 1 <= eps <= 255 or steps < 1:
+        raise click.BadParameter(f"{value!r}: 1 <= EPS <= 255, STEPS >= 1", param=param)
+    return {"eps": eps, "steps": steps}
+
+
+OFF = "off"  # an option given as off: the recipe's value becomes None
 
 
 def _stacked(options: list):
@@ -193,10 +219,9 @@ def build_recipe(kw: dict, base_llm: str | None, default: bool = True, **extra):
         "batch_size": kw.pop("batch_size"),
         **extra,
     }
+    given = {k: v for k, v in training_length(changes).items() if v is not None}
     return dataclasses.replace(
-        recipe,
-        base_llm=base,
-        **{k: v for k, v in training_length(changes).items() if v is not None},
+        recipe, base_llm=base, **{k: None if v == OFF else v for k, v in given.items()}
     )
 
 

@@ -117,7 +117,9 @@ class LearnedKind(EditKind):
         if recipe.preserve_images:
             parts += ["--preserve-images", ",".join(recipe.preserve_images)]
         parts += ["--preservation-weight", f"{recipe.preservation_weight:g}"]
-        return parts + (["--recombine", str(recipe.recombine)] if recipe.recombine else [])
+        parts += ["--recombine", str(recipe.recombine)] if recipe.recombine else []
+        attack = recipe.adversarial
+        return parts + (["--adversarial", f"{attack['eps']}:{attack['steps']}"] if attack else [])
 
 
 def modules_of(plan: Plan) -> list[str]:
@@ -185,7 +187,12 @@ def _settings(recipe, kind: LearnedKind):
         preserve_text=kind.preserve_text,
         preservation_weight=recipe.preservation_weight,
         recombined=recipe.recombine,
+        adversarial=_adversarial(recipe.adversarial),
     )
+
+
+def _adversarial(value: dict[str, int] | None) -> tuple[int, int] | None:
+    return None if value is None else (value["eps"], value["steps"])
 
 
 def _teacher(opts, subject: Any, device: str) -> tuple[Any, str]:

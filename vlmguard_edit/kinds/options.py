@@ -105,7 +105,37 @@ RECOMBINE = Option(
     _checked(lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "recombined anchor pairs taught on renders",
 )
-LEARNED = (EPOCHS, LEARNING_RATE, IMAGES, PRESERVE_IMAGES, SEARCH, PRESERVATION_WEIGHT, RECOMBINE)
+
+
+def _adversarial(value: Any) -> dict[str, int] | None:
+    """None (off; YAML's ``off`` reads as false), or {eps: 1-255 (in 1/255), steps: PGD steps
+    per epoch >= 1}."""
+    expected = "off or {eps: 1-255, steps: N >= 1}"
+    if value is None or value is False or value == "off":
+        return None
+    good = isinstance(value, dict) and set(value) == {"eps", "steps"}
+    good = good and all(is_int(value[k]) for k in ("eps", "steps"))
+    if not good or not 1 <= value["eps"] <= 255 or value["steps"] < 1:
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return {"eps": value["eps"], "steps": value["steps"]}
+
+
+ADVERSARIAL = Option(
+    "adversarial",
+    None,
+    _adversarial,
+    "images crafted against the edit as it learns {eps, steps per epoch}",
+)
+LEARNED = (
+    EPOCHS,
+    LEARNING_RATE,
+    IMAGES,
+    PRESERVE_IMAGES,
+    SEARCH,
+    PRESERVATION_WEIGHT,
+    RECOMBINE,
+    ADVERSARIAL,
+)
 
 
 def defaults(options: tuple[Option, ...]) -> dict[str, Any]:

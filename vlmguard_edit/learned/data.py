@@ -45,6 +45,9 @@ class Settings:
     # layer's activations instead of all layers'; time: about one more forward). None: on
     # CUDA only, where a real model's activations are what fills the GPU.
     checkpointing: bool | None = None
+    # (eps in 1/255, PGD steps per epoch): also train on images crafted against the edit as
+    # it is learned (learned.adversarial). None: no adversarial rows.
+    adversarial: tuple[int, int] | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .adversarial import Adversarial, adversarial_rows, attack_target
 from .data import (
     Batch,
     Settings,
@@ -62,7 +63,11 @@ def learn(
         fit += _text_batches(model, processor, fit_h + fit_b, settings)
         val += _text_batches(model, processor, val_h + val_b, settings)
     before = score(model, val)
-    fitted = _fit_candidates(model, modules, fit, settings, progress)
+    attacked = None
+    if settings.adversarial:
+        target = attack_target(task)
+        attacked = adversarial_rows(model, processor, fit_h, fit_b, settings, teacher, target)
+    fitted = _fit_candidates(model, modules, fit, settings, progress, attacked)
     tried = []
     for (epochs, rate), deltas in fitted.items():
         with hooks(modules, deltas):
@@ -144,33 +149,44 @@ def pick(tried: list[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], Any]:
     )
 
 
-def _fit_candidates(model, modules, fit: list[Batch], settings: Settings, progress: bool):
+def _fit_candidates(
+    model, modules, fit: list[Batch], settings: Settings, progress: bool, attacked=None
+):
     """The deltas of every (epochs, learning rate) candidate, in the search's order.
     Candidates of one learning rate share one run, read at each of their epoch counts: a
-    10-epoch run is exactly the first 10 epochs of a 20-epoch one (same seed, same order)."""
+    10-epoch run is exactly the first 10 epochs of a 20-epoch one (same seed, same order).
+    ``attacked``: adversarial rows, re-attacked from blank images in every run."""
     candidates = settings.candidates or ((settings.epochs, settings.learning_rate),)
     by_candidate = {}
     for rate in dict.fromkeys(r for _, r in candidates):
         counts = {e for e, r in candidates if r == rate}
         run = replace(settings, epochs=max(counts), learning_rate=rate)
-        snapshots = _fit_snapshots(model, modules, fit, run, progress, counts)
+        snapshots = _fit_snapshots(model, modules, fit, run, progress, counts, attacked)
         by_candidate |= {(epochs, rate): deltas for epochs, deltas in snapshots.items()}
     return {c: by_candidate[c] for c in dict.fromkeys(candidates)}
 
 
-def _fit(model, modules, fit: list[Batch], settings: Settings, progress: bool):
+def _fit(model, modules, fit: list[Batch], settings: Settings, progress: bool, attacked=None):
     """The deltas learned over settings.epochs."""
-    return _fit_snapshots(model, modules, fit, settings, progress, {settings.epochs})[
+    return _fit_snapshots(model, modules, fit, settings, progress, {settings.epochs}, attacked)[
         settings.epochs
     ]
 
 
-def _fit_snapshots(model, modules, fit: list[Batch], settings, progress, at: set[int]):
+def _fit_snapshots(
+    model,
+    modules,
+    fit: list[Batch],
+    settings,
+    progress,
+    at: set[int],
+    attacked: Adversarial | None = None,
+):
     """The learned deltas after each epoch count in ``at``, by count."""
     deltas = _initial(modules, settings)
     for delta in deltas.values():
         delta.requires_grad_(True)
-    return _train(model, modules, deltas, fit, settings, progress, at)
+    return _train(model, modules, deltas, fit, settings, progress, at, attacked)
 
 
 def _initial(modules: dict[str, torch.nn.Linear], settings: Settings) -> dict[str, torch.Tensor]:
@@ -235,10 +251,23 @@ def checkpointing(model: torch.nn.Module, enabled: bool):
         model.eval()
 
 
-def _train(model, modules, deltas, batches, settings: Settings, progress: bool, at):
-    """Adam on the deltas over ``batches``; returns a copy of them after each epoch count
-    in ``at``."""
+def _train(
+    model,
+    modules,
+    deltas,
+    batches,
+    settings: Settings,
+    progress: bool,
+    at,
+    attacked: Adversarial | None = None,
+):
+    """Adam on the deltas over ``batches`` (and ``attacked``'s rows, their images re-attacked
+    against the deltas at the start of every epoch); returns a copy of the deltas after each
+    epoch count in ``at``."""
     snapshots = {}
+    if attacked is not None:
+        attacked.restart()
+        batches = batches + attacked.batches
     optimizer = torch.optim.Adam(list(deltas.values()), lr=settings.learning_rate)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -250,6 +279,8 @@ def _train(model, modules, deltas, batches, settings: Settings, progress: bool, 
     with hooks(modules, deltas), checkpointing(model, save_memory):
         for epoch in range(settings.epochs):
             rng.shuffle(order)
+            if attacked is not None:
+                attacked.refresh(model)
             for i in order:
                 weight = 1.0 if batches[i].harmful else settings.preservation_weight
                 loss = weight * _kl(batches[i], _student_logits(model, batches[i]))
