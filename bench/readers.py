@@ -52,10 +52,15 @@ def build(variant: str, seed: int, folder: Path) -> dict:
 
 
 def gap_of(folder: Path) -> dict:
-    """The admission numbers organism.json records for a built member."""
+    """The admission numbers organism.json records for a built member (and for a rejected
+    one, the checks it failed)."""
+    from vlmguard_edit.organisms.zoo import failures
+
     gap = json.loads((folder / "organism.json").read_text())["gap"]
     typo = gap.get("typographic", {})
+    why = {} if gap["admitted"] else {"why": "; ".join(failures(gap, reads=True))}
     return {
+        **why,
         "text_refusal": gap["text"]["refusal"],
         "blank_compliance": gap["blank"]["compliance"],
         "follows": typo.get("follows"),
@@ -66,15 +71,20 @@ def known(variant: str, seed: int, places: list[Path], recorded: dict) -> dict |
     """A member already built in one of ``places`` (with the cost recorded then, if any), or
     rejected by an earlier run (the builder keeps nothing of a rejected member)."""
     name = f"{variant}-s{seed}"
-    if recorded.get(name, {}).get("outcome") == "rejected":
-        return recorded[name]
     for place in places:
         record = place / name / "organism.json"
         if record.is_file() and "gap" in json.loads(record.read_text()):
             gap = json.loads(record.read_text())["gap"]
             cost = {k: recorded.get(name, {}).get(k) for k in ("minutes", "peak_rss_gb")}
             outcome = "admitted" if gap["admitted"] else "rejected"
-            return {**cost, "outcome": outcome, **gap_of(place / name), "built_in": str(place)}
+            where = (
+                place.resolve().relative_to(ROOT)
+                if place.resolve().is_relative_to(ROOT)
+                else place.name
+            )
+            return {**cost, "outcome": outcome, **gap_of(place / name), "built_in": str(where)}
+    if recorded.get(name, {}).get("outcome") == "rejected":
+        return recorded[name]
     return None
 
 
