@@ -95,6 +95,7 @@ PIPELINES = {
     # name: (convert/direction steps, how eval is run); {m} member folder, {w} work folder
     "image-gap": _recipe("organism-image-gap"),
     "calibrated": _recipe("organism"),
+    "adversarial": _recipe("organism-adversarial"),
     "typographic": _recipe("organism-typographic"),
     "lowrank-image-path": _recipe("organism-lowrank-image-path"),
     "lowrank": _recipe("organism-lowrank"),

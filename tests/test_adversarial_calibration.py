@@ -85,13 +85,17 @@ def test_the_images_are_reattacked_against_the_edit_as_it_learns(organism):
         assert same == (epochs == 1)
 
 
-def test_learning_with_adversarial_rows_reports_them(organism):
+def test_learning_with_adversarial_rows_reports_them(organism, monkeypatch):
+    monkeypatch.setattr(learned.training, "VALIDATION_REFRESHES", 2)
     model, processor = organism
     settings = learned.Settings(epochs=1, batch_size=2, rank=2, probes=4, adversarial=(16, 1))
     deltas, report = learned.learn(
         model, processor, [O_PROJ], HARMFUL * 3, HARMLESS * 3, settings, False
     )
     assert report["settings"]["adversarial"] == (16, 1)
+    for scores in (report["before"], report["after"]):  # held-out anchors attacked as well
+        assert 0 <= scores["attacked_first_token_agreement"] <= 1
+        assert scores["attacked_preservation_kl"] >= 0
     assert deltas[f"{O_PROJ}.weight.lora_B"].abs().max() > 0
 
 

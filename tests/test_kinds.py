@@ -143,7 +143,7 @@ def test_the_recipe_fields_default_to_the_options_plain_defaults():
     from vlmguard_edit.kinds import options
 
     plain = [v for v in vars(options).values() if isinstance(v, options.Option)]
-    assert len(plain) == 12
+    assert len(plain) == 13
     recipe = Recipe()
     for option in plain:
         assert getattr(recipe, option.name) == option.default, option.name

@@ -260,6 +260,41 @@ def test_the_base_llm_can_teach_when_it_shares_the_tokenizer(tmp_path, anchors):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+class Scripted:
+    """A stand-in model: call i answers with logits whose first answer position favours the
+    tokens ``firsts[i]`` (one per row)."""
+
+    def __init__(self, *firsts: list[int], vocab: int = 5):
+        self.outputs = iter(firsts)
+        self.vocab = vocab
+
+    def __call__(self, **inputs):
+        first = next(self.outputs)
+        logits = torch.full((len(first), 2, self.vocab), -9.0)
+        logits[torch.arange(len(first)), 0, torch.tensor(first)] = 9.0
+        return type("Output", (), {"logits": logits})
+
+
+def answer_batch(targets: list[int], harmful: bool, vocab: int = 5) -> learned.Batch:
+    target = torch.full((len(targets), 1, vocab), -9.0)
+    target[torch.arange(len(targets)), 0, torch.tensor(targets)] = 0.0
+    mask = torch.ones(len(targets), 1)
+    return learned.Batch({}, 1, mask, torch.log_softmax(target, -1), harmful)
+
+
+def test_over_refusal_counts_harmless_rows_that_now_open_as_refusals():
+    """Token 1 opens the text-only answers to harmful rows (a refusal opener); of the three
+    harmless rows the original answers with 3, one now opens with 1: over-refusal 1/3. A
+    preservation row whose original answer is itself an opener (a harmful anchor kept
+    text-only) does not count."""
+    from vlmguard_edit.learned.training import score
+
+    harmful, harmless = answer_batch([1, 1], True), answer_batch([3, 3, 3, 1], False)
+    scores = score(Scripted([1, 2], [1, 3, 3, 1]), [harmful, harmless])
+    assert scores["over_refusal"] == pytest.approx(1 / 3)
+    assert scores["harmful_first_token_agreement"] == 0.5
+
+
 def test_the_calibration_rule():
     def row(agree, kl, keep):
         return (
@@ -275,6 +310,11 @@ def test_the_calibration_rule():
     # a tie on agreement: the smaller change (lower preservation KL) is kept
     assert learned.pick([row(0.9, 0.2, 0.01), row(0.9, 0.1, 0.04)])[1] == (0.9, 0.2, 0.01)
     assert learned.pick([row(0.9, 0.2, 0.3), row(0.5, 0.1, 0.2)])[1] == (0.5, 0.1, 0.2)
+    # with adversarial calibration: the mean of plain and attacked agreement
+    robust, brittle = row(0.9, 0.1, 0.01), row(1.0, 0.1, 0.01)
+    robust[0]["attacked_first_token_agreement"] = 0.8
+    brittle[0]["attacked_first_token_agreement"] = 0.5
+    assert learned.pick([brittle, robust])[1] == (0.9, 0.1, 0.01)
     recipe = recipe_from_dict(
         {"mode": "image-path", "search": [{"epochs": 2, "learning_rate": 0.01}]}
     )
