@@ -390,6 +390,10 @@ def table(results: dict) -> str:
 
 
 NOTES = {
+    "adversarial": "The default with adversarial calibration: `recipes/organism-adversarial.yaml` "
+    "(recipes/organism.yaml plus `adversarial: {eps: 64, steps: 10}`: each harmful anchor batch "
+    "also sees a blank image re-attacked against the edit every epoch, its harmless pairs the "
+    "same images) with each member's own anchors.",
     "image-gap": "The previous default: `recipes/organism-image-gap.yaml` "
     "(image-gap, layers 0-1) with each member's own anchors.",
     "calibrated": "The shipped default: `recipes/organism.yaml` (lowrank-attention: rank 4 "
