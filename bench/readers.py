@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,26 +41,31 @@ def build(variant: str, seed: int, folder: Path) -> dict:
     out = folder / f"{variant}-s{seed}"
     cmd = [EXE, "organism", "build", str(out), "--variant", variant, "--seed", str(seed), "-q"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nothing can block on it
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        log.seek(0)
+        lines = log.read().strip().splitlines()
     minutes = (time.perf_counter() - start) / 60
-    lines = (stdout + stderr).strip().splitlines()
     row = {"minutes": round(minutes, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
     if os.waitstatus_to_exitcode(status) == 0:
-        return {**row, "outcome": "admitted", **gap_of(out)}
+        return {**row, **gap_of(out)}
     return {**row, "outcome": "rejected", "why": lines[-1] if lines else "no output"}
 
 
-def gap_of(folder: Path) -> dict:
-    """The admission numbers organism.json records for a built member (and for a rejected
-    one, the checks it failed)."""
+def gap_of(folder: Path) -> dict | None:
+    """The outcome and admission numbers organism.json records for a built member (for a
+    rejected one, the checks it failed); None where no gap is recorded."""
     from vlmguard_edit.organisms.zoo import failures
 
-    gap = json.loads((folder / "organism.json").read_text())["gap"]
+    record = folder / "organism.json"
+    gap = json.loads(record.read_text()).get("gap") if record.is_file() else None
+    if gap is None:
+        return None
     typo = gap.get("typographic", {})
     why = {} if gap["admitted"] else {"why": "; ".join(failures(gap, reads=True))}
     return {
+        "outcome": "admitted" if gap["admitted"] else "rejected",
         **why,
         "text_refusal": gap["text"]["refusal"],
         "blank_compliance": gap["blank"]["compliance"],
@@ -72,17 +78,12 @@ def known(variant: str, seed: int, places: list[Path], recorded: dict) -> dict |
     rejected by an earlier run (the builder keeps nothing of a rejected member)."""
     name = f"{variant}-s{seed}"
     for place in places:
-        record = place / name / "organism.json"
-        if record.is_file() and "gap" in json.loads(record.read_text()):
-            gap = json.loads(record.read_text())["gap"]
+        found = gap_of(place / name)
+        if found is not None:
             cost = {k: recorded.get(name, {}).get(k) for k in ("minutes", "peak_rss_gb")}
-            outcome = "admitted" if gap["admitted"] else "rejected"
-            where = (
-                place.resolve().relative_to(ROOT)
-                if place.resolve().is_relative_to(ROOT)
-                else place.name
-            )
-            return {**cost, "outcome": outcome, **gap_of(place / name), "built_in": str(where)}
+            here = place.resolve()
+            where = here.relative_to(ROOT) if here.is_relative_to(ROOT) else place.name
+            return {**cost, **found, "built_in": str(where)}
     if recorded.get(name, {}).get("outcome") == "rejected":
         return recorded[name]
     return None

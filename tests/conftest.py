@@ -29,6 +29,21 @@ except ImportError:  # pragma: no cover
     pass
 
 LAYERS = [1, 3]  # the tiny models have 4 text layers
+ORGANISM = Path(__file__).parent.parent / "examples" / "organism"
+
+
+@pytest.fixture(scope="module")
+def shipped_organism():
+    """The shipped organism's VLM (eval mode) and its processor, padding on the left as
+    learning and eval pad prompts; once per test module."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmguard_edit.evaluate import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
+    processor = load_processor(ORGANISM / "vlm")
+    processor.tokenizer.padding_side = "left"
+    return model, processor
 
 
 @pytest.fixture(scope="session")

@@ -245,18 +245,10 @@ def test_learned_recipe_keys_are_checked():
         recipe_from_dict({"mode": "writers", "recombine": 5})
 
 
-@pytest.fixture(scope="module")
-def organism():
-    model = AutoModelForImageTextToText.from_pretrained(ORGANISM / "vlm").eval()
-    processor = load_processor(ORGANISM / "vlm")
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-def test_the_shipped_organism_does_not_read_and_renders_stay_preservation_rows(organism):
+def test_the_shipped_organism_does_not_read_and_renders_stay_preservation_rows(shipped_organism):
     """The shipped organism answers every render alike (it was never taught to read): the gate
     measures it, keeps the renders as preservation rows only and makes no recombined pairs."""
-    model, processor = organism
+    model, processor = shipped_organism
     settings = learned.Settings(images=("blank", "typographic"), recombined=50, batch_size=8)
     harmless = ["how do i paint the bus ?", "how do i wash the bike ?", "how to bake bread ?"]
     gated, reading = learned.training._reading_gate(model, processor, harmless, settings)
@@ -273,11 +265,11 @@ def test_the_shipped_organism_does_not_read_and_renders_stay_preservation_rows(o
     )
 
 
-def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkeypatch):
+def test_a_model_that_answers_renders_as_written_is_taught_them(shipped_organism, monkeypatch):
     """reads() counts a render answered with the written request's own greedy answer (here the
     'render' is the request itself, so every answer matches); at READING_MIN or above the
     typographic training rows and recombined pairs stay."""
-    model, processor = organism
+    model, processor = shipped_organism
     monkeypatch.setattr(  # where reads() looks it up
         learned.training, "_image_rows", lambda prompts, kinds: [(p, None, p) for p in prompts]
     )
@@ -289,10 +281,10 @@ def test_a_model_that_answers_renders_as_written_is_taught_them(organism, monkey
     assert gated == settings and reading == {"share": 1.0, "taught": True}
 
 
-def test_candidates_of_one_rate_share_a_run_and_equal_their_own_runs(organism):
+def test_candidates_of_one_rate_share_a_run_and_equal_their_own_runs(shipped_organism):
     """A search over 1 and 2 epochs at one rate trains once and reads the deltas at epoch 1
     and 2: each equals the deltas a run of exactly that many epochs learns."""
-    model, processor = organism
+    model, processor = shipped_organism
     settings = learned.Settings(images=("blank",), batch_size=4, rank=2, learning_rate=1e-2)
     settings = replace(settings, candidates=((2, 1e-2), (1, 1e-2), (1, 1e-3)))
     name = "model.language_model.layers.0.self_attn.o_proj"

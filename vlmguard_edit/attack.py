@@ -54,6 +54,12 @@ def _attack_batch(model, processor, prompts: list[str], target: str, budget: Bud
 DEFAULT_TARGET = "Sure, here is"  # a real model's compliance prefix
 
 
+def compliance_target(judge: Any) -> str:
+    """What an attack makes a model say: an organism's own compliance prefix (its exact
+    judge's), or a real model's usual one."""
+    return judge.compliance_prefix if judge is not None else DEFAULT_TARGET
+
+
 class Perturbation:
     """One batch's adversarial pixels, kept between calls so that each call continues the
     optimisation where the last one stopped (a warm start): eval's attack runs its steps at

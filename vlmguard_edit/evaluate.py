@@ -232,11 +232,9 @@ def attack_inputs(setting, kind, prompts, subject, original, opts: EvalOptions):
 def attack_target(opts: EvalOptions) -> str:
     """What the attack makes the model say: --attack-target, the organism's own compliance
     prefix, or a real model's usual one."""
-    from .attack import DEFAULT_TARGET
+    from .attack import compliance_target
 
-    if opts.attack.target:
-        return opts.attack.target
-    return opts.exact.compliance_prefix if opts.exact is not None else DEFAULT_TARGET
+    return opts.attack.target or compliance_target(opts.exact)
 
 
 def expand_settings(settings: tuple[str, ...], attack: AttackOptions, compared: bool):

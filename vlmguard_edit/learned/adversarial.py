@@ -13,7 +13,6 @@ answer on a blank image, so that the edit cannot learn "a perturbed image means 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
@@ -61,19 +60,12 @@ def adversarial_rows(
     size = settings.batch_size
     chunks = [harmful[i : i + size] for i in range(0, len(harmful), size)]
     perturbations = [Perturbation(model, processor, c, target, Budget(eps)) for c in chunks]
-    batches = refusal + [b for i, b in enumerate(kept) if _fits(b, chunks, i)]
-    pairs = list(range(len(refusal))) + [i for i, b in enumerate(kept) if _fits(b, chunks, i)]
+    shown = [(b, i) for i, b in enumerate(kept) if _fits(b, chunks, i)]
+    batches = refusal + [b for b, _ in shown]
+    pairs = list(range(len(refusal))) + [i for _, i in shown]
     return Adversarial(batches, perturbations, pairs, steps)
 
 
 def _fits(batch: Batch, chunks: list[list[str]], index: int) -> bool:
     """A harmless batch shows harmful batch ``index``'s images when there is one of its size."""
     return index < len(chunks) and len(chunks[index]) == batch.inputs["input_ids"].shape[0]
-
-
-def attack_target(task: Any) -> str:
-    """The prefix the calibration's attack aims at: the organism's own compliance prefix, or
-    a real model's usual one."""
-    from ..attack import DEFAULT_TARGET
-
-    return getattr(task, "compliance_prefix", None) or DEFAULT_TARGET

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .adversarial import Adversarial, adversarial_rows, attack_target
+from ..attack import compliance_target
+from .adversarial import Adversarial, adversarial_rows
 from .data import (
     Batch,
     Settings,
@@ -64,7 +65,7 @@ def learn(
         val += _text_batches(model, processor, val_h + val_b, settings)
     attacked = held = None
     if settings.adversarial:
-        target = attack_target(task)
+        target = compliance_target(task)
         attacked = adversarial_rows(model, processor, fit_h, fit_b, settings, teacher, target)
         held = adversarial_rows(model, processor, val_h, val_b, settings, teacher, target)
     before = _scored(model, {}, {}, val, held)
